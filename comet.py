@@ -1,0 +1,1305 @@
+"""comet.py -- real-time messaging for any WSGI application, by HTTP long polling.
+
+One file, standard library only.  Wrap a WSGI application and its pages can
+push packages to named listeners, channels with presence, or single clients,
+and receive them exactly once, through a database (memory, SQLite or MySQL)
+that every process and host shares::
+
+    from comet import Comet
+
+    comet = Comet(app, store="sqlite:///chat.db")
+    room = comet.channel("home")            # join / leave / members
+
+    # the page:  <script src="/scripts/comet.js"></script>
+    #   comet.start();
+    #   comet.ping.message = function (pkg) { show(pkg.sender, pkg.text); };
+    #   comet.push({type: "join", listeners: ["home"]});
+    #   comet.push({type: "message", listeners: ["home"], text: "Hello!"});
+
+The way of one package: ``POST /comet/push`` -> ``Comet._serve_push`` ->
+``Comet._accept`` (validation, hooks and recipients, in one store transaction)
+-> ``Store`` (a position in the log and a delivery row per recipient) ->
+``_Parking.wake`` -> the recipient's parked ``GET /comet/poll`` ->
+``Comet._poll`` reads it back after the client's cursor.
+
+A Python rebirth of Comet.js v0.5 (node.js, 2013).  MIT licence.
+"""
+
+import bisect
+import contextlib
+import copy
+import hashlib
+import http
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import urllib.parse
+
+__version__ = "0.6.0"
+__all__ = ["Comet", "CometError", "Reject", "Store", "MemoryStore",
+           "SQLiteStore", "MySQLStore", "open_store"]
+
+log = logging.getLogger("comet")
+
+
+# --------------------------------------------------------------------------
+# Errors and helpers
+# --------------------------------------------------------------------------
+
+class CometError(Exception):
+    """A refusal: an HTTP ``status``, an error ``code`` and a ``message``.
+
+    Raised where the problem is found; ``Comet`` turns it into the JSON
+    answer ``{"error": code, "message": message}`` in one place.
+    """
+
+    def __init__(self, status, code, message, retry_after=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.fields = {}            # extra answer fields: a batch's index and accepted
+
+    def body(self):
+        return dict(error=self.code, message=self.message, **self.fields)
+
+
+class Reject(CometError):
+    """Raised by a hook to refuse a package: 403 ``rejected`` with its message."""
+
+    def __init__(self, message="rejected"):
+        super().__init__(403, "rejected", message)
+
+
+class _Duplicate(Exception):
+    """The stamp was accepted meanwhile by another transaction."""
+
+
+def _bad_package(message):
+    return CometError(400, "bad_package", message)
+
+
+def _unavailable(message):
+    return CometError(503, "unavailable", message, retry_after=1)
+
+
+_STAMP = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
+_SID = re.compile(r"(?:^|;)\s*comet_sid=([A-Za-z0-9_-]{22,64})\s*(?:;|$)")
+_PAGE = 500                         # packages in one poll answer, at most
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+def _new_stamp():
+    return secrets.token_urlsafe(12)
+
+
+def _finite(text):
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError("number out of range")
+    return number
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(data):
+    """Parse a request body strictly: UTF-8, no NaN or Infinity."""
+    return json.loads(data.decode("utf-8"), parse_float=_finite,
+                      parse_constant=_no_constant)
+
+
+def _dumps(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False)
+
+
+# --------------------------------------------------------------------------
+# Stores
+# --------------------------------------------------------------------------
+
+class Store:
+    """The protocol every store implements; ``Comet`` uses nothing else.
+
+    A store keeps a log of packages, each at a *position* (an integer that
+    grows in commit order: once position p is visible, every smaller
+    position that will ever be visible already is), a delivery row per
+    (recipient, position), channel members and when each client last polled.
+
+    Attributes: ``url`` (for ``stats``, no password), ``id`` (a short token
+    naming this store in cursors; durable stores keep it in the database),
+    ``shared`` (other processes may write it, so ``Comet`` tails it).
+
+    ``transaction()`` is a context manager yielding a transaction ``tx``
+    that commits on a clean exit and rolls back on an exception.  ``tx.db``
+    is the DB-API connection handed to hooks (``None`` for memory), and:
+
+    - ``tx.savepoint()``: a context manager; an exception inside undoes only
+      what was done inside (one package of a batch);
+    - ``tx.has_stamp(stamp)``: was a package with this stamp accepted;
+    - ``tx.append(stamp, ts, body, deliveries)``: store a package (``body``
+      its JSON) for ``deliveries``, a list of ``(recipient, body or None)``,
+      None meaning ``body``; raises ``_Duplicate`` if the stamp was taken;
+    - ``tx.is_member(channel, client)``, ``tx.member_ids(channel)``,
+      ``tx.add_member(channel, client, sender_json, ts)``,
+      ``tx.remove_member(channel, client) -> bool`` (True for the one
+      transaction that removed it);
+    - ``tx.woken``: after commit, ``{recipient: newest position}``.
+
+    Outside transactions, each raising ``CometError`` 503 when the database
+    cannot be reached:
+    """
+
+    url = ""
+    id = ""
+    shared = False
+
+    def transaction(self):
+        raise NotImplementedError
+
+    def head(self):
+        """The newest committed position."""
+        raise NotImplementedError
+
+    def read(self, recipient, after, limit):
+        """``(head, rows, lost)``: up to ``limit`` rows ``(position, ts, body)``
+        for ``recipient`` after position ``after`` and at or before ``head``;
+        ``lost`` is true when one of its packages after ``after`` was purged."""
+        raise NotImplementedError
+
+    def tail(self, after):
+        """``(head, [(position, recipient), ...])`` for positions after ``after``."""
+        raise NotImplementedError
+
+    def members(self, channel):
+        """``{client: sender}`` of a channel."""
+        raise NotImplementedError
+
+    def touch(self, clients, ts):
+        """Record that ``clients`` polled at ``ts`` (ms)."""
+        raise NotImplementedError
+
+    def stale_members(self, before):
+        """``[(channel, client, sender)]`` for members not seen since ``before`` (ms)."""
+        raise NotImplementedError
+
+    def purge(self, before):
+        """Forget packages stored before ``before`` (ms)."""
+        raise NotImplementedError
+
+    def close(self):
+        """Release connections."""
+
+
+class MemoryStore(Store):
+    """Everything in this process's memory: fast, gone on restart."""
+
+    url = "memory:"
+
+    def __init__(self):
+        self.id = secrets.token_hex(4)      # a restart makes old cursors foreign
+        self._writer = threading.RLock()    # one transaction at a time, as in SQLite
+        self._lock = threading.Lock()       # the committed state below, held briefly
+        self._head = 0
+        self._log = []                      # (position, ts, stamp, recipients), oldest first
+        self._inbox = {}                    # recipient -> [(position, ts, body)]
+        self._lost = {}                     # recipient -> newest purged position
+        self._stamps = set()
+        self._members = {}                  # channel -> {client: (sender_json, joined)}
+        self._seen = {}                     # client -> ts of the last poll
+
+    @contextlib.contextmanager
+    def transaction(self):
+        with self._writer:
+            tx = _MemoryTransaction(self)
+            yield tx
+            tx.commit()
+
+    def head(self):
+        return self._head
+
+    def read(self, recipient, after, limit):
+        with self._lock:
+            inbox = self._inbox.get(recipient, ())
+            start = bisect.bisect_right(inbox, after, key=lambda row: row[0])
+            return (self._head, inbox[start:start + limit],
+                    self._lost.get(recipient, 0) > after)
+
+    def members(self, channel):
+        with self._lock:
+            return {client: json.loads(sender)
+                    for client, (sender, _) in self._members.get(channel, {}).items()}
+
+    def touch(self, clients, ts):
+        with self._lock:
+            self._seen.update(dict.fromkeys(clients, ts))
+
+    def stale_members(self, before):
+        with self._lock:
+            return [(channel, client, json.loads(sender))
+                    for channel, members in self._members.items()
+                    for client, (sender, joined) in members.items()
+                    if self._seen.get(client, joined) < before]
+
+    def purge(self, before):
+        with self._lock:
+            expired = 0
+            while expired < len(self._log) and self._log[expired][1] < before:
+                position, _, stamp, recipients = self._log[expired]
+                self._stamps.discard(stamp)
+                for recipient in recipients:
+                    inbox = self._inbox[recipient]
+                    del inbox[0]
+                    self._lost[recipient] = position
+                    if not inbox:
+                        del self._inbox[recipient]
+                expired += 1
+            del self._log[:expired]
+
+
+class _MemoryTransaction:
+    """Changes kept aside until commit; the store's writer lock is held."""
+
+    db = None
+
+    def __init__(self, store):
+        self._store = store
+        self._packages = []                 # (stamp, ts, body, deliveries)
+        self._changes = []                  # (channel, client, sender_json or None, ts)
+        self.woken = {}
+
+    @contextlib.contextmanager
+    def savepoint(self):
+        marks = len(self._packages), len(self._changes)
+        try:
+            yield
+        except BaseException:
+            del self._packages[marks[0]:]
+            del self._changes[marks[1]:]
+            raise
+
+    def has_stamp(self, stamp):
+        return (stamp in self._store._stamps
+                or any(stamp == package[0] for package in self._packages))
+
+    def append(self, stamp, ts, body, deliveries):
+        self._packages.append((stamp, ts, body, deliveries))
+
+    def member_ids(self, channel):
+        members = set(self._store._members.get(channel, ()))
+        for changed, client, sender, _ in self._changes:
+            if changed == channel:
+                (members.add if sender is not None else members.discard)(client)
+        return members
+
+    def is_member(self, channel, client):
+        return client in self.member_ids(channel)
+
+    def add_member(self, channel, client, sender, ts):
+        self._changes.append((channel, client, sender, ts))
+
+    def remove_member(self, channel, client):
+        present = self.is_member(channel, client)
+        if present:
+            self._changes.append((channel, client, None, None))
+        return present
+
+    def commit(self):
+        store = self._store
+        with store._lock:
+            for stamp, ts, body, deliveries in self._packages:
+                store._head += 1
+                position = store._head
+                for recipient, tailored in deliveries:
+                    store._inbox.setdefault(recipient, []).append(
+                        (position, ts, tailored or body))
+                    self.woken[recipient] = position
+                store._log.append((position, ts, stamp, [r for r, _ in deliveries]))
+                store._stamps.add(stamp)
+            for channel, client, sender, ts in self._changes:
+                members = store._members.setdefault(channel, {})
+                if sender is None:
+                    members.pop(client, None)
+                else:
+                    members[client] = (sender, ts)
+
+
+class _SQLStore(Store):
+    """What SQLite and MySQL share: the tables, the queries, a connection pool.
+
+    Queries are written with ``?`` placeholders; a subclass with another
+    paramstyle sets ``_placeholder``.  Subclasses supply ``_connect``,
+    ``_schema``, ``_begin``, ``_next_position`` and ``_errors`` (driver
+    exceptions meaning the database is unavailable).
+    """
+
+    shared = True
+    _placeholder = "?"
+    _errors = ()
+    _duplicate = ()
+    _insert_ignore = "INSERT OR IGNORE"
+    _pool_size = 32
+
+    def __init__(self):
+        self._pool = []
+        self._pool_lock = threading.Lock()
+        self._pid = os.getpid()
+        with self._connection() as conn:
+            cur = conn.cursor()
+            for statement in self._schema:
+                cur.execute(statement)
+            self._execute(cur, f"{self._insert_ignore} INTO comet_meta (one, id, head, purged)"
+                               " VALUES (1, ?, 0, 0)", (secrets.token_hex(4),))
+            self._execute(cur, "SELECT id FROM comet_meta")
+            self.id = cur.fetchone()[0]
+            conn.commit()
+
+    # -- connections
+
+    def _execute(self, cur, sql, args=()):
+        if self._placeholder != "?":
+            sql = sql.replace("?", self._placeholder)
+        cur.execute(sql, args)
+        return cur
+
+    def _executemany(self, cur, sql, rows):
+        if self._placeholder != "?":
+            sql = sql.replace("?", self._placeholder)
+        cur.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def _connection(self):
+        """A pooled connection; a driver error closes it and becomes a 503."""
+        with self._pool_lock:
+            if self._pid != os.getpid():            # forked: the parent's sockets are not ours
+                self._pool, self._pid = [], os.getpid()
+            conn = self._pool.pop() if self._pool else None
+        try:
+            if conn is None:
+                conn = self._connect()
+            yield conn
+        except self._errors as error:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            log.warning("comet: store %s unavailable: %s", self.url, error)
+            raise _unavailable("the store is unavailable") from error
+        else:
+            with self._pool_lock:
+                if len(self._pool) < self._pool_size:
+                    self._pool.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+
+    def _query(self, sql, args=()):
+        with self._connection() as conn:
+            return self._execute(conn.cursor(), sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        with self._connection() as conn:
+            tx = _SQLTransaction(self, conn)
+            self._begin(tx.cur)
+            try:
+                yield tx
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def close(self):
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # -- the protocol
+
+    def head(self):
+        return self._query("SELECT head FROM comet_meta")[0][0]
+
+    def read(self, recipient, after, limit):
+        with self._connection() as conn:
+            cur = conn.cursor()
+            head = self._execute(cur, "SELECT head FROM comet_meta").fetchone()[0]
+            rows = self._execute(
+                cur, "SELECT d.pos, p.ts, COALESCE(d.body, p.body)"
+                     " FROM comet_deliveries d JOIN comet_packages p ON p.pos = d.pos"
+                     " WHERE d.recipient = ? AND d.pos > ? AND d.pos <= ?"
+                     " ORDER BY d.pos LIMIT ?", (recipient, after, head, limit)).fetchall()
+            # Read after the rows: a purge in between shows here, never as a gap.
+            lost = self._execute(cur, "SELECT pos FROM comet_purged WHERE recipient = ?",
+                                 (recipient,)).fetchone()
+            return head, rows, bool(lost and lost[0] > after)
+
+    def tail(self, after):
+        with self._connection() as conn:
+            cur = conn.cursor()
+            head = self._execute(cur, "SELECT head FROM comet_meta").fetchone()[0]
+            if head <= after:
+                return head, []
+            return head, self._execute(
+                cur, "SELECT pos, recipient FROM comet_deliveries WHERE pos > ? AND pos <= ?"
+                     " ORDER BY pos", (after, head)).fetchall()
+
+    def members(self, channel):
+        rows = self._query("SELECT client, sender FROM comet_members WHERE channel = ?",
+                           (channel,))
+        return {client: json.loads(sender) for client, sender in rows}
+
+    def touch(self, clients, ts):
+        if not clients:
+            return
+        with self.transaction() as tx:
+            self._executemany(tx.cur, "REPLACE INTO comet_clients (client, seen) VALUES (?, ?)",
+                              [(client, ts) for client in clients])
+
+    def stale_members(self, before):
+        rows = self._query(
+            "SELECT m.channel, m.client, m.sender FROM comet_members m"
+            " LEFT JOIN comet_clients c ON c.client = m.client"
+            " WHERE COALESCE(c.seen, m.joined) < ?", (before,))
+        return [(channel, client, json.loads(sender)) for channel, client, sender in rows]
+
+    def purge(self, before):
+        # In slices, so that pushes wait for one short transaction at most.
+        while True:
+            with self.transaction() as tx:
+                cur = tx.cur
+                purged = self._execute(cur, "SELECT purged FROM comet_meta").fetchone()[0]
+                newest = self._execute(cur, "SELECT MAX(pos) FROM comet_packages WHERE ts < ?",
+                                       (before,)).fetchone()[0]
+                if newest is None or newest <= purged:
+                    self._execute(cur, "DELETE FROM comet_clients WHERE seen < ? AND client"
+                                       " NOT IN (SELECT client FROM comet_members)", (before,))
+                    return
+                upto = min(newest, purged + 5000)
+                self._execute(cur, "REPLACE INTO comet_purged (recipient, pos)"
+                                   " SELECT recipient, MAX(pos) FROM comet_deliveries"
+                                   " WHERE pos <= ? GROUP BY recipient", (upto,))
+                self._execute(cur, "DELETE FROM comet_deliveries WHERE pos <= ?", (upto,))
+                self._execute(cur, "DELETE FROM comet_packages WHERE pos <= ?", (upto,))
+                self._execute(cur, "UPDATE comet_meta SET purged = ?", (upto,))
+
+
+class _SQLTransaction:
+    """One store transaction on one pooled connection."""
+
+    def __init__(self, store, conn):
+        self._store = store
+        self.db = conn
+        self.cur = conn.cursor()
+        self._appended = []                 # (position, recipients)
+        self._savepoints = itertools.count()
+
+    def _run(self, sql, args=()):
+        return self._store._execute(self.cur, sql, args)
+
+    @contextlib.contextmanager
+    def savepoint(self):
+        name = f"comet_{next(self._savepoints)}"
+        mark = len(self._appended)
+        self._run(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._run(f"ROLLBACK TO SAVEPOINT {name}")
+            self._run(f"RELEASE SAVEPOINT {name}")
+            del self._appended[mark:]
+            raise
+        self._run(f"RELEASE SAVEPOINT {name}")
+
+    @property
+    def woken(self):
+        woken = {}
+        for position, recipients in self._appended:
+            woken.update(dict.fromkeys(recipients, position))
+        return woken
+
+    def has_stamp(self, stamp):
+        return self._run("SELECT 1 FROM comet_packages WHERE stamp = ?", (stamp,)).fetchone() is not None
+
+    def append(self, stamp, ts, body, deliveries):
+        # The position is taken last, so the row lock that orders commits is held briefly.
+        position = self._store._next_position(self.cur)
+        try:
+            self._run("INSERT INTO comet_packages (pos, stamp, ts, body) VALUES (?, ?, ?, ?)",
+                      (position, stamp, ts, body))
+        except self._store._duplicate:
+            raise _Duplicate(stamp) from None
+        self._store._executemany(
+            self.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES (?, ?, ?)",
+            [(recipient, position, tailored) for recipient, tailored in deliveries])
+        self._appended.append((position, [recipient for recipient, _ in deliveries]))
+
+    def member_ids(self, channel):
+        return [row[0] for row in self._run(
+            "SELECT client FROM comet_members WHERE channel = ?", (channel,)).fetchall()]
+
+    def is_member(self, channel, client):
+        return self._run("SELECT 1 FROM comet_members WHERE channel = ? AND client = ?",
+                         (channel, client)).fetchone() is not None
+
+    def add_member(self, channel, client, sender, ts):
+        self._run("REPLACE INTO comet_members (channel, client, sender, joined)"
+                  " VALUES (?, ?, ?, ?)", (channel, client, sender, ts))
+
+    def remove_member(self, channel, client):
+        return self._run("DELETE FROM comet_members WHERE channel = ? AND client = ?",
+                         (channel, client)).rowcount == 1
+
+
+class SQLiteStore(_SQLStore):
+    """An SQLite file in WAL mode: durable, shared by the processes of one host.
+
+    Every write transaction starts with ``BEGIN IMMEDIATE``, so writers take
+    turns and positions are handed out in commit order.
+    """
+
+    _errors = (sqlite3.OperationalError,)
+    _duplicate = (sqlite3.IntegrityError,)
+    _schema = (
+        "CREATE TABLE IF NOT EXISTS comet_meta (one INTEGER PRIMARY KEY, id TEXT NOT NULL,"
+        " head INTEGER NOT NULL, purged INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS comet_packages (pos INTEGER PRIMARY KEY,"
+        " stamp TEXT NOT NULL UNIQUE, ts INTEGER NOT NULL, body TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS comet_packages_ts ON comet_packages (ts)",
+        "CREATE TABLE IF NOT EXISTS comet_deliveries (recipient TEXT NOT NULL,"
+        " pos INTEGER NOT NULL, body TEXT, PRIMARY KEY (recipient, pos)) WITHOUT ROWID",
+        "CREATE INDEX IF NOT EXISTS comet_deliveries_pos ON comet_deliveries (pos)",
+        "CREATE TABLE IF NOT EXISTS comet_purged (recipient TEXT PRIMARY KEY,"
+        " pos INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS comet_members (channel TEXT NOT NULL, client TEXT NOT NULL,"
+        " sender TEXT NOT NULL, joined INTEGER NOT NULL, PRIMARY KEY (channel, client))",
+        "CREATE TABLE IF NOT EXISTS comet_clients (client TEXT PRIMARY KEY,"
+        " seen INTEGER NOT NULL)",
+    )
+
+    def __init__(self, path):
+        self.path = path
+        self.url = "sqlite:///" + path
+        super().__init__()
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")     # a 200 survives a crash of the machine too
+        return conn
+
+    def _begin(self, cur):
+        cur.execute("BEGIN IMMEDIATE")
+
+    def _next_position(self, cur):
+        return cur.execute("UPDATE comet_meta SET head = head + 1 RETURNING head").fetchone()[0]
+
+
+class MySQLStore(_SQLStore):
+    """A MySQL or MariaDB database through PyMySQL: shared by processes and hosts.
+
+    Positions come from one counter row updated last in each transaction:
+    its row lock makes writers commit in position order, so a reader that
+    sees position p has every smaller position already.
+    """
+
+    _placeholder = "%s"
+    _insert_ignore = "INSERT IGNORE"
+    _schema = (
+        "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id VARCHAR(16) NOT NULL,"
+        " head BIGINT NOT NULL, purged BIGINT NOT NULL) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_packages (pos BIGINT PRIMARY KEY,"
+        " stamp VARCHAR(64) NOT NULL UNIQUE, ts BIGINT NOT NULL, body MEDIUMTEXT NOT NULL,"
+        " INDEX comet_packages_ts (ts)) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_deliveries (recipient VARCHAR(191) NOT NULL,"
+        " pos BIGINT NOT NULL, body MEDIUMTEXT, PRIMARY KEY (recipient, pos),"
+        " INDEX comet_deliveries_pos (pos)) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_purged (recipient VARCHAR(191) PRIMARY KEY,"
+        " pos BIGINT NOT NULL) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_members (channel VARCHAR(191) NOT NULL,"
+        " client VARCHAR(191) NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,"
+        " PRIMARY KEY (channel, client)) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_clients (client VARCHAR(191) PRIMARY KEY,"
+        " seen BIGINT NOT NULL) ENGINE=InnoDB",
+    )
+
+    def __init__(self, url):
+        try:
+            import pymysql
+        except ImportError:
+            raise ImportError("a mysql:// store needs PyMySQL: pip install pymysql") from None
+        self._pymysql = pymysql
+        self._errors = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+        self._duplicate = (pymysql.err.IntegrityError,)
+        parts = urllib.parse.urlsplit(url)
+        self._params = dict(
+            host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
+            user=urllib.parse.unquote(parts.username or "root"),
+            password=urllib.parse.unquote(parts.password or ""),
+            database=parts.path.lstrip("/"))
+        self.url = "mysql://{user}@{host}:{port}/{database}".format(**self._params)
+        super().__init__()
+
+    def _connect(self):
+        conn = self._pymysql.connect(
+            **self._params, charset="utf8mb4", autocommit=True,
+            connect_timeout=3, read_timeout=8, write_timeout=8)
+        with conn.cursor() as cur:
+            # Each read sees what is committed now; no gap locks between writers.
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        return conn
+
+    def _begin(self, cur):
+        cur.execute("START TRANSACTION")
+
+    def _next_position(self, cur):
+        cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + 1)")
+        return cur.lastrowid
+
+
+def open_store(url):
+    """A store from its URL: ``memory:``, ``sqlite:///PATH`` or ``mysql://USER:PASS@HOST:PORT/DB``."""
+    if url == "memory:":
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(url[len("sqlite:///"):])
+    if url.startswith("mysql://"):
+        return MySQLStore(url)
+    raise ValueError(f"unknown store URL {url!r}: use memory:, sqlite:///PATH or mysql://...")
+
+
+# --------------------------------------------------------------------------
+# Delivery: parked polls and their wake-ups
+# --------------------------------------------------------------------------
+
+class _Waiter:
+    __slots__ = ("client", "after", "event")
+
+    def __init__(self, client, after):
+        self.client = client
+        self.after = after
+        self.event = threading.Event()
+
+
+class _Parking:
+    """The polls held now, by client, and the limits on how many."""
+
+    def __init__(self, per_client, total):
+        self.per_client = per_client
+        self.total = total
+        self.count = 0
+        self._waiters = {}                  # client -> [_Waiter]
+        self._lock = threading.Lock()
+
+    def park(self, client, after):
+        with self._lock:
+            if self.count >= self.total:
+                raise _unavailable("too many polls are parked: try again")
+            waiters = self._waiters.get(client, [])
+            if len(waiters) >= self.per_client:
+                raise CometError(429, "rate_limited", "too many polls at once for this client",
+                                 retry_after=1)
+            waiter = _Waiter(client, after)
+            self._waiters[client] = waiters + [waiter]
+            self.count += 1
+            return waiter
+
+    def unpark(self, waiter):
+        with self._lock:
+            waiters = [w for w in self._waiters[waiter.client] if w is not waiter]
+            if waiters:
+                self._waiters[waiter.client] = waiters
+            else:
+                del self._waiters[waiter.client]
+            self.count -= 1
+
+    def wake(self, positions):
+        """Wake each parked poll that has a package at a position past its cursor."""
+        waiters = self._waiters             # its lists are replaced, never changed: no lock needed
+        for client, position in positions.items():
+            for waiter in waiters.get(client, ()):
+                if position > waiter.after:
+                    waiter.event.set()
+
+    def clients(self):
+        return list(self._waiters)
+
+
+class _RateLimit:
+    """A token bucket per client: ``rate`` requests a second, bursts of ``burst``."""
+
+    def __init__(self, rate, burst):
+        self.rate = rate
+        self.burst = burst
+        self._buckets = {}                  # client -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def wait(self, client):
+        """0 if a request may go now, else the seconds until it may."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, when = self._buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - when) * self.rate)
+            if tokens < 1:
+                self._buckets[client] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self._buckets[client] = (tokens - 1, now)
+            return 0
+
+    def forget_idle(self):
+        now = time.monotonic()
+        with self._lock:
+            full = self.burst / self.rate
+            self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < full}
+
+
+# --------------------------------------------------------------------------
+# Actions and channels
+# --------------------------------------------------------------------------
+
+class Action:
+    """The hooks of one package type: ``on_submit`` first, ``on_emit`` per recipient."""
+
+    def __init__(self, type):
+        self.type = type
+        self.submit = None
+        self.emit = None
+
+    def on_submit(self, fn):
+        """Decorate ``fn(package, private, db, environ)``; it may change package
+        and private in place, or raise ``Reject``."""
+        self.submit = fn
+        return fn
+
+    def on_emit(self, fn):
+        """Decorate ``fn(package, recipient, private, db) -> package or None``;
+        it gets its own copy and returns what that recipient receives."""
+        self.emit = fn
+        return fn
+
+
+class Channel:
+    """A listener whose recipients are its members, kept in the store."""
+
+    def __init__(self, comet, name):
+        self._comet = comet
+        self.name = name
+
+    def members(self):
+        """``{client_id: sender}``, the presence list."""
+        return self._comet.store.members(self.name)
+
+    def __repr__(self):
+        return f"<Channel {self.name!r}>"
+
+
+# --------------------------------------------------------------------------
+# The HTTP layer
+# --------------------------------------------------------------------------
+
+_JSON = ("Content-Type", "application/json; charset=utf-8")
+_NO_STORE = ("Cache-Control", "no-store")
+
+
+def _status_line(status):
+    return f"{status} {http.HTTPStatus(status).phrase}"
+
+
+def _read_body(environ, limit):
+    """The request body, refused with 413 before reading when it is too large."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise CometError(400, "bad_json", "bad Content-Length") from None
+    if length > limit:
+        raise CometError(413, "too_large", f"the body is over {limit} bytes")
+    stream = environ["wsgi.input"]
+    if length:
+        return stream.read(length)
+    if environ.get("wsgi.input_terminated"):         # chunked: read one byte past the limit
+        body = stream.read(limit + 1)
+        if len(body) > limit:
+            raise CometError(413, "too_large", f"the body is over {limit} bytes")
+        return body
+    return b""
+
+
+def _cursor_text(store_id, position):
+    return f"{store_id}.{position}"
+
+
+def _same_origin(origin, environ):
+    host = environ.get("HTTP_HOST") or "{}:{}".format(environ.get("SERVER_NAME", ""),
+                                                     environ.get("SERVER_PORT", ""))
+    return urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+
+
+# --------------------------------------------------------------------------
+# Comet
+# --------------------------------------------------------------------------
+
+_HOOK = object()                            # sender: ask the sender hook
+
+
+class Comet:
+    """WSGI middleware that adds long-polling real-time messaging to ``app``.
+
+    Flask: ``app.wsgi_app = Comet(app.wsgi_app, store="sqlite:///chat.db")``;
+    Django: ``application = Comet(get_wsgi_application(), ...)``; anything
+    else WSGI: ``app = Comet(app, ...)``.
+
+    - ``app``: the WSGI application for every other path (None: 404).
+    - ``store``: ``"memory:"``, ``"sqlite:///PATH"``, ``"mysql://USER:PASS@HOST:PORT/DB"``
+      or a ``Store``.
+    - ``id``: ``fn(environ) -> str or None``, the client id; None answers 403.
+      By default an HttpOnly cookie ``comet_sid`` of 144 random bits.
+    - ``sender``: ``fn(environ, db) -> JSON value`` for ``package["sender"]``;
+      by default the client id.
+    - ``emit_filter``: ``fn(package, recipient, db) -> bool``, the last word on
+      each delivery.
+    - ``prefix``: where the endpoints live (``/poll``, ``/push``, ``/comet.js``).
+    - ``script_path``: another path serving the client script, or None.
+    - ``poll_timeout``: seconds a poll is held before answering empty.
+    - ``retention``: seconds a package stays retrievable.
+    - ``tail_interval``: seconds between reads of other processes' pushes.
+    - ``presence_timeout``: seconds without a poll before a member is dropped.
+    - ``allowed_origins``: origins allowed to push besides the request's Host.
+    - limits: ``max_body`` bytes, ``max_batch`` packages a request,
+      ``max_listeners`` a package, ``max_polls_per_client`` and ``max_polls``
+      parked at once, ``rate=(steady, burst)`` push requests a second a client.
+    """
+
+    def __init__(self, app=None, store="memory:", id=None, sender=None, emit_filter=None,
+                 prefix="/comet", script_path="/scripts/comet.js", poll_timeout=25.0,
+                 retention=3600.0, tail_interval=0.1, presence_timeout=60.0,
+                 allowed_origins=(), max_body=65536, max_batch=100, max_listeners=100,
+                 max_polls_per_client=8, max_polls=10000, rate=(20, 40)):
+        self.app = app
+        self.store = store if isinstance(store, Store) else open_store(store)
+        self.id = id
+        self.sender = sender
+        self.emit_filter = emit_filter
+        self.prefix = prefix.rstrip("/")
+        self.poll_timeout = poll_timeout
+        self.retention = retention
+        self.tail_interval = tail_interval
+        self.presence_timeout = presence_timeout
+        self.allowed_origins = frozenset(allowed_origins)
+        self.max_body = max_body
+        self.max_batch = max_batch
+        self.max_listeners = max_listeners
+        self._routes = {
+            self.prefix + "/poll": ("GET", self._serve_poll),
+            self.prefix + "/push": ("POST", self._serve_push),
+            self.prefix + "/comet.js": ("GET, HEAD", self._serve_script),
+        }
+        if script_path:
+            self._routes[script_path] = ("GET, HEAD", self._serve_script)
+        self._listeners = {}
+        self._channels = {}
+        self._actions = {}
+        self._parking = _Parking(max_polls_per_client, max_polls)
+        self._rate = _RateLimit(*rate)
+        self._script = None
+        self._seen = set()                  # clients that polled since the last presence touch
+        self._counts = {"accepted": 0, "delivered": 0}
+        self._errors = {}
+        self._lock = threading.Lock()
+        self._pid = None                    # the process whose housekeeping thread runs
+        self._stop = threading.Event()
+
+    # -- registration: listeners, actions, channels
+
+    def listener(self, name):
+        """Decorate ``fn(environ, package, db) -> iterable of client ids``,
+        the recipients of packages addressed to ``name``."""
+        def register(fn):
+            if name in self._channels:
+                raise ValueError(f"{name!r} is a channel")
+            self._listeners[name] = fn
+            return fn
+        return register
+
+    def action(self, type):
+        """The ``Action`` of a package type, to hang ``on_submit`` and ``on_emit`` on."""
+        return self._actions.setdefault(type, Action(type))
+
+    def channel(self, name):
+        """Register ``name`` as a channel: a listener whose recipients are its members."""
+        if name in self._listeners:
+            raise ValueError(f"{name!r} is a listener")
+        return self._channels.setdefault(name, Channel(self, name))
+
+    # -- the server side
+
+    def push(self, package, sender=None, private=None):
+        """Push ``package`` from the server through the same path as a client's
+        (hooks included, ``environ=None``); returns its stamp or raises ``CometError``."""
+        self._start()
+        return self._accept([package], None, None, sender, private)[0]
+
+    def stats(self):
+        """Counters and gauges: parked, clients, accepted, delivered, errors, store, head."""
+        try:
+            head = self.store.head()
+        except CometError:
+            head = None
+        with self._lock:
+            return dict(parked=self._parking.count, clients=len(self._parking.clients()),
+                        errors=dict(self._errors), store=self.store.url, head=head,
+                        **self._counts)
+
+    def close(self):
+        """Stop the housekeeping thread and close the store."""
+        self._stop.set()
+        self.store.close()
+
+    # -- accepting packages: validate, hooks, recipients, one transaction
+
+    def _accept(self, packages, client, environ, sender=_HOOK, private=None):
+        """Store ``packages`` in order and wake their recipients; returns the stamps.
+
+        On the first failure the packages before it stay accepted and the
+        ``CometError`` raised carries ``index`` and ``accepted``.
+        """
+        accepted, failure = [], None
+        try:
+            with self.store.transaction() as tx:
+                for index, package in enumerate(packages):
+                    try:
+                        with tx.savepoint():
+                            accepted.append(
+                                self._accept_one(tx, package, client, environ, sender, private))
+                    except _Duplicate as duplicate:
+                        accepted.append(duplicate.args[0])
+                    except CometError as error:
+                        failure = error, index
+                        break
+        except CometError as error:                 # the store failed: nothing was kept
+            failure, accepted = (error, 0), []
+        else:
+            self._parking.wake(tx.woken)
+        self._count("accepted", len(accepted))
+        if failure:
+            error, index = failure
+            error.fields = {"index": index, "accepted": accepted}
+            raise error
+        return accepted
+
+    def _accept_one(self, tx, package, client, environ, sender, private):
+        """Validate, stamp, run the hooks and store one package, as SPEC section 2 orders."""
+        package, channels = self._validate(package)
+        stamp = package.get("_stamp")
+        if not (isinstance(stamp, str) and _STAMP.match(stamp)):
+            stamp = _new_stamp()
+        if tx.has_stamp(stamp):
+            return stamp                    # accepted before: once is enough
+        if sender is _HOOK:
+            sender = self._call(self.sender, environ, tx.db) if self.sender else client
+        package.update(sender=sender, _stamp=stamp, _ts=_now_ms())
+        kind = package["type"]
+        if client is not None and kind != "join":
+            for channel in channels:
+                if not tx.is_member(channel, client):
+                    raise CometError(403, "not_member", f"not a member of channel {channel!r}")
+        private = dict(private or {})
+        action = self._actions.get(kind)
+        if action and action.submit:
+            self._call(action.submit, package, private, tx.db, environ)
+            package, channels = self._validate(package)
+        if client is not None and kind == "join":
+            for channel in channels:
+                tx.add_member(channel, client, self._json(package["sender"]), package["_ts"])
+        deliveries = []
+        for recipient in self._recipients(tx, package, environ):
+            delivered = package
+            if action and action.emit:
+                delivered = self._call(action.emit, copy.deepcopy(package), recipient, private, tx.db)
+                if delivered is None:
+                    continue
+            if self.emit_filter and not self._call(self.emit_filter, delivered, recipient, tx.db):
+                continue
+            deliveries.append((recipient, None if delivered is package else self._json(delivered)))
+        tx.append(stamp, package["_ts"], self._json(package), deliveries)
+        if client is not None and kind == "leave":
+            for channel in channels:
+                tx.remove_member(channel, client)
+        return stamp
+
+    def _validate(self, package):
+        """A copy of ``package`` without ``private``, and its channel listeners."""
+        if not isinstance(package, dict):
+            raise _bad_package("a package must be a JSON object")
+        kind = package.get("type")
+        if not isinstance(kind, str) or not 0 < len(kind) <= 64:
+            raise _bad_package("type must be a non-empty string of at most 64 characters")
+        listeners = package.get("listeners")
+        channels = []
+        if isinstance(listeners, list):
+            if not listeners or len(listeners) > self.max_listeners:
+                raise _bad_package(f"listeners must name 1 to {self.max_listeners} listeners")
+            if not all(isinstance(name, str) for name in listeners):
+                raise _bad_package("listener names must be strings")
+            for name in listeners:
+                if name in self._channels:
+                    channels.append(name)
+                elif name not in self._listeners:
+                    raise CometError(400, "unknown_listener", f"no listener named {name!r}")
+        elif isinstance(listeners, bool) or not (
+                isinstance(listeners, int) or isinstance(listeners, str) and 0 < len(listeners) <= 256):
+            raise _bad_package("listeners must be a list of names, a client id or an integer")
+        package = dict(package)
+        package.pop("private", None)
+        return package, list(dict.fromkeys(channels))
+
+    def _recipients(self, tx, package, environ):
+        listeners = package["listeners"]
+        if not isinstance(listeners, list):
+            return [str(listeners)]
+        recipients = {}                     # a dict keeps the order and each recipient once
+        for name in listeners:
+            if name in self._channels:
+                found = tx.member_ids(name)
+            else:
+                found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
+            recipients.update(dict.fromkeys(map(str, found)))
+        return recipients
+
+    def _call(self, hook, *args):
+        """Run a hook: a ``CometError`` passes, anything else is logged and becomes 500."""
+        try:
+            return hook(*args)
+        except CometError:
+            raise
+        except Exception:
+            log.exception("comet: hook %r raised", getattr(hook, "__qualname__", hook))
+            raise CometError(500, "internal", "a server hook failed") from None
+
+    def _json(self, value):
+        try:
+            return _dumps(value)
+        except (TypeError, ValueError):
+            log.exception("comet: a hook made a package that is not JSON")
+            raise CometError(500, "internal", "a server hook made a package that is not JSON") from None
+
+    # -- polling: read after the cursor, else park until woken
+
+    def _poll(self, client, cursor):
+        """The poll answer (JSON bytes) for ``client`` after ``cursor``."""
+        self._seen.add(client)
+        if cursor is None:
+            return self._answer(self.store.head())
+        store_id, _, position = cursor.partition(".")
+        if store_id != self.store.id or not position.isdigit():
+            return self._answer(self.store.head(), reset=True)
+        after = int(position)
+        waiter = self._parking.park(client, after)
+        try:
+            deadline = time.monotonic() + self.poll_timeout
+            while True:
+                head, rows, lost = self.store.read(client, after, _PAGE)
+                if after > head or lost or rows and rows[0][1] < _now_ms() - self.retention * 1000:
+                    return self._answer(head, reset=True)
+                if rows:
+                    self._count("delivered", len(rows))
+                    return self._answer(head if len(rows) < _PAGE else rows[-1][0],
+                                        [row[2] for row in rows])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not waiter.event.wait(remaining):
+                    return self._answer(head)
+                waiter.event.clear()
+        finally:
+            self._parking.unpark(waiter)
+
+    def _answer(self, position, bodies=(), reset=False):
+        return '{"cursor":"%s","packages":[%s],"reset":%s}' % (
+            _cursor_text(self.store.id, position), ",".join(bodies),
+            "true" if reset else "false")
+
+    # -- housekeeping: tailing other processes, presence, retention
+
+    def _start(self):
+        """Run the housekeeping thread in this process (again after a fork)."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._stop = threading.Event()
+            threading.Thread(target=self._housekeeping, args=(self._stop,),
+                             name="comet-housekeeping", daemon=True).start()
+
+    def _housekeeping(self, stop):
+        presence_every = max(self.presence_timeout / 4, 0.05)
+        purge_every = min(max(self.retention / 10, 0.05), 60.0)
+        wait = self.tail_interval if self.store.shared else min(presence_every, purge_every)
+        tailed = next_presence = next_purge = None
+        while not stop.wait(wait):
+            now = time.monotonic()
+            try:
+                if self.store.shared:
+                    tailed = self._tail(tailed)
+                if next_presence is None or now >= next_presence:
+                    next_presence = now + presence_every
+                    self._sweep_presence()
+                if next_purge is None or now >= next_purge:
+                    next_purge = now + purge_every
+                    self.store.purge(_now_ms() - int(self.retention * 1000))
+                    self._rate.forget_idle()
+            except CometError:
+                pass                        # the store said why, and it is retried next turn
+            except Exception:
+                log.exception("comet: housekeeping failed; it goes on")
+
+    def _tail(self, after):
+        """Wake the polls parked here for packages other processes stored."""
+        if after is None:                   # the first turn: whatever came before, wake all
+            head = self.store.head()
+            self._parking.wake(dict.fromkeys(self._parking.clients(), math.inf))
+            return head
+        head, rows = self.store.tail(after)
+        self._parking.wake({recipient: position for position, recipient in rows})
+        return head
+
+    def _sweep_presence(self):
+        now = _now_ms()
+        seen, self._seen = self._seen, set()
+        self.store.touch(seen.union(self._parking.clients()), now)
+        for channel, client, sender in self.store.stale_members(now - int(self.presence_timeout * 1000)):
+            if channel in self._channels:
+                self._leave_on_timeout(channel, client, sender)
+
+    def _leave_on_timeout(self, channel, client, sender):
+        """Remove a silent member and tell the others, once across all processes."""
+        package = {"type": "leave", "listeners": [channel], "reason": "timeout"}
+        try:
+            with self.store.transaction() as tx:
+                if tx.remove_member(channel, client):
+                    self._accept_one(tx, package, None, None, sender, None)
+        except CometError as error:
+            if error.status == 503:
+                raise
+            log.warning("comet: the timeout leave of %s from %r failed (%s); removed quietly",
+                        client, channel, error.message)
+            with self.store.transaction() as tx:
+                tx.remove_member(channel, client)
+        else:
+            self._parking.wake(tx.woken)
+
+    def _count(self, name, n=1):
+        with self._lock:
+            self._counts[name] += n
+
+    # -- WSGI
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        route = self._routes.get(path)
+        if route is None and self.app is not None and not (
+                path == self.prefix or path.startswith(self.prefix + "/")):
+            return self.app(environ, start_response)
+        headers = [_JSON, _NO_STORE]
+        try:
+            if route is None:
+                raise CometError(404, "not_found", f"no comet endpoint at {path}")
+            methods, serve = route
+            if environ.get("REQUEST_METHOD", "GET") not in methods.split(", "):
+                headers.append(("Allow", methods))
+                raise CometError(405, "method", f"{path} takes {methods}")
+            self._start()
+            status, extra, body = serve(environ)
+            headers = extra
+        except CometError as error:
+            status, body = error.status, _dumps(error.body()).encode()
+            if error.retry_after is not None:
+                headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))
+            with self._lock:
+                self._errors[error.code] = self._errors.get(error.code, 0) + 1
+        except Exception:
+            log.exception("comet: internal error answering %s", path)
+            status, body = 500, b'{"error":"internal","message":"internal server error"}'
+            with self._lock:
+                self._errors["internal"] = self._errors.get("internal", 0) + 1
+        if "comet.set_cookie" in environ:
+            headers.append(("Set-Cookie", environ["comet.set_cookie"]))
+        headers.append(("Content-Length", str(len(body))))
+        start_response(_status_line(status), headers)
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+    def _identify(self, environ):
+        """The client id of a poll or push; sets ``environ["comet.id"]``."""
+        if self.id is not None:
+            client = self._call(self.id, environ)
+            if client is None:
+                raise CometError(403, "forbidden", "this request has no client identity")
+            client = str(client)
+        else:
+            match = _SID.search(environ.get("HTTP_COOKIE", ""))
+            if match:
+                client = match.group(1)
+            else:
+                client = secrets.token_urlsafe(18)
+                secure = "; Secure" if environ.get("wsgi.url_scheme") == "https" else ""
+                environ["comet.set_cookie"] = (
+                    f"comet_sid={client}; Path=/; HttpOnly; SameSite=Lax{secure}")
+        environ["comet.id"] = client
+        return client
+
+    def _serve_poll(self, environ):
+        client = self._identify(environ)
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        cursor = query.get("cursor", [None])[0]
+        return 200, [_JSON, _NO_STORE], self._poll(client, cursor).encode()
+
+    def _serve_push(self, environ):
+        content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise CometError(415, "content_type", "push takes Content-Type: application/json")
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None and origin not in self.allowed_origins \
+                and not _same_origin(origin, environ):
+            raise CometError(403, "bad_origin", f"pushes from {origin} are not allowed")
+        client = self._identify(environ)
+        wait = self._rate.wait(client)
+        if wait:
+            raise CometError(429, "rate_limited", "too many pushes: slow down", retry_after=wait)
+        try:
+            packages = _loads(_read_body(environ, self.max_body))
+        except (ValueError, RecursionError):
+            raise CometError(400, "bad_json", "the body is not UTF-8 JSON") from None
+        if not isinstance(packages, list):
+            packages = [packages]
+        elif len(packages) > self.max_batch:
+            raise _bad_package(f"a batch holds at most {self.max_batch} packages")
+        stamps = self._accept(packages, client, environ)
+        return 200, [_JSON, _NO_STORE], _dumps({"accepted": stamps}).encode()
+
+    def _serve_script(self, environ):
+        if self._script is None:
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comet_client.js")
+            try:
+                with open(path, "rb") as file:
+                    script = file.read()
+            except OSError:
+                raise CometError(404, "not_found", "comet_client.js is not beside comet.py") from None
+            self._script = script, '"%s"' % hashlib.sha1(script).hexdigest()[:20]
+        script, etag = self._script
+        headers = [("Content-Type", "application/javascript; charset=utf-8"),
+                   ("Cache-Control", "no-cache"), ("ETag", etag)]
+        if environ.get("HTTP_IF_NONE_MATCH") == etag:
+            return 304, headers, b""
+        return 200, headers, script
