@@ -1261,7 +1261,7 @@ class Comet:
 
     def _serve_poll(self, environ):
         client = self._identify(environ)
-        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         cursor = query.get("cursor", [None])[0]
         return 200, [_JSON, _NO_STORE], self._poll(client, cursor).encode()
 
@@ -1301,5 +1301,5 @@ class Comet:
         headers = [("Content-Type", "application/javascript; charset=utf-8"),
                    ("Cache-Control", "no-cache"), ("ETag", etag)]
         if environ.get("HTTP_IF_NONE_MATCH") == etag:
-            return 304, headers, b""
+            return 304, headers[1:], b""
         return 200, headers, script

@@ -1,0 +1,207 @@
+"""Shared test support: real servers on 127.0.0.1, in a thread or in a process.
+
+``python conftest.py --store URL --port N [--poll-timeout S] ...`` serves the
+standard test application in its own process (for kill -9 and multi-process
+tests).  The standard application:
+
+- the client id is the ``X-Client`` header (so a test can be any client);
+- listener ``to``: the recipients are the package's own ``to`` list;
+- channel ``room``.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import comet  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(condition, reason):
+    """Skip loudly when a real part is missing locally; under CI=true, fail."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}")
+    pytest.skip(f"SKIPPED LOUDLY: {reason}")
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01):
+    """Poll ``predicate`` until it returns a true value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def make_app(**options):
+    """The standard test application as a ``Comet``."""
+    options.setdefault("id", lambda environ: environ.get("HTTP_X_CLIENT"))
+    app = comet.Comet(None, **options)
+
+    @app.listener("to")
+    def to(environ, package, db):
+        return package.get("to", [])
+
+    app.channel("room")
+    return app
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class ThreadedServer:
+    """A WSGI app on a real threaded wsgiref server on 127.0.0.1, in this process."""
+
+    def __init__(self, app):
+        self.httpd = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                                 handler_class=_QuietHandler)
+        self.port = self.httpd.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Client:
+    """A real HTTP client speaking the comet protocol as one client id."""
+
+    def __init__(self, base_url, client_id, prefix="/comet"):
+        parts = urllib.parse.urlsplit(base_url)
+        self.host, self.port = parts.hostname, parts.port
+        self.id = client_id
+        self.prefix = prefix
+        self.cursor = None
+
+    def request(self, method, path, body=None, headers=(), timeout=30):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            all_headers = {"X-Client": self.id, **dict(headers)}
+            if body is not None:
+                body = json.dumps(body).encode()
+                all_headers.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=all_headers)
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, dict(response.getheaders()), json.loads(data) if data else None
+        finally:
+            conn.close()
+
+    def push(self, package, **kwargs):
+        return self.request("POST", self.prefix + "/push", package, **kwargs)
+
+    def poll(self, cursor=None, timeout=30):
+        cursor = self.cursor if cursor is None else cursor
+        query = "" if cursor is None else "?cursor=" + urllib.parse.quote(cursor)
+        status, _, answer = self.request("GET", self.prefix + "/poll" + query, timeout=timeout)
+        assert status == 200, (status, answer)
+        self.cursor = answer["cursor"]
+        return answer
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python conftest.py`` serving the standard test app in its own process."""
+
+    def __init__(self, store, port=None, **options):
+        self.store = store
+        self.port = port or free_port()
+        self.options = options
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        args = [sys.executable, os.path.join(HERE, "conftest.py"),
+                "--store", self.store, "--port", str(self.port)]
+        for name, value in self.options.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
+        self.proc = subprocess.Popen(args, cwd=HERE)
+        wait_until(self._answers, timeout=15)
+        return self
+
+    def _answers(self):
+        assert self.proc.poll() is None, "the server process died"
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def kill(self):
+        """kill -9: no cleanup, no flush."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--poll-timeout", type=float, default=25.0)
+    parser.add_argument("--tail-interval", type=float, default=0.1)
+    parser.add_argument("--presence-timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    app = make_app(store=args.store, poll_timeout=args.poll_timeout,
+                   tail_interval=args.tail_interval, presence_timeout=args.presence_timeout,
+                   rate=(10000, 10000))
+    httpd = make_server("127.0.0.1", args.port, app, server_class=_ThreadingServer,
+                        handler_class=_QuietHandler)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    httpd.serve_forever(poll_interval=0.05)
+
+
+if __name__ == "__main__":
+    main()
