@@ -1148,6 +1148,7 @@ class Comet:
         purge_every = min(max(self.retention / 10, 0.05), 60.0)
         wait = self.tail_interval if self.store.shared else min(presence_every, purge_every)
         tailed = next_presence = next_purge = None
+        started = time.monotonic()
         while not stop.wait(wait):
             now = time.monotonic()
             try:
@@ -1155,7 +1156,9 @@ class Comet:
                     tailed = self._tail(tailed)
                 if next_presence is None or now >= next_presence:
                     next_presence = now + presence_every
-                    self._sweep_presence()
+                    # Sweep only once clients had presence_timeout to poll this process:
+                    # a restart after an outage must not drop everyone at once.
+                    self._sweep_presence(sweep=now - started >= self.presence_timeout)
                 if next_purge is None or now >= next_purge:
                     next_purge = now + purge_every
                     self.store.purge(_now_ms() - int(self.retention * 1000))
@@ -1175,10 +1178,12 @@ class Comet:
         self._parking.wake({recipient: position for position, recipient in rows})
         return head
 
-    def _sweep_presence(self):
+    def _sweep_presence(self, sweep=True):
         now = _now_ms()
         seen, self._seen = self._seen, set()
         self.store.touch(seen.union(self._parking.clients()), now)
+        if not sweep:
+            return
         for channel, client, sender in self.store.stale_members(now - int(self.presence_timeout * 1000)):
             if channel in self._channels:
                 self._leave_on_timeout(channel, client, sender)
