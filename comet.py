@@ -94,6 +94,7 @@ def _unavailable(message):
 _STAMP = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 _SID = re.compile(r"(?:^|;)\s*comet_sid=([A-Za-z0-9_-]{22,64})\s*(?:;|$)")
 _PAGE = 500                         # packages in one poll answer, at most
+_MAX_ID = 256                       # characters in a client id or a channel name, at most
 
 
 def _now_ms():
@@ -119,6 +120,11 @@ def _loads(data):
     """Parse a request body strictly: UTF-8, no NaN or Infinity."""
     return json.loads(data.decode("utf-8"), parse_float=_finite,
                       parse_constant=_no_constant)
+
+
+def _text(value):
+    """An id read back from a store: VARBINARY columns come back as bytes."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _dumps(value):
@@ -396,13 +402,18 @@ class _SQLStore(Store):
                     conn.close()
             log.warning("comet: store %s unavailable: %s", self.url, error)
             raise _unavailable("the store is unavailable") from error
+        except BaseException:
+            self._release(conn)             # a hook failed: the transaction was rolled back
+            raise
         else:
-            with self._pool_lock:
-                if len(self._pool) < self._pool_size:
-                    self._pool.append(conn)
-                    conn = None
-            if conn is not None:
-                conn.close()
+            self._release(conn)
+
+    def _release(self, conn):
+        with self._pool_lock:
+            if len(self._pool) < self._pool_size:
+                self._pool.append(conn)
+                return
+        conn.close()
 
     def _query(self, sql, args=()):
         with self._connection() as conn:
@@ -452,14 +463,15 @@ class _SQLStore(Store):
             head = self._execute(cur, "SELECT head FROM comet_meta").fetchone()[0]
             if head <= after:
                 return head, []
-            return head, self._execute(
+            rows = self._execute(
                 cur, "SELECT pos, recipient FROM comet_deliveries WHERE pos > ? AND pos <= ?"
                      " ORDER BY pos", (after, head)).fetchall()
+            return head, [(position, _text(recipient)) for position, recipient in rows]
 
     def members(self, channel):
         rows = self._query("SELECT client, sender FROM comet_members WHERE channel = ?",
                            (channel,))
-        return {client: json.loads(sender) for client, sender in rows}
+        return {_text(client): json.loads(sender) for client, sender in rows}
 
     def touch(self, clients, ts):
         if not clients:
@@ -473,7 +485,8 @@ class _SQLStore(Store):
             "SELECT m.channel, m.client, m.sender FROM comet_members m"
             " LEFT JOIN comet_clients c ON c.client = m.client"
             " WHERE COALESCE(c.seen, m.joined) < ?", (before,))
-        return [(channel, client, json.loads(sender)) for channel, client, sender in rows]
+        return [(_text(channel), _text(client), json.loads(sender))
+                for channel, client, sender in rows]
 
     def purge(self, before):
         # In slices, so that pushes wait for one short transaction at most.
@@ -547,7 +560,7 @@ class _SQLTransaction:
         self._appended.append((position, [recipient for recipient, _ in deliveries]))
 
     def member_ids(self, channel):
-        return [row[0] for row in self._run(
+        return [_text(row[0]) for row in self._run(
             "SELECT client FROM comet_members WHERE channel = ?", (channel,)).fetchall()]
 
     def is_member(self, channel, client):
@@ -613,7 +626,9 @@ class MySQLStore(_SQLStore):
 
     Positions come from one counter row updated last in each transaction:
     its row lock makes writers commit in position order, so a reader that
-    sees position p has every smaller position already.
+    sees position p has every smaller position already.  Client ids, channel
+    names and stamps are VARBINARY, compared byte for byte as in SQLite (a
+    text collation would make "bob", "Bob" and "bob " one client).
     """
 
     _placeholder = "%s"
@@ -622,17 +637,17 @@ class MySQLStore(_SQLStore):
         "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id VARCHAR(16) NOT NULL,"
         " head BIGINT NOT NULL, purged BIGINT NOT NULL) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS comet_packages (pos BIGINT PRIMARY KEY,"
-        " stamp VARCHAR(64) NOT NULL UNIQUE, ts BIGINT NOT NULL, body MEDIUMTEXT NOT NULL,"
+        " stamp VARBINARY(64) NOT NULL UNIQUE, ts BIGINT NOT NULL, body MEDIUMTEXT NOT NULL,"
         " INDEX comet_packages_ts (ts)) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS comet_deliveries (recipient VARCHAR(191) NOT NULL,"
+        "CREATE TABLE IF NOT EXISTS comet_deliveries (recipient VARBINARY(1024) NOT NULL,"
         " pos BIGINT NOT NULL, body MEDIUMTEXT, PRIMARY KEY (recipient, pos),"
         " INDEX comet_deliveries_pos (pos)) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS comet_purged (recipient VARCHAR(191) PRIMARY KEY,"
+        "CREATE TABLE IF NOT EXISTS comet_purged (recipient VARBINARY(1024) PRIMARY KEY,"
         " pos BIGINT NOT NULL) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS comet_members (channel VARCHAR(191) NOT NULL,"
-        " client VARCHAR(191) NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,"
+        "CREATE TABLE IF NOT EXISTS comet_members (channel VARBINARY(1024) NOT NULL,"
+        " client VARBINARY(1024) NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,"
         " PRIMARY KEY (channel, client)) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS comet_clients (client VARCHAR(191) PRIMARY KEY,"
+        "CREATE TABLE IF NOT EXISTS comet_clients (client VARBINARY(1024) PRIMARY KEY,"
         " seen BIGINT NOT NULL) ENGINE=InnoDB",
     )
 
@@ -941,6 +956,8 @@ class Comet:
         """Register ``name`` as a channel: a listener whose recipients are its members."""
         if name in self._listeners:
             raise ValueError(f"{name!r} is a listener")
+        if not 0 < len(name) <= _MAX_ID:
+            raise ValueError(f"a channel name is 1 to {_MAX_ID} characters")
         return self._channels.setdefault(name, Channel(self, name))
 
     # -- the server side
@@ -1059,7 +1076,7 @@ class Comet:
                 elif name not in self._listeners:
                     raise CometError(400, "unknown_listener", f"no listener named {name!r}")
         elif isinstance(listeners, bool) or not (
-                isinstance(listeners, int) or isinstance(listeners, str) and 0 < len(listeners) <= 256):
+                isinstance(listeners, int) or isinstance(listeners, str) and 0 < len(listeners) <= _MAX_ID):
             raise _bad_package("listeners must be a list of names, a client id or an integer")
         package = dict(package)
         package.pop("private", None)
@@ -1076,6 +1093,9 @@ class Comet:
             else:
                 found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
             recipients.update(dict.fromkeys(map(str, found)))
+        if any(len(recipient) > _MAX_ID for recipient in recipients):
+            log.error("comet: a listener of %r returned a client id over %d characters", listeners, _MAX_ID)
+            raise CometError(500, "internal", "a listener returned a client id that is too long")
         return recipients
 
     def _call(self, hook, *args):
@@ -1252,6 +1272,8 @@ class Comet:
             if client is None:
                 raise CometError(403, "forbidden", "this request has no client identity")
             client = str(client)
+            if not 0 < len(client) <= _MAX_ID:
+                raise CometError(403, "forbidden", f"a client id is 1 to {_MAX_ID} characters")
         else:
             match = _SID.search(environ.get("HTTP_COOKIE", ""))
             if match:

@@ -945,7 +945,7 @@ def test_python_demo_serves_the_page_and_the_script_on_a_fresh_python(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     port = free_port()
-    demo = subprocess.Popen([str(venv / "bin" / "python"), "-I", os.path.join(HERE, "demo.py"),
+    demo = subprocess.Popen([str(venv / "bin" / "python"), "-s", os.path.join(HERE, "demo.py"),
                              "--port", str(port), "--db", str(tmp_path / "chat.db")],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,0 +1,366 @@
+"""A multi-room chat on comet.py, with nothing to install.
+
+    python demo.py [--port 8000] [--db chat.db]
+
+then open http://127.0.0.1:8000 in two browsers. Each room is a comet channel,
+so its member list is the presence list. Rooms and messages are kept in two
+tables of the demo's own, in the same SQLite file as comet's store: the
+`message` action writes its row through the `db` it is handed, so the row
+commits together with the package, or neither does.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import socketserver
+import sqlite3
+import urllib.parse
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from comet import Comet, Reject
+
+log = logging.getLogger("demo")
+ROOM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL,
+    stamp TEXT NOT NULL, ts INTEGER NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id);
+INSERT OR IGNORE INTO rooms VALUES ('general');
+"""
+
+
+def cookie(environ, name):
+    """The value of one cookie of the request, or ''."""
+    for part in environ.get("HTTP_COOKIE", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return urllib.parse.unquote(value)
+    return ""
+
+
+def public_id(client_id):
+    """A tag others may see for a client: the client id itself is its session cookie."""
+    return hashlib.sha256(client_id.encode()).hexdigest()[:12]
+
+
+def sender(environ, db):
+    """Who sent a package: the nick the page keeps in a cookie, and the client's tag."""
+    nick = "".join(c for c in cookie(environ, "nick") if c.isprintable()).strip()[:24]
+    return {"nick": nick or "anonymous", "id": public_id(environ["comet.id"])}
+
+
+def answer(start_response, body, content_type, status="200 OK"):
+    """Start a response with a whole body (a str)."""
+    body = body.encode()
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [body]
+
+
+def make_chat(path, **options):
+    """The chat as one WSGI application: the page and /state, wrapped in Comet."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(SCHEMA)
+        names = [name for (name,) in db.execute("SELECT name FROM rooms")]
+    channels = {}  # room name -> its comet channel, whose members are the people in the room
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/":
+            return answer(start_response, PAGE, "text/html; charset=utf-8")
+        if environ["PATH_INFO"] == "/state":
+            room = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("room", [""])[0]
+            body = json.dumps(state(room, cookie(environ, "comet_sid")))
+            return answer(start_response, body, "application/json")
+        return answer(start_response, "Not found", "text/plain", "404 Not Found")
+
+    def state(room, client_id):
+        """What a page needs on entering a room: rooms, who is here, recent messages."""
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            rooms = [name for (name,) in db.execute("SELECT name FROM rooms ORDER BY name")]
+            rows = db.execute("SELECT stamp, ts, sender, text FROM messages WHERE room = ?"
+                              " ORDER BY id DESC LIMIT 50", (room,)).fetchall()
+        return {
+            "you": public_id(client_id),
+            "rooms": rooms,
+            "members": list(channels[room].members().values()) if room in channels else [],
+            "messages": [{"_stamp": stamp, "_ts": ts, "sender": json.loads(who), "text": text}
+                         for stamp, ts, who, text in reversed(rows)],
+        }
+
+    chat = Comet(app, store="sqlite:///" + path, sender=sender, **options)
+    for name in names:
+        channels[name] = chat.channel(name)
+
+    @chat.listener("lobby")
+    def everyone(environ, package, db):
+        """Whoever is in a room hears of new rooms."""
+        return {client for room in list(channels.values()) for client in room.members()}
+
+    @chat.action("room").on_submit
+    def create_room(package, private, db, environ):
+        """A new room: a row in `rooms`, and a channel to join."""
+        name = package.get("name")
+        if not isinstance(name, str) or not ROOM_NAME.fullmatch(name):
+            raise Reject("A room name is 1 to 32 of a-z, 0-9, _ and -.")
+        if db.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
+            raise Reject(f"#{name} exists already.")
+        db.execute("INSERT INTO rooms VALUES (?)", (name,))
+        channels[name] = chat.channel(name)
+        log.info("room #%s created by %s", name, package["sender"]["nick"])
+
+    @chat.action("message").on_submit
+    def store_message(package, private, db, environ):
+        """Keep the message for /state: the row commits with the package, or neither does."""
+        listeners, text = package["listeners"], package.get("text")
+        if not (isinstance(listeners, list) and len(listeners) == 1 and listeners[0] in channels):
+            raise Reject("A message goes to one room.")
+        if not isinstance(text, str) or not text.strip():
+            raise Reject("A message needs some text.")
+        package["text"] = text = text.strip()[:2000]
+        db.execute("INSERT INTO messages (room, stamp, ts, sender, text) VALUES (?, ?, ?, ?, ?)",
+                   (listeners[0], package["_stamp"], package["_ts"], json.dumps(package["sender"]),
+                    text))
+
+    return chat
+
+
+class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request: each parked poll holds one."""
+    daemon_threads = True
+
+
+class QuietHandler(WSGIRequestHandler):
+    """Requests go to the DEBUG log: long polls would fill the terminal."""
+
+    def log_message(self, format, *args):
+        log.debug(format, *args)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="A multi-room chat on comet.py.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--db", default="chat.db", help="SQLite file for the chat and comet's store")
+    parser.add_argument("--presence-timeout", type=float, default=60.0,
+                        help="seconds without a poll before a member leaves a room")
+    parser.add_argument("--poll-timeout", type=float, default=25.0,
+                        help="seconds a poll is held; a closed tab is gone after this plus the above")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    application = make_chat(args.db, presence_timeout=args.presence_timeout,
+                            poll_timeout=args.poll_timeout)
+    with make_server(args.host, args.port, application, ThreadingServer, QuietHandler) as server:
+        print(f"Chat on http://{args.host}:{args.port}/ (Ctrl+C stops it)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+
+
+PAGE = r"""<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>comet chat</title>
+<link rel="icon" href="data:,">
+<style>
+* { box-sizing: border-box; }
+body { margin: 0; height: 100vh; height: 100dvh; display: grid; grid-template-columns: 250px 1fr;
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; }
+aside { display: flex; flex-direction: column; gap: 20px; padding: 16px; overflow-y: auto;
+  background: #f6f7f9; border-right: 1px solid #e3e5e8; }
+header { display: flex; align-items: center; justify-content: space-between;
+  font-size: 17px; font-weight: 700; }
+#status { font-size: 12px; font-weight: 500; color: #6e7781; }
+#status::before { content: ""; display: inline-block; width: 8px; height: 8px; margin-right: 6px;
+  border-radius: 50%; background: #c2c6cc; }
+#status.online::before { background: #1f9d55; }
+#status.offline::before { background: #d1242f; }
+h2 { margin: 0 0 6px; font-size: 11px; letter-spacing: .06em; text-transform: uppercase; color: #6e7781; }
+ul { margin: 0; padding: 0; list-style: none; }
+#rooms { margin-bottom: 8px; }
+#rooms a { display: block; padding: 4px 10px; border-radius: 6px; color: inherit; text-decoration: none; }
+#rooms a:hover { background: #eaecef; }
+#rooms a.current { background: #4f46e5; color: #fff; }
+#members li { display: flex; align-items: center; gap: 8px; padding: 2px 0; }
+#members i { width: 8px; height: 8px; border-radius: 50%; }
+#members .me::after { content: "you"; font-size: 12px; color: #6e7781; }
+form { display: flex; gap: 6px; }
+input, button { font: inherit; }
+input { flex: 1; min-width: 0; width: 100%; padding: 6px 10px;
+  border: 1px solid #d0d7de; border-radius: 6px; }
+input:focus { outline: 2px solid #c7c4f7; border-color: #4f46e5; }
+button { padding: 6px 14px; border: 0; border-radius: 6px;
+  background: #4f46e5; color: #fff; cursor: pointer; }
+main { display: flex; flex-direction: column; min-width: 0; min-height: 0; }
+main header { padding: 14px 20px; border-bottom: 1px solid #e3e5e8; }
+#messages { flex: 1; margin: 0; padding: 12px 20px; overflow-y: auto; list-style: none; }
+#messages:empty::before { content: "No messages yet. Say hello!"; color: #6e7781; }
+#messages li { padding: 5px 0; }
+#messages b { margin-right: 8px; }
+#messages time { font-size: 12px; color: #6e7781; }
+#messages p { margin: 1px 0 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+#messages .pending { opacity: .45; }
+#messages .failed p { color: #d1242f; }
+main form { padding: 12px 20px 16px; border-top: 1px solid #e3e5e8; }
+@media (max-width: 700px) {
+  body { grid-template-columns: 1fr; grid-template-rows: auto 1fr; }
+  aside { max-height: 45vh; gap: 12px; padding: 12px; border-right: 0; border-bottom: 1px solid #e3e5e8; }
+  #rooms, #members { display: flex; flex-wrap: wrap; gap: 4px 12px; }
+}
+</style>
+<aside>
+  <header>comet chat <span id="status">connecting</span></header>
+  <section><h2>Your name</h2><input id="nick" maxlength="24" autocomplete="nickname"></section>
+  <section><h2>Rooms</h2><ul id="rooms"></ul>
+    <form id="newroom"><input id="roomname" placeholder="new room" maxlength="32" required>
+    <button title="Create the room">+</button></form></section>
+  <section><h2>Here now · <span id="count">0</span></h2><ul id="members"></ul></section>
+</aside>
+<main>
+  <header id="title"></header>
+  <ol id="messages"></ol>
+  <form id="composer"><input id="text" autocomplete="off" maxlength="2000" required>
+    <button>Send</button></form>
+</main>
+<script src="/scripts/comet.js"></script>
+<script>
+"use strict";
+const $ = id => document.getElementById(id);
+const shown = new Map();    // _stamp -> <li>: each message is on screen once
+const members = new Map();  // tag -> nick, for the room we are in
+const rooms = new Set();
+let room = "", myId = "", wasOffline = false;
+
+function el(tag, props, ...children) {  // children go in as text: user data never becomes HTML
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+const color = id => `hsl(${parseInt(String(id).slice(0, 6), 16) % 360} 55% 42%)`;
+const inRoom = pkg => [].concat(pkg.listeners).includes(room);
+const join = name => comet.push({type: "join", listeners: [name]});
+const leave = name => comet.push({type: "leave", listeners: [name]}).catch(() => {});  // not in it any more
+
+function renderRooms() {
+  $("rooms").replaceChildren(...[...rooms].sort().map(name =>
+    el("li", {}, el("a", {href: "#" + name, className: name === room ? "current" : ""}, "# " + name))));
+}
+function renderMembers() {
+  const sorted = [...members].sort((a, b) => a[1].localeCompare(b[1]));
+  $("members").replaceChildren(...sorted.map(([id, nick]) =>
+    el("li", {className: id === myId ? "me" : ""}, el("i", {style: "background:" + color(id)}), nick)));
+  $("count").textContent = members.size;
+}
+function showMessage(pkg, pending) {  // add or confirm one message, in server-time order
+  let li = shown.get(pkg._stamp);
+  if (!li) {
+    li = el("li", {}, el("b", {style: "color:" + color(pkg.sender.id)}, pkg.sender.nick),
+            el("time"), el("p", {}, pkg.text));
+    shown.set(pkg._stamp, li);
+  }
+  li.classList.toggle("pending", !!pending);
+  li.ts = pkg._ts || Infinity;  // ours not yet accepted stay last
+  const time = new Date(pkg._ts || Date.now());
+  li.querySelector("time").textContent = time.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+  const list = $("messages"), atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  list.insertBefore(li, [...list.children].find(other => other.ts > li.ts) || null);
+  if (atBottom || pending) list.scrollTop = list.scrollHeight;
+  return li;
+}
+function send(name, text, li) {  // show it at once, greyed until the server has it
+  const pkg = {type: "message", listeners: [name], text};
+  const accepted = comet.push(pkg);  // sets pkg._stamp at once
+  if (li) shown.set(pkg._stamp, li);
+  else li = showMessage({...pkg, sender: {nick: $("nick").value, id: myId}}, true);
+  accepted.then(() => li.classList.remove("pending"), err => {
+    if (err.error === "not_member") return join(name).then(() => send(name, text, li));  // dropped while away
+    li.classList.add("failed");
+    li.title = err.message;
+  });
+}
+async function load() {  // catch up: the rooms, who is here, the recent messages
+  const name = room;
+  const state = await (await fetch("/state?room=" + encodeURIComponent(name))).json();
+  if (name !== room) return;
+  myId = state.you;
+  state.rooms.forEach(r => rooms.add(r));
+  members.clear();
+  state.members.forEach(s => members.set(s.id, s.nick));
+  state.messages.forEach(m => showMessage(m));
+  renderRooms();
+  renderMembers();
+}
+function connect() {  // (re)join: the server drops members it has not heard from
+  join(room).then(load, () => { location.hash = "general"; });
+}
+function enter(name) {
+  if (name === room) return;
+  if (room) leave(room);
+  room = name;
+  shown.clear();
+  members.clear();
+  $("messages").replaceChildren();
+  $("title").textContent = "# " + name;
+  $("text").placeholder = "Message #" + name;
+  renderRooms();
+  renderMembers();
+  connect();
+}
+
+const nick = $("nick");
+function saveNick() {  // the server's sender hook reads the cookie
+  nick.value = nick.value.trim().slice(0, 24) || "guest-" + Math.floor(1000 + Math.random() * 9000);
+  localStorage.nick = nick.value;
+  document.cookie = "nick=" + encodeURIComponent(nick.value) + "; path=/; max-age=31536000; samesite=lax";
+}
+nick.value = localStorage.nick || "";
+saveNick();
+nick.onchange = () => { saveNick(); join(room); };  // joining again tells the room the new name
+
+$("composer").onsubmit = event => {
+  event.preventDefault();
+  const text = $("text").value.trim();
+  if (text) send(room, text);
+  $("text").value = "";
+};
+$("newroom").onsubmit = event => {
+  event.preventDefault();
+  const input = $("roomname"), name = input.value.trim().toLowerCase().replace(/\s+/g, "-");
+  const go = () => { input.value = ""; location.hash = name; };
+  if (rooms.has(name)) return go();
+  comet.push({type: "room", listeners: ["lobby"], name}).then(go, err => {
+    input.setCustomValidity(err.message);
+    input.reportValidity();
+  });
+};
+$("roomname").oninput = event => event.target.setCustomValidity("");
+
+comet.on("message", pkg => inRoom(pkg) && showMessage(pkg));
+comet.on("room", pkg => { rooms.add(pkg.name); renderRooms(); });
+comet.on("join", pkg => {
+  if (inRoom(pkg)) { members.set(pkg.sender.id, pkg.sender.nick); renderMembers(); }
+});
+comet.on("leave", pkg => {  // also {"reason": "timeout"} when the server dropped someone
+  if (!inRoom(pkg)) return;
+  members.delete(pkg.sender.id);
+  renderMembers();
+  if (pkg.sender.id === myId) join(room);  // another tab of ours left: we stay
+});
+comet.on("$status", status => {
+  $("status").className = $("status").textContent = status;
+  if (status === "online" && wasOffline) connect();
+  wasOffline = status === "offline";
+});
+comet.on("$reset", () => connect());
+addEventListener("hashchange", () => enter(location.hash.slice(1) || "general"));
+addEventListener("pagehide", () => leave(room));
+addEventListener("pageshow", event => event.persisted && connect());
+comet.start();
+enter(location.hash.slice(1) || "general");
+</script>
+"""
+
+if __name__ == "__main__":
+    main()

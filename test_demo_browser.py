@@ -1,0 +1,244 @@
+"""demo.py as people use it: several people in headless Chromium, a crashed server.
+
+Needs /usr/bin/chromium and the `playwright` package (never `playwright install`).
+Without them the browser tests skip locally and fail under CI=true.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+PRESENCE_TIMEOUT = 2       # seconds; polls are held 1 s, so a closed page is gone in about 3
+WAIT_MS = 15000
+
+
+class Demo:
+    """`python demo.py` in a subprocess, on a free port and a fresh SQLite file."""
+
+    def __init__(self, tmp_path):
+        self.db = tmp_path / "chat.db"
+        self.log = tmp_path / "demo.log"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process = None
+
+    def start(self):
+        # -S: no site-packages, as on a fresh Python with nothing installed.
+        command = [sys.executable, "-S", str(HERE / "demo.py"), "--port", str(self.port),
+                   "--db", str(self.db), "--presence-timeout", str(PRESENCE_TIMEOUT),
+                   "--poll-timeout", "1"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=1):
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    pytest.fail("demo.py did not answer:\n" + self.log.read_text())
+                time.sleep(0.05)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return answer.status, answer.headers["Content-Type"], answer.read().decode()
+
+
+def browser_missing():
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"no Chromium at {CHROMIUM}"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed"
+    return None
+
+
+@pytest.fixture
+def demo(tmp_path):
+    demo = Demo(tmp_path).start()
+    yield demo
+    demo.kill()
+    assert "Traceback" not in demo.log.read_text(), demo.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = browser_missing()
+    if missing:
+        message = f"DEMO BROWSER TESTS NOT RUN: {missing}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import expect, sync_playwright
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_chat(browser, demo):
+    """open_chat(nick, room) -> a page of one person (own browser context) in the room."""
+    contexts = []
+
+    def open_chat(nick, room="general"):
+        context = browser.new_context(viewport={"width": 1100, "height": 680})
+        contexts.append(context)
+        context.add_init_script(f"localStorage.nick = {json.dumps(nick)}")
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(f"{demo.url}#{room}")
+        page.locator("#members li.me").wait_for()   # joined, and the room's state loaded
+        return page
+
+    yield open_chat
+    for context in contexts:
+        context.close()
+
+
+def say(page, text):
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def expect_messages(page, texts):
+    """Exactly these messages, in this order, each once, none still waiting for the server."""
+    from playwright.sync_api import expect
+    expect(page.locator("#messages li p")).to_have_text(texts)
+    expect(page.locator("#messages li.pending")).to_have_count(0)
+
+
+def expect_members(page, nicks):
+    from playwright.sync_api import expect
+    expect(page.locator("#members li")).to_have_text(sorted(nicks))
+
+
+# ---- the behaviour ------------------------------------------------------------
+
+def test_demo_serves_the_page_and_the_client_script(demo):
+    status, content_type, page = fetch(demo.url)
+    assert status == 200 and content_type.startswith("text/html")
+    assert '<script src="/scripts/comet.js">' in page
+
+    status, content_type, script = fetch(demo.url + "scripts/comet.js")
+    assert status == 200 and "javascript" in content_type
+    assert "global.comet" in script
+
+
+def test_two_people_in_a_room_see_each_other_and_talk_both_ways(open_chat):
+    alice = open_chat("alice")
+    bob = open_chat("<b>bob</b>")
+
+    expect_members(alice, ["alice", "<b>bob</b>"])
+    expect_members(bob, ["alice", "<b>bob</b>"])
+
+    say(alice, "hi bob, <i>this</i> stays text")
+    expect_messages(bob, ["hi bob, <i>this</i> stays text"])
+    say(bob, "hi alice")
+    expect_messages(alice, ["hi bob, <i>this</i> stays text", "hi alice"])
+    expect_messages(bob, ["hi bob, <i>this</i> stays text", "hi alice"])
+    assert alice.locator("#messages li b").all_text_contents() == ["alice", "<b>bob</b>"]
+    assert alice.locator("#messages i, #members b").count() == 0   # no user text became HTML
+
+
+def test_a_closed_page_leaves_the_member_list_after_the_presence_timeout(open_chat):
+    alice = open_chat("alice")
+    bob = open_chat("bob")
+    expect_members(alice, ["alice", "bob"])
+    alice.evaluate("() => { window.leaves = []; comet.on('leave', pkg => leaves.push(pkg)); }")
+
+    bob.context.set_offline(True)    # gone without a word: not even its pagehide leave arrives
+    bob.close()
+
+    expect_members(alice, ["alice"])
+    assert alice.evaluate("leaves.map(pkg => [pkg.sender.nick, pkg.reason])") == [["bob", "timeout"]]
+
+
+def test_messages_typed_while_the_server_is_down_arrive_once_in_order(demo, open_chat):
+    from playwright.sync_api import expect
+    alice = open_chat("alice")
+    bob = open_chat("bob")
+    say(alice, "before")
+    expect_messages(bob, ["before"])
+
+    demo.kill()
+    expect(alice.locator("#status")).to_have_class("offline")
+    expect(bob.locator("#status")).to_have_class("offline")
+    for i in (1, 2, 3):
+        say(alice, f"while down {i}")
+    expect(alice.locator("#messages li.pending")).to_have_count(3)   # shown at once, greyed
+    demo.start()
+
+    down = ["while down 1", "while down 2", "while down 3"]
+    expect_messages(alice, ["before", *down])
+    expect_messages(bob, ["before", *down])
+    expect(bob.locator("#status")).to_have_class("online")
+    say(bob, "after")                # a repeat of anything earlier would arrive before it
+    expect_messages(alice, ["before", *down, "after"])
+    expect_messages(bob, ["before", *down, "after"])
+
+
+def test_a_page_backs_off_while_the_server_is_down(demo, open_chat):
+    from playwright.sync_api import expect
+    alice = open_chat("alice")
+    demo.kill()
+    expect(alice.locator("#status")).to_have_class("offline")
+    say(alice, "queued")             # so the push worker retries too, not only the poll
+    requests = []
+    alice.on("request", lambda request: requests.append(request.url))
+
+    alice.wait_for_timeout(4000)     # the window we count in
+
+    assert 2 <= len(requests) <= 15, f"{len(requests)} requests in 4 s: {requests}"
+
+
+def test_three_people_two_rooms(open_chat):
+    from playwright.sync_api import expect
+    alice, bob, carol = open_chat("alice"), open_chat("bob"), open_chat("carol")
+    say(alice, "Morning! Has anyone tried the new build?")
+    say(bob, "Yes. It reconnects nicely after a server restart.")
+    say(carol, "Same here. I will write the release notes today.")
+
+    bob.fill("#roomname", "release")
+    bob.press("#roomname", "Enter")
+    expect(bob.locator("#title")).to_have_text("# release")
+    expect(alice.locator("#rooms a")).to_have_text(["# general", "# release"])   # live
+    expect_members(alice, ["alice", "carol"])
+    say(bob, "Draft: faster reconnects, rooms, presence.")
+    carol.click("text=# release")
+    expect_messages(carol, ["Draft: faster reconnects, rooms, presence."])        # history
+    expect_members(bob, ["bob", "carol"])
+    bob.click("text=# general")
+    carol.click("text=# general")
+    expect_members(alice, ["alice", "bob", "carol"])
+    say(alice, "Great, thanks both. Let's ship it after lunch.")
+    expect_messages(alice, ["Morning! Has anyone tried the new build?",
+                            "Yes. It reconnects nicely after a server restart.",
+                            "Same here. I will write the release notes today.",
+                            "Great, thanks both. Let's ship it after lunch."])
+
+    (HERE / "docs").mkdir(exist_ok=True)
+    alice.screenshot(path=str(HERE / "docs" / "demo.png"))

@@ -1,0 +1,97 @@
+"""Two server processes sharing one store, SQLite file and MySQL (SPEC section 4).
+
+Each process tails the store every ``tail_interval`` to wake its parked polls
+for packages the other process stored.  The MySQL cases need the local MariaDB
+(see test_mysql.py, whose helpers these tests share); each gets a database of
+its own.
+"""
+
+import threading
+import time
+
+import pytest
+
+from conftest import Client, ServerProcess
+from test_mysql import (assert_no_cursor_skipped, mariadb, new_ids,  # noqa: F401 (a fixture)
+                        plan_packages, positions_in_store, run_traffic)
+
+TAIL_INTERVAL = 0.1
+
+
+@pytest.fixture
+def store_url(request, tmp_path):
+    """``sqlite`` or ``mysql``: the URL of a fresh store of that kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'comet.db'}"
+    return request.getfixturevalue("mariadb").create_database()
+
+
+@pytest.fixture
+def processes(store_url):
+    """Two server processes, A and B, on the one store."""
+    options = dict(poll_timeout=1, tail_interval=TAIL_INTERVAL)
+    with ServerProcess(store_url, **options) as a, ServerProcess(store_url, **options) as b:
+        yield a, b
+
+
+def deliver_across(a, b, trial):
+    """Seconds from B's 200 for a push to the answer of the poll parked on A for it."""
+    receiver, sender = new_ids(f"receiver{trial}", f"sender{trial}")
+    cursor = Client(a.url, receiver).poll()["cursor"]
+    answered, result = threading.Event(), {}
+
+    def park():
+        try:
+            result["answer"] = Client(a.url, receiver).poll(cursor=cursor, timeout=10)
+        finally:
+            result["at"] = time.monotonic()
+            answered.set()
+
+    threading.Thread(target=park, daemon=True).start()
+    assert not answered.wait(3 * TAIL_INTERVAL), "the poll on A answered before any push"
+    status, _, body = Client(b.url, sender).push(
+        {"type": "message", "listeners": ["to"], "to": [receiver]})
+    pushed_at = time.monotonic()
+    assert status == 200, body
+    assert answered.wait(5), "the poll on A did not answer"
+    assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
+    return result["at"] - pushed_at
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "mysql"], indirect=True)
+def test_poll_parked_on_one_process_gets_a_push_to_the_other_within_tail_interval(processes):
+    a, b = processes
+
+    latencies = [deliver_across(a, b, trial) for trial in range(5)]
+
+    assert max(latencies) <= TAIL_INTERVAL + 0.05, [round(s * 1000) for s in latencies]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "mysql"], indirect=True)
+def test_eight_pushers_on_two_processes_deliver_every_package_once_in_order(
+        processes, store_url, request):
+    a, b = processes
+    clients = new_ids(*(f"client{i}" for i in range(10)))
+    packages = plan_packages(clients, 1200, seed=3)
+
+    traffic = run_traffic([a.url, b.url], [a.url, b.url], clients, packages,
+                          pushers=8, poll_timeout=1)
+
+    mariadb = request.getfixturevalue("mariadb") if store_url.startswith("mysql") else None
+    assert_no_cursor_skipped(traffic, packages, positions_in_store(store_url, mariadb))
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_package_answered_200_survives_kill_9_of_the_process_that_answered(processes):
+    a, b = processes
+    sender, recipient = new_ids("sender", "recipient")
+    old_cursor = Client(b.url, recipient).poll()["cursor"]
+    status, _, body = Client(a.url, sender).push(
+        {"type": "message", "listeners": ["to"], "to": [recipient]})
+    assert status == 200
+    a.kill()
+    a.start()
+
+    answer = Client(a.url, recipient).poll(cursor=old_cursor)
+
+    assert [p["_stamp"] for p in answer["packages"]] == body["accepted"]
