@@ -25,6 +25,7 @@ The way of one package: ``POST /comet/push`` -> ``Comet._serve_push`` ->
 A Python rebirth of Comet.js v0.5 (node.js, 2013).  MIT licence.
 """
 
+import base64
 import bisect
 import contextlib
 import copy
@@ -125,6 +126,13 @@ def _loads(data):
 def _text(value):
     """An id read back from a store: VARBINARY columns come back as bytes."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _public_id(sid):
+    """The client id of a ``comet_sid`` cookie.  The id is the default sender, so
+    every recipient sees it: a hash of the cookie, never the cookie itself, which
+    would let them poll and push as this client."""
+    return base64.urlsafe_b64encode(hashlib.sha256(sid.encode()).digest())[:22].decode()
 
 
 def _dumps(value):
@@ -880,7 +888,7 @@ class Comet:
     - ``store``: ``"memory:"``, ``"sqlite:///PATH"``, ``"mysql://USER:PASS@HOST:PORT/DB"``
       or a ``Store``.
     - ``id``: ``fn(environ) -> str or None``, the client id; None answers 403.
-      By default an HttpOnly cookie ``comet_sid`` of 144 random bits.
+      By default a hash of an HttpOnly cookie ``comet_sid`` of 144 random bits.
     - ``sender``: ``fn(environ, db) -> JSON value`` for ``package["sender"]``;
       by default the client id.
     - ``emit_filter``: ``fn(package, recipient, db) -> bool``, the last word on
@@ -967,6 +975,15 @@ class Comet:
         (hooks included, ``environ=None``); returns its stamp or raises ``CometError``."""
         self._start()
         return self._accept([package], None, None, sender, private)[0]
+
+    def client_id(self, environ):
+        """The client id of any request (your own views' too): what the ``id`` hook
+        says, or the one of the ``comet_sid`` cookie; None when it has none yet."""
+        if self.id is not None:
+            client = self._call(self.id, environ)
+            return None if client is None else str(client)
+        match = _SID.search(environ.get("HTTP_COOKIE", ""))
+        return _public_id(match.group(1)) if match else None
 
     def stats(self):
         """Counters and gauges: parked, clients, accepted, delivered, errors, store, head."""
@@ -1266,23 +1283,17 @@ class Comet:
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def _identify(self, environ):
-        """The client id of a poll or push; sets ``environ["comet.id"]``."""
-        if self.id is not None:
-            client = self._call(self.id, environ)
-            if client is None:
-                raise CometError(403, "forbidden", "this request has no client identity")
-            client = str(client)
-            if not 0 < len(client) <= _MAX_ID:
-                raise CometError(403, "forbidden", f"a client id is 1 to {_MAX_ID} characters")
-        else:
-            match = _SID.search(environ.get("HTTP_COOKIE", ""))
-            if match:
-                client = match.group(1)
-            else:
-                client = secrets.token_urlsafe(18)
-                secure = "; Secure" if environ.get("wsgi.url_scheme") == "https" else ""
-                environ["comet.set_cookie"] = (
-                    f"comet_sid={client}; Path=/; HttpOnly; SameSite=Lax{secure}")
+        """The client id of a poll or push, issuing the cookie to a new client."""
+        client = self.client_id(environ)
+        if client is None and self.id is None:
+            sid = secrets.token_urlsafe(18)
+            secure = "; Secure" if environ.get("wsgi.url_scheme") == "https" else ""
+            environ["comet.set_cookie"] = f"comet_sid={sid}; Path=/; HttpOnly; SameSite=Lax{secure}"
+            client = _public_id(sid)
+        if client is None:
+            raise CometError(403, "forbidden", "this request has no client identity")
+        if not 0 < len(client) <= _MAX_ID:
+            raise CometError(403, "forbidden", f"a client id is 1 to {_MAX_ID} characters")
         environ["comet.id"] = client
         return client
 

@@ -10,7 +10,6 @@ commits together with the package, or neither does.
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -41,15 +40,10 @@ def cookie(environ, name):
     return ""
 
 
-def public_id(client_id):
-    """A tag others may see for a client: the client id itself is its session cookie."""
-    return hashlib.sha256(client_id.encode()).hexdigest()[:12]
-
-
 def sender(environ, db):
     """Who sent a package: the nick the page keeps in a cookie, and the client's tag."""
     nick = "".join(c for c in cookie(environ, "nick") if c.isprintable()).strip()[:24]
-    return {"nick": nick or "anonymous", "id": public_id(environ["comet.id"])}
+    return {"nick": nick or "anonymous", "id": environ["comet.id"]}
 
 
 def answer(start_response, body, content_type, status="200 OK"):
@@ -72,7 +66,7 @@ def make_chat(path, **options):
             return answer(start_response, PAGE, "text/html; charset=utf-8")
         if environ["PATH_INFO"] == "/state":
             room = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("room", [""])[0]
-            body = json.dumps(state(room, cookie(environ, "comet_sid")))
+            body = json.dumps(state(room, chat.client_id(environ)))
             return answer(start_response, body, "application/json")
         return answer(start_response, "Not found", "text/plain", "404 Not Found")
 
@@ -83,7 +77,7 @@ def make_chat(path, **options):
             rows = db.execute("SELECT stamp, ts, sender, text FROM messages WHERE room = ?"
                               " ORDER BY id DESC LIMIT 50", (room,)).fetchall()
         return {
-            "you": public_id(client_id),
+            "you": client_id,
             "rooms": rooms,
             "members": list(channels[room].members().values()) if room in channels else [],
             "messages": [{"_stamp": stamp, "_ts": ts, "sender": json.loads(who), "text": text}

@@ -6,7 +6,6 @@ Without them the tests skip locally and fail under CI=true.
 import json
 import os
 import re
-from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlencode
 
 import pytest
@@ -45,12 +44,12 @@ class Harness:
 
     def __init__(self, app):
         self.app = app
-        self.polled = set()        # comet_sid of every client that polled with its cookie
-        self.last_cursor = {}      # comet_sid -> cursor of its latest poll
+        self.polled = set()        # client id of every client that polled with its cookie
+        self.last_cursor = {}      # client id -> cursor of its latest poll
         self.down = False          # answer 503 to every comet request
         self.refused = 0           # comet requests answered 503 while down
-        self.rewind = {}           # comet_sid -> cursor to send instead, once
-        self.rewound_answer = {}   # comet_sid -> body of the rewound poll's answer
+        self.rewind = {}           # client id -> cursor to send instead, once
+        self.rewound_answer = {}   # client id -> body of the rewound poll's answer
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -61,8 +60,7 @@ class Harness:
             start_response("503 Service Unavailable", [
                 ("Content-Type", "application/json"), ("Retry-After", "1")])
             return [b'{"error": "unavailable", "message": "down for the test"}']
-        cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
-        sid = cookie["comet_sid"].value if "comet_sid" in cookie else None
+        sid = self.app.client_id(environ)
         if path != "/comet/poll" or sid is None:
             return self.app(environ, start_response)
         query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -144,9 +142,10 @@ def open_client(browser, server):
 
 
 def sid_of(page):
+    """The client id of a page: the one its comet_sid cookie stands for."""
     for cookie in page.context.cookies():
         if cookie["name"] == "comet_sid":
-            return cookie["value"]
+            return comet._public_id(cookie["value"])
     return None
 
 

@@ -720,13 +720,32 @@ def test_the_cookie_is_secure_under_https(store_url):
     assert "Secure" in web.get("/comet/poll").headers["Set-Cookie"]
 
 
-def test_a_push_is_delivered_to_the_cookie_client(store_url):
+def test_a_push_is_delivered_to_the_cookie_client_by_its_public_id(store_url):
     app = Comet(None, store=store_url, poll_timeout=0.1)
     browser = webtest.TestApp(app)
     cursor = browser.get("/comet/poll").json["cursor"]
-    sid = browser.cookies["comet_sid"]
-    browser.post_json("/comet/push", {"type": "self", "listeners": sid})
-    assert [p["sender"] for p in browser.get("/comet/poll", {"cursor": cursor}).json["packages"]] == [sid]
+    browser.post_json("/comet/push", {"type": "hello", "listeners": "nobody"})
+    me = app.store.read("nobody", 0, 1)[1][0][2]
+    my_id = json.loads(me)["sender"]                  # what others see of this client
+    browser.post_json("/comet/push", {"type": "self", "listeners": my_id})
+    assert [p["type"] for p in browser.get("/comet/poll", {"cursor": cursor}).json["packages"]] == ["self"]
+
+
+def test_the_cookie_never_reaches_another_client(store_url):
+    app = Comet(None, store=store_url, poll_timeout=0.1)
+    alice, mallory = webtest.TestApp(app), webtest.TestApp(app)
+    alice_cursor = alice.get("/comet/poll").json["cursor"]
+    mallory_cursor = mallory.get("/comet/poll").json["cursor"]
+    mallory.post_json("/comet/push", {"type": "probe", "listeners": "nobody"})
+    mallory_id = json.loads(app.store.read("nobody", 0, 1)[1][0][2])["sender"]
+    alice.post_json("/comet/push", {"type": "hi", "listeners": mallory_id})
+    (package,) = mallory.get("/comet/poll", {"cursor": mallory_cursor}).json["packages"]
+    app.push({"type": "secret", "listeners": package["sender"]})       # for alice only
+    assert package["sender"] != alice.cookies["comet_sid"]
+    thief = webtest.TestApp(app)
+    thief.set_cookie("comet_sid", package["sender"])  # what mallory learned, used as a cookie
+    assert thief.get("/comet/poll", {"cursor": alice_cursor}).json["packages"] == []
+    assert [p["type"] for p in alice.get("/comet/poll", {"cursor": alice_cursor}).json["packages"]] == ["secret"]
 
 
 def test_the_client_script_is_served_with_an_etag_and_304(alice):
@@ -898,10 +917,10 @@ def test_many_pushers_and_pollers_get_each_package_once_in_one_order(server):
         thread.start()
     for thread in pushers:
         thread.join(60)
-    done.set()
     server.app.push({"type": "end", "listeners": ["to"], "to": clients})   # wakes every poller
     for client in clients:
         sent[client].append(None)
+    done.set()
     for thread in pollers:
         thread.join(60)
     assert errors == []

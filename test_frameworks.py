@@ -1,0 +1,284 @@
+"""The framework recipes of examples/: Flask, Django and Bottle wrapped by comet.py.
+
+Each example app runs, as its file is written, on a real threaded server on
+127.0.0.1 with an SQLite store of its own.  Two people -- two cookie jars, so
+two built-in ``comet_sid`` ids, as two browsers would be -- exchange a package
+through it, and the framework's own routes still answer.  In Django the CSRF
+middleware stays on: it guards Django's POST routes, while comet's push, a
+separate WSGI path in front of Django, has its own checks.  Last, two headless
+Chromium pages chat through each example's own page.
+
+Without a framework (or Chromium) the tests skip loudly, and fail under CI=true.
+"""
+import contextlib
+import http.cookiejar
+import importlib.util
+import json
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import comet
+from conftest import ThreadedServer, need, wait_until
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "examples")
+CHROMIUM = "/usr/bin/chromium"
+FRAMEWORKS = ["flask", "django", "bottle"]
+
+
+# --------------------------------------------------------------------------
+# The example apps, each on its own real server
+# --------------------------------------------------------------------------
+
+class Site:
+    """One example app being served: its URL, and its ``Comet`` for stats."""
+
+    def __init__(self, framework, url, comet):
+        self.framework = framework
+        self.url = url
+        self.comet = comet
+
+
+@contextlib.contextmanager
+def comet_store(url):
+    """``COMET_STORE=url`` while an example module is imported."""
+    before = os.environ.get("COMET_STORE")
+    os.environ["COMET_STORE"] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["COMET_STORE"]
+        else:
+            os.environ["COMET_STORE"] = before
+
+
+_loaded = {}                                # framework -> (wsgi_app, comet): imported once
+
+
+def load_example(framework, tmp_path_factory):
+    """``(wsgi_app, comet)`` of an example, imported as its file is written."""
+    if framework not in _loaded:
+        with comet_store(f"sqlite:///{tmp_path_factory.mktemp(framework)}/chat.db"):
+            _loaded[framework] = _import_example(framework)
+    return _loaded[framework]
+
+
+def _import_example(framework):
+    need(importlib.util.find_spec(framework) is not None,
+         f"{framework} is not installed (pip install '.[test]')")
+    if framework == "flask":
+        sys.path.insert(0, EXAMPLES)
+        module = importlib.import_module("flask_app")
+        return module.app, module.app.wsgi_app
+    if framework == "bottle":
+        sys.path.insert(0, EXAMPLES)
+        module = importlib.import_module("bottle_app")
+        return module.app, module.app
+    sys.path.insert(0, os.path.join(EXAMPLES, "django_project"))
+    module = importlib.import_module("mysite.wsgi")
+    return module.application, module.application
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_examples():
+    yield
+    for _, comet in _loaded.values():
+        comet.close()
+
+
+@pytest.fixture(scope="module", params=FRAMEWORKS)
+def site(request, tmp_path_factory):
+    app, comet = load_example(request.param, tmp_path_factory)
+    with ThreadedServer(app) as server:
+        yield Site(request.param, server.url, comet)
+
+
+class Person:
+    """One browser's HTTP: its own cookie jar, a new connection per request."""
+
+    def __init__(self, url):
+        self.url = url
+        self.cookies = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+        self.cursor = None
+
+    def request(self, method, path, body=None, headers=(), timeout=10):
+        """``(status, headers, body bytes)``, error statuses included."""
+        request = urllib.request.Request(self.url + path, data=body, method=method,
+                                         headers=dict(headers))
+        try:
+            with self.opener.open(request, timeout=timeout) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.headers, error.read()
+
+    def cookie(self, name):
+        return next((c.value for c in self.cookies if c.name == name), None)
+
+    def push(self, package, headers=(), content_type="application/json"):
+        """Push as the page does: JSON, with the page's own Origin."""
+        headers = {"Content-Type": content_type, "Origin": self.url, **dict(headers)}
+        status, _, body = self.request("POST", "/comet/push", json.dumps(package).encode(), headers)
+        return status, json.loads(body)
+
+    def poll(self, timeout=30):
+        query = "" if self.cursor is None else "?cursor=" + urllib.parse.quote(self.cursor)
+        status, _, body = self.request("GET", "/comet/poll" + query, timeout=timeout)
+        assert status == 200, (status, body)
+        answer = json.loads(body)
+        self.cursor = answer["cursor"]
+        return answer
+
+    def poll_until(self, done, timeout=10):
+        """Poll with the latest cursor until ``done(packages so far)``; returns them."""
+        packages = []
+        deadline = time.monotonic() + timeout
+        while not done(packages):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"timed out with {packages}"
+            packages += self.poll(timeout=remaining)["packages"]
+        return packages
+
+
+def of_type(kind, packages):
+    return [package for package in packages if package["type"] == kind]
+
+
+# --------------------------------------------------------------------------
+# Every framework
+# --------------------------------------------------------------------------
+
+def test_the_recipes_in_the_examples_readme_are_the_code_of_the_examples():
+    with open(os.path.join(EXAMPLES, "README.md")) as file:
+        blocks = re.findall(r"```(?:python|html)\n(.*?)\n```", file.read(), re.S)
+    sources = []
+    for directory, _, names in os.walk(EXAMPLES):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as file:
+                    sources.append(file.read())
+    assert len(blocks) >= 4
+    for block in blocks:
+        assert any(block in source for source in sources), f"not in any example:\n{block}"
+
+
+def test_the_page_loads_the_client_and_the_script_is_served(site):
+    person = Person(site.url)
+    status, headers, page = person.request("GET", "/")
+    assert status == 200 and headers.get_content_type() == "text/html"
+    for used in (b'<script src="/scripts/comet.js"></script>', b"comet.start();", b"comet.push("):
+        assert used in page
+    status, headers, script = person.request("GET", "/scripts/comet.js")
+    assert status == 200 and headers.get_content_type() == "application/javascript"
+    with open(os.path.join(HERE, "comet_client.js"), "rb") as file:
+        assert script == file.read()
+
+
+def test_two_people_exchange_a_package_through_the_framework(site):
+    alice, bob = Person(site.url), Person(site.url)
+    alice.poll(), bob.poll()                                 # each gets its cookie and the head
+    ids = [comet._public_id(person.cookie("comet_sid")) for person in (alice, bob)]
+    assert None not in ids and ids[0] != ids[1]               # two people, two client ids
+    assert alice.push({"type": "join", "listeners": ["chat"]})[0] == 200
+    assert bob.push({"type": "join", "listeners": ["chat"]})[0] == 200
+    alice_join, bob_join = of_type("join", alice.poll_until(lambda got: len(got) == 2))
+    assert of_type("join", bob.poll_until(lambda got: got)) == [bob_join]
+    parked = site.comet.stats()["parked"]
+    received = []
+    waiting = threading.Thread(target=lambda: received.extend(bob.poll_until(lambda got: got)))
+    waiting.start()
+    wait_until(lambda: site.comet.stats()["parked"] > parked)   # bob's poll is held
+    status, answer = alice.push({"type": "message", "listeners": ["chat"], "text": "hi bob"})
+    waiting.join(10)
+    assert status == 200 and not waiting.is_alive()
+    [message] = received
+    assert message["text"] == "hi bob" and message["_stamp"] == answer["accepted"][0]
+    assert message["sender"] == alice_join["sender"] != bob_join["sender"]
+    assert alice.poll_until(lambda got: got) == [message]  # the sender is a member too
+
+
+def test_the_frameworks_own_routes_still_answer(site):
+    person = Person(site.url)
+    status, _, body = person.request("GET", "/hello")
+    assert status == 200
+    assert json.loads(body)["hello"] == f"from {site.framework.title()}"
+    status, _, body = person.request("GET", "/no-such-page")
+    assert status == 404 and b'"not_found"' not in body      # the framework's 404, not comet's
+    assert person.cookie("comet_sid") is None                # comet stayed out of the way
+
+
+# --------------------------------------------------------------------------
+# Django's CSRF middleware next to comet's push
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def django_site(tmp_path_factory):
+    app, comet = load_example("django", tmp_path_factory)
+    with ThreadedServer(app) as server:
+        yield Site("django", server.url, comet)
+
+
+def test_a_django_post_still_needs_the_csrf_token_while_comet_push_works(django_site):
+    person = Person(django_site.url)
+    status, _, body = person.request("POST", "/hello", b"{}", {"Content-Type": "application/json"})
+    assert status == 403 and b"CSRF" in body                  # Django's CsrfViewMiddleware
+    assert person.request("GET", "/hello")[0] == 200          # sets Django's csrftoken cookie
+    token = person.cookie("csrftoken")
+    status, _, body = person.request("POST", "/hello", b"{}", {
+        "Content-Type": "application/json", "X-CSRFToken": token})
+    assert status == 200 and json.loads(body)["method"] == "POST"
+    status, answer = person.push({"type": "join", "listeners": ["chat"]})   # no CSRF token
+    assert status == 200 and len(answer["accepted"]) == 1
+
+
+def test_comets_push_has_its_own_guards_in_front_of_django(django_site):
+    person = Person(django_site.url)
+    package = {"type": "join", "listeners": ["chat"]}
+    status, answer = person.push(package, headers={"Origin": "http://evil.example"})
+    assert (status, answer["error"]) == (403, "bad_origin")
+    status, answer = person.push(package, content_type="application/x-www-form-urlencoded")
+    assert (status, answer["error"]) == (415, "content_type")   # what a cross-site form sends
+
+
+# --------------------------------------------------------------------------
+# Two browsers on each example's own page
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    need(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing (apt-get install chromium)")
+    need(importlib.util.find_spec("playwright") is not None, "playwright is not installed")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=["--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+def test_two_browsers_chat_on_the_example_page(site, browser):
+    contexts = [browser.new_context() for _ in range(2)]    # two cookie jars: two people
+    try:
+        alice, bob = (context.new_page() for context in contexts)
+        members = len(site.comet.store.members("chat"))
+        for page in (alice, bob):
+            page.goto(site.url + "/")
+        wait_until(lambda: len(site.comet.store.members("chat")) == members + 2)   # both joined
+        alice.fill("input[name=text]", "hello from the page")
+        alice.press("input[name=text]", "Enter")
+        for page in (bob, alice):
+            page.wait_for_function("() => document.querySelector('#messages').textContent"
+                                   ".includes('hello from the page')", timeout=10000)
+    finally:
+        for context in contexts:
+            context.close()
