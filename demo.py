@@ -232,7 +232,7 @@ function el(tag, props, ...children) {  // children go in as text: user data nev
   node.append(...children);
   return node;
 }
-const color = id => `hsl(${parseInt(String(id).slice(0, 6), 16) % 360} 55% 42%)`;
+const color = id => `hsl(${Math.abs([...String(id)].reduce((h, c) => (h * 31 + c.charCodeAt(0)) | 0, 7)) % 360} 55% 42%)`;
 const inRoom = pkg => [].concat(pkg.listeners).includes(room);
 const join = name => comet.push({type: "join", listeners: [name]});
 const leave = name => comet.push({type: "leave", listeners: [name]}).catch(() => {});  // not in it any more
