@@ -6,6 +6,7 @@ processes for kill -9.
 """
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -698,6 +699,27 @@ def test_two_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path):
     while time.monotonic() < deadline:
         heard()
     assert len(leaves) == 1
+
+
+def test_two_server_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path):
+    url = f"sqlite:///{tmp_path}/comet.db"
+    options = dict(presence_timeout=1.0, poll_timeout=0.3, tail_interval=0.05)
+    with ServerProcess(url, **options) as first, ServerProcess(url, **options) as second:
+        alice = Client(first.url, "alice")
+        assert alice.push({"type": "join", "listeners": ["room"]})[0] == 200
+        assert Client(second.url, "bob").push({"type": "join", "listeners": ["room"]})[0] == 200
+        alice.poll()
+        leaves = []
+        deadline = time.monotonic() + 10
+        quiet_until = None
+        for turn in itertools.count():
+            if time.monotonic() > deadline or quiet_until and time.monotonic() > quiet_until:
+                break
+            alice.port = (first, second)[turn % 2].port     # alice polls both processes in turn
+            leaves += [p for p in alice.poll(timeout=5)["packages"] if p["type"] == "leave"]
+            if leaves and quiet_until is None:
+                quiet_until = time.monotonic() + 2.0       # both sweepers get many more turns
+        assert [(p["sender"], p["reason"]) for p in leaves] == [("bob", "timeout")]
 
 
 # --------------------------------------------------------------------------

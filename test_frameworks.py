@@ -172,6 +172,22 @@ def test_the_recipes_in_the_examples_readme_are_the_code_of_the_examples():
         assert any(block in source for source in sources), f"not in any example:\n{block}"
 
 
+def test_the_top_readme_recipes_are_lines_of_the_examples():
+    with open(os.path.join(HERE, "README.md")) as file:
+        section = file.read().split("## Use it with your framework", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)\n```", section, re.S)
+    sources = []
+    for directory, _, names in os.walk(EXAMPLES):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as file:
+                    sources.append(file.read())
+    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) >= 5
+    for line in lines:
+        assert any(line in source for source in sources), f"not in any example: {line}"
+
+
 def test_the_page_loads_the_client_and_the_script_is_served(site):
     person = Person(site.url)
     status, headers, page = person.request("GET", "/")
