@@ -27,6 +27,7 @@ A Python rebirth of Comet.js v0.5 (node.js, 2013).  MIT licence.
 
 import base64
 import bisect
+import collections
 import contextlib
 import copy
 import hashlib
@@ -170,7 +171,8 @@ class Store:
       ``tx.add_member(channel, client, sender_json, ts)``,
       ``tx.remove_member(channel, client) -> bool`` (True for the one
       transaction that removed it);
-    - ``tx.woken``: after commit, ``{recipient: newest position}``.
+    - ``tx.appended``: after commit, ``[(position, ts, [(recipient, body)])]``,
+      each body as that recipient receives it.
 
     Outside transactions, each raising ``CometError`` 503 when the database
     cannot be reached:
@@ -194,7 +196,8 @@ class Store:
         raise NotImplementedError
 
     def tail(self, after):
-        """``(head, [(position, recipient), ...])`` for positions after ``after``."""
+        """``(head, [(position, recipient, ts, body), ...])``: every delivery after
+        position ``after`` and at or before ``head``, in position order."""
         raise NotImplementedError
 
     def members(self, channel):
@@ -292,7 +295,7 @@ class _MemoryTransaction:
         self._store = store
         self._packages = []                 # (stamp, ts, body, deliveries)
         self._changes = []                  # (channel, client, sender_json or None, ts)
-        self.woken = {}
+        self.appended = []
 
     @contextlib.contextmanager
     def savepoint(self):
@@ -336,12 +339,12 @@ class _MemoryTransaction:
             for stamp, ts, body, deliveries in self._packages:
                 store._head += 1
                 position = store._head
-                for recipient, tailored in deliveries:
-                    store._inbox.setdefault(recipient, []).append(
-                        (position, ts, tailored or body))
-                    self.woken[recipient] = position
+                delivered = [(recipient, tailored or body) for recipient, tailored in deliveries]
+                for recipient, text in delivered:
+                    store._inbox.setdefault(recipient, []).append((position, ts, text))
                 store._log.append((position, ts, stamp, [r for r, _ in deliveries]))
                 store._stamps.add(stamp)
+                self.appended.append((position, ts, delivered))
             for channel, client, sender, ts in self._changes:
                 members = store._members.setdefault(channel, {})
                 if sender is None:
@@ -472,9 +475,11 @@ class _SQLStore(Store):
             if head <= after:
                 return head, []
             rows = self._execute(
-                cur, "SELECT pos, recipient FROM comet_deliveries WHERE pos > ? AND pos <= ?"
-                     " ORDER BY pos", (after, head)).fetchall()
-            return head, [(position, _text(recipient)) for position, recipient in rows]
+                cur, "SELECT d.pos, d.recipient, p.ts, COALESCE(d.body, p.body)"
+                     " FROM comet_deliveries d JOIN comet_packages p ON p.pos = d.pos"
+                     " WHERE d.pos > ? AND d.pos <= ? ORDER BY d.pos", (after, head)).fetchall()
+            return head, [(position, _text(recipient), ts, body)
+                          for position, recipient, ts, body in rows]
 
     def members(self, channel):
         rows = self._query("SELECT client, sender FROM comet_members WHERE channel = ?",
@@ -524,7 +529,7 @@ class _SQLTransaction:
         self._store = store
         self.db = conn
         self.cur = conn.cursor()
-        self._appended = []                 # (position, recipients)
+        self.appended = []                  # (position, ts, [(recipient, body)])
         self._savepoints = itertools.count()
 
     def _run(self, sql, args=()):
@@ -533,23 +538,16 @@ class _SQLTransaction:
     @contextlib.contextmanager
     def savepoint(self):
         name = f"comet_{next(self._savepoints)}"
-        mark = len(self._appended)
+        mark = len(self.appended)
         self._run(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
             self._run(f"ROLLBACK TO SAVEPOINT {name}")
             self._run(f"RELEASE SAVEPOINT {name}")
-            del self._appended[mark:]
+            del self.appended[mark:]
             raise
         self._run(f"RELEASE SAVEPOINT {name}")
-
-    @property
-    def woken(self):
-        woken = {}
-        for position, recipients in self._appended:
-            woken.update(dict.fromkeys(recipients, position))
-        return woken
 
     def has_stamp(self, stamp):
         return self._run("SELECT 1 FROM comet_packages WHERE stamp = ?", (stamp,)).fetchone() is not None
@@ -565,7 +563,8 @@ class _SQLTransaction:
         self._store._executemany(
             self.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES (?, ?, ?)",
             [(recipient, position, tailored) for recipient, tailored in deliveries])
-        self._appended.append((position, [recipient for recipient, _ in deliveries]))
+        self.appended.append((position, ts, [(recipient, tailored or body)
+                                             for recipient, tailored in deliveries]))
 
     def member_ids(self, channel):
         return [_text(row[0]) for row in self._run(
@@ -761,6 +760,82 @@ class _Parking:
         return list(self._waiters)
 
 
+class _Window:
+    """The newest deliveries of a shared store, kept in this process so that
+    woken polls are answered from memory, not by a query each.
+
+    It holds every delivery at positions after ``base`` up to ``horizon``, and
+    nothing beyond: this process's own commits extend it as soon as they are
+    contiguous, the tail fills the gaps other processes' commits leave.
+    Positions at or before ``base`` were let go (too old or too many).
+    """
+
+    def __init__(self, size):
+        self.size = size                    # deliveries kept, at most
+        self.base = self.horizon = None     # unknown until ``start``
+        self._inbox = {}                    # recipient -> [(position, ts, body)]
+        self._log = collections.deque()     # (position, ts, recipients), oldest first
+        self._count = 0
+        self._ahead = {}                    # position -> (ts, delivered): committed here, past a gap
+        self._lock = threading.Lock()
+
+    def start(self, head):
+        with self._lock:
+            self.base = self.horizon = head
+
+    def add(self, appended):
+        """This process's commits: ``[(position, ts, [(recipient, body)])]``."""
+        with self._lock:
+            if self.horizon is None:
+                return
+            for position, ts, delivered in appended:
+                if position > self.horizon:
+                    self._ahead[position] = ts, delivered
+            while self.horizon + 1 in self._ahead:
+                self._keep(self.horizon + 1, *self._ahead.pop(self.horizon + 1))
+
+    def fill(self, head, rows):
+        """What the tail read: every delivery after the horizon up to ``head``."""
+        with self._lock:
+            if self.horizon is None:
+                return
+            by_position = {}
+            for position, recipient, ts, body in rows:
+                if position > self.horizon:
+                    by_position.setdefault(position, (ts, []))[1].append((recipient, body))
+            for position in sorted(by_position):
+                self._keep(position, *by_position[position])
+            self.horizon = max(self.horizon, head)
+            self._ahead = {p: entry for p, entry in self._ahead.items() if p > self.horizon}
+
+    def _keep(self, position, ts, delivered):
+        for recipient, body in delivered:
+            self._inbox.setdefault(recipient, []).append((position, ts, body))
+        self._log.append((position, ts, [recipient for recipient, _ in delivered]))
+        self._count += len(delivered)
+        self.horizon = position
+        while self._count > self.size:
+            oldest, _, recipients = self._log.popleft()
+            for recipient in recipients:
+                inbox = self._inbox[recipient]
+                del inbox[0]
+                if not inbox:
+                    del self._inbox[recipient]
+            self._count -= len(recipients)
+            self.base = oldest
+
+    def read(self, recipient, after, limit):
+        """``(horizon, rows)`` like ``Store.read``, or None when the window cannot
+        answer for sure: ``after`` outside it, or a delivery past a gap."""
+        with self._lock:
+            if self.horizon is None or not self.base <= after <= self.horizon or any(
+                    recipient == r for _, delivered in self._ahead.values() for r, _ in delivered):
+                return None
+            inbox = self._inbox.get(recipient, [])
+            start = bisect.bisect_right(inbox, after, key=lambda row: row[0])
+            return self.horizon, inbox[start:start + limit]
+
+
 class _RateLimit:
     """A token bucket per client: ``rate`` requests a second, bursts of ``burst``."""
 
@@ -935,6 +1010,7 @@ class Comet:
         self._channels = {}
         self._actions = {}
         self._parking = _Parking(max_polls_per_client, max_polls)
+        self._window = _Window(100_000) if self.store.shared else None
         self._rate = _RateLimit(*rate)
         self._script = None
         self._seen = set()                  # clients that polled since the last presence touch
@@ -1025,7 +1101,7 @@ class Comet:
         except CometError as error:                 # the store failed: nothing was kept
             failure, accepted = (error, 0), []
         else:
-            self._parking.wake(tx.woken)
+            self._delivered(tx.appended)
         self._count("accepted", len(accepted))
         if failure:
             error, index = failure
@@ -1147,7 +1223,7 @@ class Comet:
         try:
             deadline = time.monotonic() + self.poll_timeout
             while True:
-                head, rows, lost = self.store.read(client, after, _PAGE)
+                head, rows, lost = self._read(client, after)
                 if after > head or lost or rows and rows[0][1] < _now_ms() - self.retention * 1000:
                     return self._answer(head, reset=True)
                 if rows:
@@ -1160,6 +1236,13 @@ class Comet:
                 waiter.event.clear()
         finally:
             self._parking.unpark(waiter)
+
+    def _read(self, client, after):
+        """``Store.read``, from the window when it can answer (no query)."""
+        window = self._window and self._window.read(client, after, _PAGE)
+        if window:
+            return window[0], window[1], False
+        return self.store.read(client, after, _PAGE)
 
     def _answer(self, position, bodies=(), reset=False):
         return '{"cursor":"%s","packages":[%s],"reset":%s}' % (
@@ -1184,13 +1267,13 @@ class Comet:
         presence_every = max(self.presence_timeout / 4, 0.05)
         purge_every = min(max(self.retention / 10, 0.05), 60.0)
         wait = self.tail_interval if self.store.shared else min(presence_every, purge_every)
-        tailed = next_presence = next_purge = None
+        next_presence = next_purge = None
         started = time.monotonic()
         while not stop.wait(wait):
             now = time.monotonic()
             try:
                 if self.store.shared:
-                    tailed = self._tail(tailed)
+                    self._tail()
                 if next_presence is None or now >= next_presence:
                     next_presence = now + presence_every
                     # Sweep only once clients had presence_timeout to poll this process:
@@ -1205,15 +1288,17 @@ class Comet:
             except Exception:
                 log.exception("comet: housekeeping failed; it goes on")
 
-    def _tail(self, after):
-        """Wake the polls parked here for packages other processes stored."""
-        if after is None:                   # the first turn: whatever came before, wake all
-            head = self.store.head()
+    def _tail(self):
+        """Read what other processes stored into the window; wake their recipients.
+        (Everything up to the horizon is in the window already, this process's own
+        commits included.)"""
+        if self._window.horizon is None:    # the first turn: whatever came before, wake all
+            self._window.start(self.store.head())
             self._parking.wake(dict.fromkeys(self._parking.clients(), math.inf))
-            return head
-        head, rows = self.store.tail(after)
-        self._parking.wake({recipient: position for position, recipient in rows})
-        return head
+            return
+        head, rows = self.store.tail(self._window.horizon)
+        self._window.fill(head, rows)
+        self._parking.wake({recipient: position for position, recipient, _, _ in rows})
 
     def _sweep_presence(self, sweep=True):
         now = _now_ms()
@@ -1240,7 +1325,14 @@ class Comet:
             with self.store.transaction() as tx:
                 tx.remove_member(channel, client)
         else:
-            self._parking.wake(tx.woken)
+            self._delivered(tx.appended)
+
+    def _delivered(self, appended):
+        """Committed here: into the window, and wake the recipients' polls."""
+        if self._window is not None:
+            self._window.add(appended)
+        self._parking.wake({recipient: position for position, _, delivered in appended
+                            for recipient, _ in delivered})
 
     def _count(self, name, n=1):
         with self._lock:

@@ -874,6 +874,45 @@ def test_a_parked_poll_answers_within_50ms_of_a_push_to_it(server):
     assert answered["at"] - pushed_at < 0.05
 
 
+def test_a_woken_poll_on_a_shared_store_is_answered_without_a_query(tmp_path, monkeypatch):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=5, tail_interval=0.02)
+    reads = []
+    real_read = app.store.read
+    monkeypatch.setattr(app.store, "read", lambda *args: reads.append(args) or real_read(*args))
+    with ThreadedServer(app) as server:
+        bob, alice = Client(server.url, "bob"), Client(server.url, "alice")
+        cursor = bob.poll()["cursor"]
+        wait_until(lambda: app._window.horizon is not None)     # the first tail turn ran
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("answer", bob.poll(cursor)))
+        thread.start()
+        wait_until(lambda: app.stats()["parked"] == 1)
+        alice.push({"type": "ping", "listeners": "bob"})
+        thread.join(5)
+    assert [p["type"] for p in result["answer"]["packages"]] == ["ping"]
+    assert reads == []
+
+
+def test_the_window_never_answers_past_a_gap():
+    window = comet._Window(size=100)
+    window.start(10)
+    window.add([(12, 0, [("bob", '{"n":12}')])])           # 11 was committed elsewhere
+    assert window.read("bob", 10, 500) is None              # ask the store instead
+    assert window.read("carol", 10, 500) == (10, [])
+    window.fill(12, [(11, "carol", 0, '{"n":11}'), (12, "bob", 0, '{"n":12}')])
+    assert window.read("bob", 10, 500) == (12, [(12, 0, '{"n":12}')])
+    assert window.read("carol", 10, 500) == (12, [(11, 0, '{"n":11}')])
+    assert window.read("bob", 9, 500) is None               # before the window
+
+
+def test_the_window_lets_the_oldest_go_past_its_size():
+    window = comet._Window(size=2)
+    window.start(0)
+    window.add([(n, 0, [("bob", str(n))]) for n in (1, 2, 3)])
+    assert window.base == 1 and window.read("bob", 0, 500) is None
+    assert window.read("bob", 1, 500) == (3, [(2, 0, "2"), (3, 0, "3")])
+
+
 def test_an_unrelated_push_does_not_wake_a_parked_poll(store_url):
     app = make_app(store=store_url, poll_timeout=1.0)
     with ThreadedServer(app) as server:
