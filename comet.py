@@ -372,6 +372,7 @@ class _SQLStore(Store):
     def __init__(self):
         self._pool = []
         self._pool_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self._pool_size)
         self._pid = os.getpid()
         with self._connection() as conn:
             cur = conn.cursor()
@@ -398,10 +399,18 @@ class _SQLStore(Store):
 
     @contextlib.contextmanager
     def _connection(self):
-        """A pooled connection; a driver error closes it and becomes a 503."""
+        """A pooled connection; a driver error closes it and becomes a 503.
+
+        At most ``_pool_size`` are open at once: a thousand polls woken
+        together take turns on them, none opens (and closes) one of its own.
+        """
         with self._pool_lock:
             if self._pid != os.getpid():            # forked: the parent's sockets are not ours
                 self._pool, self._pid = [], os.getpid()
+                self._slots = threading.BoundedSemaphore(self._pool_size)
+        if not self._slots.acquire(timeout=5):
+            raise _unavailable("every store connection is busy")
+        with self._pool_lock:
             conn = self._pool.pop() if self._pool else None
         try:
             if conn is None:
@@ -418,6 +427,8 @@ class _SQLStore(Store):
             raise
         else:
             self._release(conn)
+        finally:
+            self._slots.release()
 
     def _release(self, conn):
         with self._pool_lock:
@@ -455,18 +466,15 @@ class _SQLStore(Store):
         return self._query("SELECT head FROM comet_meta")[0][0]
 
     def read(self, recipient, after, limit):
-        with self._connection() as conn:
-            cur = conn.cursor()
-            head = self._execute(cur, "SELECT head FROM comet_meta").fetchone()[0]
-            rows = self._execute(
-                cur, "SELECT d.pos, p.ts, COALESCE(d.body, p.body)"
-                     " FROM comet_deliveries d JOIN comet_packages p ON p.pos = d.pos"
-                     " WHERE d.recipient = ? AND d.pos > ? AND d.pos <= ?"
-                     " ORDER BY d.pos LIMIT ?", (recipient, after, head, limit)).fetchall()
-            # Read after the rows: a purge in between shows here, never as a gap.
-            lost = self._execute(cur, "SELECT pos FROM comet_purged WHERE recipient = ?",
-                                 (recipient,)).fetchone()
-            return head, rows, bool(lost and lost[0] > after)
+        # One statement is one snapshot: the head, the rows up to it and any purge agree.
+        rows = self._query(
+            "SELECT m.head, (SELECT pos FROM comet_purged WHERE recipient = ?),"
+            " d.pos, p.ts, COALESCE(d.body, p.body) FROM comet_meta m"
+            " LEFT JOIN comet_deliveries d ON d.recipient = ? AND d.pos > ? AND d.pos <= m.head"
+            " LEFT JOIN comet_packages p ON p.pos = d.pos"
+            " ORDER BY d.pos LIMIT ?", (recipient, recipient, after, limit))
+        head, lost = rows[0][0], rows[0][1]
+        return head, [row[2:] for row in rows if row[2] is not None], bool(lost and lost > after)
 
     def tail(self, after):
         with self._connection() as conn:
@@ -708,12 +716,22 @@ def open_store(url):
 # --------------------------------------------------------------------------
 
 class _Waiter:
-    __slots__ = ("client", "after", "event")
+    """One parked poll: ``wait`` blocks on a held lock until ``wake`` releases it."""
+
+    __slots__ = ("client", "after", "_lock")
 
     def __init__(self, client, after):
         self.client = client
         self.after = after
-        self.event = threading.Event()
+        self._lock = threading.Lock()       # cheaper than an Event: one lock, no Condition
+        self._lock.acquire()
+
+    def wait(self, timeout):
+        return self._lock.acquire(timeout=timeout)
+
+    def wake(self):
+        with contextlib.suppress(RuntimeError):     # woken already
+            self._lock.release()
 
 
 class _Parking:
@@ -754,7 +772,7 @@ class _Parking:
         for client, position in positions.items():
             for waiter in waiters.get(client, ()):
                 if position > waiter.after:
-                    waiter.event.set()
+                    waiter.wake()
 
     def clients(self):
         return list(self._waiters)
@@ -1086,19 +1104,26 @@ class Comet:
         ``CometError`` raised carries ``index`` and ``accepted``.
         """
         accepted, failure = [], None
+        single = len(packages) == 1         # its transaction is its savepoint
         try:
             with self.store.transaction() as tx:
                 for index, package in enumerate(packages):
                     try:
-                        with tx.savepoint():
+                        with contextlib.nullcontext() if single else tx.savepoint():
                             accepted.append(
                                 self._accept_one(tx, package, client, environ, sender, private))
                     except _Duplicate as duplicate:
+                        if single:
+                            raise           # the whole transaction rolls back
                         accepted.append(duplicate.args[0])
                     except CometError as error:
+                        if single:
+                            raise
                         failure = error, index
                         break
-        except CometError as error:                 # the store failed: nothing was kept
+        except _Duplicate as duplicate:             # a batch of one, accepted before
+            accepted = [duplicate.args[0]]
+        except CometError as error:                 # the store failed, or a batch of one did
             failure, accepted = (error, 0), []
         else:
             self._delivered(tx.appended)
@@ -1114,8 +1139,8 @@ class Comet:
         package, channels = self._validate(package)
         stamp = package.get("_stamp")
         if not (isinstance(stamp, str) and _STAMP.match(stamp)):
-            stamp = _new_stamp()
-        if tx.has_stamp(stamp):
+            stamp = _new_stamp()            # fresh: nothing to look up
+        elif tx.has_stamp(stamp):
             return stamp                    # accepted before: once is enough
         if sender is _HOOK:
             sender = self._call(self.sender, environ, tx.db) if self.sender else client
@@ -1231,9 +1256,8 @@ class Comet:
                     return self._answer(head if len(rows) < _PAGE else rows[-1][0],
                                         [row[2] for row in rows])
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not waiter.event.wait(remaining):
+                if remaining <= 0 or not waiter.wait(remaining):
                     return self._answer(head)
-                waiter.event.clear()
         finally:
             self._parking.unpark(waiter)
 
