@@ -1,0 +1,162 @@
+"""The WSGI applications the benchmark serves, each behind the same ``Bench`` wrapper.
+
+- ``hello``: a bare hello-world, the cost of one request and nothing else.
+- ``floor``: the ideal long poll, a condition and a list: no storage, no
+  checks, every package to every poller.  It speaks comet's wire protocol
+  (``GET /comet/poll?cursor=N``, ``POST /comet/push``), so the same client
+  drives it.
+- ``socketio``: python-socketio's long-polling transport; clients join a room
+  at connect, and ``POST /push`` makes the server emit to that room.
+- ``comet``: comet.py on a store URL; the listener ``room`` delivers to every
+  client that polled with the package's ``room`` (the SPEC's "everyone").
+
+``Bench`` adds ``GET /_bench/stats`` (the serving process's pid and how many
+poll requests are inside the application now, i.e. parked) and nothing else.
+"""
+
+import hashlib
+import json
+import os
+import threading
+import urllib.parse
+
+POLL_TIMEOUT = 25.0
+STATS_PATH = "/_bench/stats"
+
+
+def _answer(start_response, body, content_type="application/json"):
+    start_response("200 OK", [("Content-Type", content_type),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _read_body(environ):
+    return environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+
+
+def _query(environ):
+    return dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
+
+
+class Bench:
+    """Counts the poll requests inside ``app`` and serves ``/_bench/stats``."""
+
+    def __init__(self, app, poll_path, stats=None):
+        self.app = app
+        self.poll_path = poll_path
+        self.stats = stats
+        self.inflight = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == STATS_PATH:
+            stats = {"pid": os.getpid(), "inflight": self.inflight}
+            if self.stats:
+                stats.update(self.stats())
+            return _answer(start_response, json.dumps(stats).encode())
+        if environ.get("REQUEST_METHOD") != "GET" or not path.startswith(self.poll_path):
+            return self.app(environ, start_response)
+        with self._lock:
+            self.inflight += 1
+        try:
+            # Every app here holds a poll inside this call, not in the iterable.
+            return self.app(environ, start_response)
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+
+def hello(environ, start_response):
+    return _answer(start_response, b"Hello, world!", "text/plain")
+
+
+class Floor:
+    """The ideal long poll: one list of packages, one condition to wait on."""
+
+    def __init__(self, poll_timeout=POLL_TIMEOUT):
+        self.poll_timeout = poll_timeout
+        self.packages = []
+        self.condition = threading.Condition()
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") == "POST":
+            body = _read_body(environ)
+            with self.condition:
+                self.packages.append(body)
+                self.condition.notify_all()
+            return _answer(start_response, b'{"accepted":["floor"]}')
+        cursor = _query(environ).get("cursor")
+        with self.condition:
+            if cursor is None:
+                after = len(self.packages)
+            else:
+                after = int(cursor)
+                self.condition.wait_for(lambda: len(self.packages) > after, self.poll_timeout)
+            packages = self.packages[after:after + 500]
+        body = b'{"cursor":"%d","packages":[%s],"reset":false}' % (
+            after + len(packages), b",".join(packages))
+        return _answer(start_response, body)
+
+
+def socketio_app(async_mode):
+    """python-socketio, polling only; ``?room=R`` at the handshake joins room R."""
+    import socketio
+
+    sio = socketio.Server(async_mode=async_mode, transports=["polling"])
+
+    @sio.event
+    def connect(sid, environ, auth=None):
+        sio.enter_room(sid, _query(environ).get("room", "room"))
+
+    def push(environ, start_response):
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _answer(start_response, b"Hello, world!", "text/plain")
+        package = json.loads(_read_body(environ))
+        sio.emit("msg", package, to=package.get("room", "room"))
+        return _answer(start_response, b'{"accepted":["socketio"]}')
+
+    return socketio.WSGIApp(sio, push)
+
+
+def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT):
+    """comet.py with the client id in ``X-Client`` and the listener ``room``."""
+    import comet
+
+    rooms = {}                              # room -> {client: None}, filled by polls
+
+    def identify(environ):
+        client = environ.get("HTTP_X_CLIENT")
+        room = environ.get("HTTP_X_ROOM")
+        if client and room and environ.get("PATH_INFO", "").endswith("/poll"):
+            rooms.setdefault(room, {})[client] = None
+        return client
+
+    app = comet.Comet(None, store=store, id=identify, poll_timeout=poll_timeout,
+                      tail_interval=tail_interval, rate=(1e6, 1e6), max_polls=50000)
+
+    @app.listener("room")
+    def room(environ, package, db):
+        return list(rooms.get(package.get("room"), ()))
+
+    with open(comet.__file__, "rb") as source:
+        digest = hashlib.md5(source.read()).hexdigest()[:12]
+
+    def stats():
+        return {"comet": comet.__file__, "comet_md5": digest, "parked": app.stats()["parked"]}
+
+    return app, stats
+
+
+def make(name, store=None, async_mode="threading", tail_interval=0.1):
+    """The application ``name``, wrapped in ``Bench``."""
+    if name == "hello":
+        return Bench(hello, "/comet/poll")
+    if name == "floor":
+        return Bench(Floor(), "/comet/poll")
+    if name == "socketio":
+        return Bench(socketio_app(async_mode), "/socket.io")
+    if name == "comet":
+        app, stats = comet_app(store, tail_interval)
+        return Bench(app, "/comet/poll", stats)
+    raise ValueError(f"unknown app {name!r}")
