@@ -408,7 +408,7 @@ class _SQLStore(Store):
             if self._pid != os.getpid():            # forked: the parent's sockets are not ours
                 self._pool, self._pid = [], os.getpid()
                 self._slots = threading.BoundedSemaphore(self._pool_size)
-        if not self._slots.acquire(timeout=5):
+        if not self._slots.acquire(timeout=2):
             raise _unavailable("every store connection is busy")
         with self._pool_lock:
             conn = self._pool.pop() if self._pool else None
@@ -448,6 +448,8 @@ class _SQLStore(Store):
             self._begin(tx.cur)
             try:
                 yield tx
+            except self._errors:
+                raise                       # the connection is closed unused: no rollback to wait for
             except BaseException:
                 conn.rollback()
                 raise
@@ -686,7 +688,7 @@ class MySQLStore(_SQLStore):
     def _connect(self):
         conn = self._pymysql.connect(
             **self._params, charset="utf8mb4", autocommit=True,
-            connect_timeout=3, read_timeout=8, write_timeout=8)
+            connect_timeout=3, read_timeout=4, write_timeout=4)
         with conn.cursor() as cur:
             # Each read sees what is committed now; no gap locks between writers.
             cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -800,6 +802,12 @@ class _Window:
     def start(self, head):
         with self._lock:
             self.base = self.horizon = head
+
+    def stop(self):
+        """Forget everything: reads go to the store until ``start`` again."""
+        with self._lock:
+            self.base = self.horizon = None
+            self._inbox, self._log, self._count, self._ahead = {}, collections.deque(), 0, {}
 
     def add(self, appended):
         """This process's commits: ``[(position, ts, [(recipient, body)])]``."""
@@ -1297,7 +1305,11 @@ class Comet:
             now = time.monotonic()
             try:
                 if self.store.shared:
-                    self._tail()
+                    try:
+                        self._tail()
+                    except CometError:
+                        self._window.stop()     # trusted only while the tail reaches the store
+                        raise
                 if next_presence is None or now >= next_presence:
                     next_presence = now + presence_every
                     # Sweep only once clients had presence_timeout to poll this process:

@@ -124,6 +124,13 @@ def say(page, text):
     page.press("#text", "Enter")
 
 
+def say_accepted(page, text):
+    """Say something and wait until the server accepted it, so that turns keep their order."""
+    from playwright.sync_api import expect
+    say(page, text)
+    expect(page.locator("#messages li.pending")).to_have_count(0)
+
+
 def expect_messages(page, texts):
     """Exactly these messages, in this order, each once, none still waiting for the server."""
     from playwright.sync_api import expect
@@ -218,23 +225,23 @@ def test_a_page_backs_off_while_the_server_is_down(demo, open_chat):
 def test_three_people_two_rooms(open_chat, tmp_path):
     from playwright.sync_api import expect
     alice, bob, carol = open_chat("alice"), open_chat("bob"), open_chat("carol")
-    say(alice, "Morning! Has anyone tried the new build?")
-    say(bob, "Yes. It reconnects nicely after a server restart.")
-    say(carol, "Same here. I will write the release notes today.")
+    say_accepted(alice, "Morning! Has anyone tried the new build?")
+    say_accepted(bob, "Yes. It reconnects nicely after a server restart.")
+    say_accepted(carol, "Same here. I will write the release notes today.")
 
     bob.fill("#roomname", "release")
     bob.press("#roomname", "Enter")
     expect(bob.locator("#title")).to_have_text("# release")
     expect(alice.locator("#rooms a")).to_have_text(["# general", "# release"])   # live
     expect_members(alice, ["alice", "carol"])
-    say(bob, "Draft: faster reconnects, rooms, presence.")
+    say_accepted(bob, "Draft: faster reconnects, rooms, presence.")
     carol.click("text=# release")
     expect_messages(carol, ["Draft: faster reconnects, rooms, presence."])        # history
     expect_members(bob, ["bob", "carol"])
     bob.click("text=# general")
     carol.click("text=# general")
     expect_members(alice, ["alice", "bob", "carol"])
-    say(alice, "Great, thanks both. Let's ship it after lunch.")
+    say_accepted(alice, "Great, thanks both. Let's ship it after lunch.")
     expect_messages(alice, ["Morning! Has anyone tried the new build?",
                             "Yes. It reconnects nicely after a server restart.",
                             "Same here. I will write the release notes today.",
