@@ -158,15 +158,21 @@ def of_type(kind, packages):
 # Every framework
 # --------------------------------------------------------------------------
 
-def test_the_recipes_in_the_examples_readme_are_the_code_of_the_examples():
-    with open(os.path.join(EXAMPLES, "README.md")) as file:
-        blocks = re.findall(r"```(?:python|html)\n(.*?)\n```", file.read(), re.S)
+def example_sources():
+    """The text of every Python file of the examples."""
     sources = []
     for directory, _, names in os.walk(EXAMPLES):
         for name in names:
             if name.endswith(".py"):
                 with open(os.path.join(directory, name)) as file:
                     sources.append(file.read())
+    return sources
+
+
+def test_the_recipes_in_the_examples_readme_are_the_code_of_the_examples():
+    with open(os.path.join(EXAMPLES, "README.md")) as file:
+        blocks = re.findall(r"```(?:python|html)\n(.*?)\n```", file.read(), re.S)
+    sources = example_sources()
     assert len(blocks) >= 4
     for block in blocks:
         assert any(block in source for source in sources), f"not in any example:\n{block}"
@@ -176,12 +182,7 @@ def test_the_top_readme_recipes_are_lines_of_the_examples():
     with open(os.path.join(HERE, "README.md")) as file:
         section = file.read().split("## Use it with your framework", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)\n```", section, re.S)
-    sources = []
-    for directory, _, names in os.walk(EXAMPLES):
-        for name in names:
-            if name.endswith(".py"):
-                with open(os.path.join(directory, name)) as file:
-                    sources.append(file.read())
+    sources = example_sources()
     lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert len(lines) >= 5
     for line in lines:
