@@ -10,6 +10,7 @@ tests).  The standard application:
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -31,6 +32,10 @@ sys.path.insert(0, HERE)
 import comet  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
 
 
 def need(condition, reason):
@@ -40,6 +45,24 @@ def need(condition, reason):
     if IN_CI:
         pytest.fail(f"CI=true and {reason}")
     pytest.skip(f"SKIPPED LOUDLY: {reason}")
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's headless Chromium, driven by playwright (never its own browser download);
+    a missing one skips loudly, or fails under CI=true."""
+    need(os.access(CHROMIUM, os.X_OK), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need(False, "the playwright package is not installed")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def wait_until(predicate, timeout=10.0, interval=0.01):

@@ -4,19 +4,14 @@ Needs /usr/bin/chromium and the `playwright` package (never `playwright install`
 Without them the tests skip locally and fail under CI=true.
 """
 import json
-import os
 import re
 from urllib.parse import parse_qs, urlencode
 
 import pytest
 
 import comet
-from conftest import ThreadedServer, need, wait_until
+from conftest import ThreadedServer, chromium, wait_until
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
 STAMP = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 WAIT_MS = 10000
 
@@ -98,25 +93,10 @@ def server():
 
 # ---- the browser ----------------------------------------------------------------
 
-def _browser_missing():
-    if not os.access(CHROMIUM, os.X_OK):
-        return "no Chromium at %s" % CHROMIUM
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser():
-    missing = _browser_missing()
-    need(missing is None, "browser tests not run: %s" % missing)
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

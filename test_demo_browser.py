@@ -9,17 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import chromium, wait_until
+
 HERE = Path(__file__).resolve().parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
 PRESENCE_TIMEOUT = 2       # seconds; polls are held 1 s, so a closed page is gone in about 3
 WAIT_MS = 15000
 
@@ -43,16 +40,20 @@ class Demo:
                    "--poll-timeout", "1"]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(self.url, timeout=1):
-                    return self
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.kill()
-                    pytest.fail("demo.py did not answer:\n" + self.log.read_text())
-                time.sleep(0.05)
+        try:
+            wait_until(self._answers, timeout=15)
+        except AssertionError:
+            self.kill()
+            pytest.fail("demo.py did not answer:\n" + self.log.read_text())
+        return self
+
+    def _answers(self):
+        try:
+            with urllib.request.urlopen(self.url, timeout=1):
+                return True
+        except OSError:
+            assert self.process.poll() is None, "demo.py exited"
+            return False
 
     def kill(self):
         if self.process.poll() is None:
@@ -65,16 +66,6 @@ def fetch(url):
         return answer.status, answer.headers["Content-Type"], answer.read().decode()
 
 
-def browser_missing():
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"no Chromium at {CHROMIUM}"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed"
-    return None
-
-
 @pytest.fixture
 def demo(tmp_path):
     demo = Demo(tmp_path).start()
@@ -85,18 +76,10 @@ def demo(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = browser_missing()
-    if missing:
-        message = f"DEMO BROWSER TESTS NOT RUN: {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import expect, sync_playwright
-    expect.set_options(timeout=WAIT_MS)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with chromium() as browser:
+        from playwright.sync_api import expect
+        expect.set_options(timeout=WAIT_MS)
         yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -26,11 +26,10 @@ import urllib.request
 import pytest
 
 import comet
-from conftest import ThreadedServer, need, wait_until
+from conftest import ThreadedServer, chromium, need, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "examples")
-CHROMIUM = "/usr/bin/chromium"
 FRAMEWORKS = ["flask", "django", "bottle"]
 
 
@@ -91,8 +90,8 @@ def _import_example(framework):
 @pytest.fixture(scope="module", autouse=True)
 def close_examples():
     yield
-    for _, comet in _loaded.values():
-        comet.close()
+    for _, middleware in _loaded.values():
+        middleware.close()
 
 
 @pytest.fixture(scope="module", params=FRAMEWORKS)
@@ -273,14 +272,8 @@ def test_comets_push_has_its_own_guards_in_front_of_django(django_site):
 
 @pytest.fixture(scope="module")
 def browser():
-    need(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing (apt-get install chromium)")
-    need(importlib.util.find_spec("playwright") is not None, "playwright is not installed")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                              args=["--no-sandbox", "--disable-gpu"])
-        yield chromium
-        chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 def test_two_browsers_chat_on_the_example_page(site, browser):
