@@ -82,7 +82,7 @@ class Reject(CometError):
 
 
 class _Duplicate(Exception):
-    """The stamp was accepted meanwhile by another transaction."""
+    """The stamp was taken already in this transaction."""
 
 
 def _bad_package(message):
@@ -163,7 +163,9 @@ class Store:
 
     - ``tx.savepoint()``: a context manager; an exception inside undoes only
       what was done inside (one package of a batch);
-    - ``tx.has_stamp(stamp)``: was a package with this stamp accepted;
+    - ``tx.claim_stamp(stamp)``: True when a package with this stamp was
+      accepted (or is being, in a transaction that then commits); else the
+      stamp is this transaction's until it ends;
     - ``tx.append(stamp, ts, body, deliveries)``: store a package (``body``
       its JSON) for ``deliveries``, a list of ``(recipient, body or None)``,
       None meaning ``body``; raises ``_Duplicate`` if the stamp was taken;
@@ -307,7 +309,7 @@ class _MemoryTransaction:
             del self._changes[marks[1]:]
             raise
 
-    def has_stamp(self, stamp):
+    def claim_stamp(self, stamp):
         return (stamp in self._store._stamps
                 or any(stamp == package[0] for package in self._packages))
 
@@ -358,22 +360,23 @@ class _SQLStore(Store):
 
     Queries are written with ``?`` placeholders; a subclass with another
     paramstyle sets ``_placeholder``.  Subclasses supply ``_connect``,
-    ``_schema``, ``_begin``, ``_next_position`` and ``_errors`` (driver
+    ``_schema``, ``_begin``, ``_take_positions`` and ``_errors`` (driver
     exceptions meaning the database is unavailable).
     """
 
     shared = True
     _placeholder = "?"
     _errors = ()
-    _duplicate = ()
+    _duplicate = ()                         # the driver's unique-key violation
     _insert_ignore = "INSERT OR IGNORE"
     _pool_size = 32
+    _batch_parts = 64                       # transactions sharing one commit, at most
+    _one_writer = False                     # SQLite: this process's batches queue on a lock
 
     def __init__(self):
-        self._pool = []
         self._pool_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(self._pool_size)
-        self._pid = os.getpid()
+        self._pid = None
+        self._forked()
         with self._connection() as conn:
             cur = conn.cursor()
             for statement in self._schema:
@@ -384,6 +387,19 @@ class _SQLStore(Store):
             self.id = cur.fetchone()[0]
             conn.commit()
 
+    def _forked(self):
+        """Fresh pool and locks in a new process: the parent's sockets are not ours."""
+        with self._pool_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._pool = []
+            self._slots = threading.BoundedSemaphore(self._pool_size)
+            self._writer = threading.Lock()
+            self._batching = threading.Lock()   # guards _filling and each batch's queue
+            self._filling = None                # the batch new transactions join
+            self._local = threading.local()
+
     # -- connections
 
     def _execute(self, cur, sql, args=()):
@@ -392,68 +408,222 @@ class _SQLStore(Store):
         cur.execute(sql, args)
         return cur
 
-    def _executemany(self, cur, sql, rows):
-        if self._placeholder != "?":
-            sql = sql.replace("?", self._placeholder)
-        cur.executemany(sql, rows)
+    def _insert(self, cur, sql, rows, chunk=500):
+        """``sql`` ending in ``VALUES``, for ``rows``: one statement per ``chunk`` rows.
 
-    @contextlib.contextmanager
-    def _connection(self):
-        """A pooled connection; a driver error closes it and becomes a 503.
-
-        At most ``_pool_size`` are open at once: a thousand polls woken
-        together take turns on them, none opens (and closes) one of its own.
+        Not ``executemany``: SQLite would step (and release the GIL) once a
+        row, and under load each step waits its turn to get it back.
         """
-        with self._pool_lock:
-            if self._pid != os.getpid():            # forked: the parent's sockets are not ours
-                self._pool, self._pid = [], os.getpid()
-                self._slots = threading.BoundedSemaphore(self._pool_size)
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            values = ", ".join(["(" + ", ".join(["?"] * len(part[0])) + ")"] * len(part))
+            self._execute(cur, f"{sql} {values}", [value for row in part for value in row])
+
+    def _checkout(self):
+        """A pooled connection.  At most ``_pool_size`` are out at once: a
+        thousand polls woken together take turns on them, none opens (and
+        closes) one of its own."""
+        self._forked()
         if not self._slots.acquire(timeout=2):
             raise _unavailable("every store connection is busy")
         with self._pool_lock:
             conn = self._pool.pop() if self._pool else None
-        try:
-            if conn is None:
+        if conn is None:
+            try:
                 conn = self._connect()
-            yield conn
-        except self._errors as error:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-            log.warning("comet: store %s unavailable: %s", self.url, error)
-            raise _unavailable("the store is unavailable") from error
-        except BaseException:
-            self._release(conn)             # a hook failed: the transaction was rolled back
-            raise
-        else:
-            self._release(conn)
-        finally:
-            self._slots.release()
+            except BaseException as error:
+                self._slots.release()
+                raise self._lost(None, error) if isinstance(error, self._errors) else error
+        return conn
 
-    def _release(self, conn):
+    def _checkin(self, conn):
         with self._pool_lock:
             if len(self._pool) < self._pool_size:
                 self._pool.append(conn)
-                return
-        conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+        self._slots.release()
+
+    def _lost(self, conn, error):
+        """A driver error: the connection is closed (its slot freed), a 503 returned."""
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._slots.release()
+        log.warning("comet: store %s unavailable: %s", self.url, error)
+        return _unavailable("the store is unavailable")
+
+    @contextlib.contextmanager
+    def _connection(self):
+        conn = self._checkout()
+        try:
+            yield conn
+        except self._errors as error:
+            raise self._lost(conn, error) from error
+        except BaseException:
+            self._checkin(conn)             # a hook failed: the transaction was rolled back
+            raise
+        self._checkin(conn)
 
     def _query(self, sql, args=()):
         with self._connection() as conn:
             return self._execute(conn.cursor(), sql, args).fetchall()
 
+    # -- write transactions, committed in batches
+
     @contextlib.contextmanager
     def transaction(self):
-        with self._connection() as conn:
-            tx = _SQLTransaction(self, conn)
-            self._begin(tx.cur)
+        """This thread's part of a write transaction (group commit).
+
+        A transaction opened while another runs in this process joins it and
+        takes its turn on the same connection once the parts before it are
+        done; the last part writes every package (the positions taken in one
+        statement) and commits once for all.  A part that fails is rolled
+        back alone: to its savepoint, or the whole transaction when it is the
+        first.  Every part waits for the commit before it returns, and all
+        of them fail if the commit does.
+        """
+        batch = self._join()
+        self._local.batch = batch
+        try:
+            self._begin_part(batch)
+            tx = _SQLTransaction(self, batch)
+            first = not batch.kept
             try:
-                yield tx
-            except self._errors:
-                raise                       # the connection is closed unused: no rollback to wait for
+                with contextlib.nullcontext() if first else tx.savepoint():
+                    yield tx
+            except self._errors as error:
+                raise self._break(batch, error) from error
             except BaseException:
-                conn.rollback()
+                if first:
+                    self._rollback(batch)
                 raise
-            conn.commit()
+            batch.kept += 1
+        finally:
+            self._local.batch = None
+            self._pass(batch)
+        batch.done.wait()
+        if batch.error is not None:
+            raise _unavailable(batch.error.message)
+        tx.appended = [tuple(entry) for entry in tx.appended]
+
+    def _join(self):
+        """The batch this transaction is a part of, once it is this part's turn."""
+        self._forked()
+        if getattr(self._local, "batch", None) is not None:
+            raise RuntimeError("a store transaction is open in this thread already"
+                               " (comet.push() cannot be called from a hook)")
+        with self._batching:
+            batch = self._filling
+            if batch is None:
+                batch = self._filling = _Batch()    # its first part has the turn
+                return batch
+            batch.queued += 1
+            batch.parts += 1
+            if batch.parts >= self._batch_parts:
+                self._filling = None        # full: later transactions start the next
+        if not batch.turn.acquire(timeout=10):
+            with self._batching:
+                if not batch.turn.acquire(blocking=False):
+                    batch.queued -= 1
+                    raise _unavailable("the store is busy")
+        with self._batching:
+            batch.queued -= 1
+        return batch
+
+    def _begin_part(self, batch):
+        if batch.error is not None:
+            raise _unavailable(batch.error.message)
+        if batch.begun:
+            return
+        try:
+            if self._one_writer and not batch.writing:
+                if not self._writer.acquire(timeout=5):
+                    raise _unavailable("the store is busy")
+                batch.writing = True
+            if batch.conn is None:
+                batch.conn = self._checkout()
+                batch.cur = batch.conn.cursor()
+            self._begin(batch.cur)
+            batch.begun = True
+        except self._errors as error:
+            raise self._break(batch, error) from error
+        except CometError as error:
+            self._fail(batch, error)
+            raise
+
+    def _rollback(self, batch):
+        """Undo the whole open transaction (only its first part ran in it)."""
+        try:
+            batch.conn.rollback()
+        except self._errors as error:
+            self._break(batch, error)
+            return
+        batch.begun = False
+        batch.pending.clear()
+        batch.stamps.clear()
+        batch.claims.clear()
+
+    def _break(self, batch, error):
+        """The connection failed: every part of the batch fails with a 503."""
+        self._fail(batch, self._lost(batch.conn, error))
+        batch.conn = batch.cur = None
+        batch.begun = False
+        return _unavailable(batch.error.message)
+
+    def _fail(self, batch, error):
+        """Every part of ``batch`` fails with ``error``; later transactions start another."""
+        batch.error = error
+        with self._batching:
+            if self._filling is batch:
+                self._filling = None
+
+    def _pass(self, batch):
+        """This part is done: the next part's turn, or the commit if none waits."""
+        with self._batching:
+            if batch.queued:
+                batch.turn.release()
+                return
+            if self._filling is batch:
+                self._filling = None
+        try:
+            if batch.begun and batch.error is None:
+                self._flush(batch)
+                batch.conn.commit()
+        except self._errors as error:
+            self._break(batch, error)
+        except Exception:                   # a refusal, e.g. a value too long for its column
+            log.exception("comet: store %s refused a commit", self.url)
+            batch.error = _unavailable("the store refused the commit; try again")
+            with contextlib.suppress(Exception):
+                batch.conn.rollback()
+        finally:
+            if batch.conn is not None:
+                self._checkin(batch.conn)
+                batch.conn = batch.cur = None
+            if batch.writing:
+                self._writer.release()
+            batch.done.set()
+
+    def _flush(self, batch):
+        """Write the batch's packages: positions taken last, then two inserts."""
+        if batch.claims:
+            self._execute(batch.cur, "DELETE FROM comet_packages WHERE pos IN ("
+                          + ", ".join(["?"] * len(batch.claims)) + ")", batch.claims)
+        if not batch.pending:
+            return
+        last = self._take_positions(batch.cur, len(batch.pending))
+        packages, deliveries = [], []
+        for position, (stamp, ts, body, targets, entry) in enumerate(
+                batch.pending, last - len(batch.pending) + 1):
+            entry[0] = position
+            packages.append((position, stamp, ts, body))
+            deliveries.extend((recipient, position, tailored) for recipient, tailored in targets)
+        self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES", packages)
+        if deliveries:
+            self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
+                         deliveries)
 
     def close(self):
         with self._pool_lock:
@@ -500,8 +670,8 @@ class _SQLStore(Store):
         if not clients:
             return
         with self.transaction() as tx:
-            self._executemany(tx.cur, "REPLACE INTO comet_clients (client, seen) VALUES (?, ?)",
-                              [(client, ts) for client in clients])
+            self._insert(tx.cur, "REPLACE INTO comet_clients (client, seen) VALUES",
+                         [(client, ts) for client in clients])
 
     def stale_members(self, before):
         rows = self._query(
@@ -532,49 +702,79 @@ class _SQLStore(Store):
                 self._execute(cur, "UPDATE comet_meta SET purged = ?", (upto,))
 
 
-class _SQLTransaction:
-    """One store transaction on one pooled connection."""
+class _Batch:
+    """One write transaction of an ``_SQLStore`` and the parts that share it."""
 
-    def __init__(self, store, conn):
+    def __init__(self):
+        self.turn = threading.Lock()        # held by the part running now
+        self.turn.acquire()                 # by the first, from the start
+        self.queued = 0                     # parts waiting for their turn
+        self.parts = 1                      # parts that joined
+        self.kept = 0                       # parts done, and not rolled back
+        self.conn = self.cur = None
+        self.begun = False                  # a transaction is open on conn
+        self.writing = False                # this batch holds the store's writer lock
+        self.pending = []                   # (stamp, ts, body, deliveries, entry) to insert
+        self.stamps = set()                 # their stamps
+        self.claims = []                    # provisional positions holding client stamps
+        self.savepoints = itertools.count()
+        self.error = None                   # why every part fails
+        self.done = threading.Event()       # committed, or failed
+
+
+class _SQLTransaction:
+    """One part of a batch: its packages wait in the batch until the commit."""
+
+    def __init__(self, store, batch):
         self._store = store
-        self.db = conn
-        self.cur = conn.cursor()
-        self.appended = []                  # (position, ts, [(recipient, body)])
-        self._savepoints = itertools.count()
+        self._batch = batch
+        self.db = batch.conn
+        self.cur = batch.cur
+        self.appended = []                  # [position, ts, [(recipient, body)]]; position at commit
 
     def _run(self, sql, args=()):
         return self._store._execute(self.cur, sql, args)
 
     @contextlib.contextmanager
     def savepoint(self):
-        name = f"comet_{next(self._savepoints)}"
-        mark = len(self.appended)
+        batch = self._batch
+        name = f"comet_{next(batch.savepoints)}"
+        marks = len(self.appended), len(batch.pending), len(batch.claims)
         self._run(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
             self._run(f"ROLLBACK TO SAVEPOINT {name}")
             self._run(f"RELEASE SAVEPOINT {name}")
-            del self.appended[mark:]
+            del self.appended[marks[0]:]
+            batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[1]:])
+            del batch.pending[marks[1]:]
+            del batch.claims[marks[2]:]
             raise
         self._run(f"RELEASE SAVEPOINT {name}")
 
-    def has_stamp(self, stamp):
-        return self._run("SELECT 1 FROM comet_packages WHERE stamp = ?", (stamp,)).fetchone() is not None
+    def claim_stamp(self, stamp):
+        # A row at a provisional (negative) position holds the stamp's unique key,
+        # so a transaction claiming it at the same time waits for this one's end.
+        if stamp in self._batch.stamps:
+            return True
+        claim = -1 - secrets.randbits(62)
+        try:
+            self._run("INSERT INTO comet_packages (pos, stamp, ts, body) VALUES (?, ?, 0, '')",
+                      (claim, stamp))
+        except self._store._duplicate:
+            return True
+        self._batch.claims.append(claim)
+        return False
 
     def append(self, stamp, ts, body, deliveries):
-        # The position is taken last, so the row lock that orders commits is held briefly.
-        position = self._store._next_position(self.cur)
-        try:
-            self._run("INSERT INTO comet_packages (pos, stamp, ts, body) VALUES (?, ?, ?, ?)",
-                      (position, stamp, ts, body))
-        except self._store._duplicate:
-            raise _Duplicate(stamp) from None
-        self._store._executemany(
-            self.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES (?, ?, ?)",
-            [(recipient, position, tailored) for recipient, tailored in deliveries])
-        self.appended.append((position, ts, [(recipient, tailored or body)
-                                             for recipient, tailored in deliveries]))
+        batch = self._batch
+        if stamp in batch.stamps:
+            raise _Duplicate(stamp)
+        entry = [None, ts, [(recipient, tailored or body) for recipient, tailored in deliveries]]
+        batch.pending.append((stamp, ts, body, deliveries, entry))
+        batch.stamps.add(stamp)
+        self.appended.append(entry)
 
     def member_ids(self, channel):
         return [_text(row[0]) for row in self._run(
@@ -602,6 +802,7 @@ class SQLiteStore(_SQLStore):
 
     _errors = (sqlite3.OperationalError,)
     _duplicate = (sqlite3.IntegrityError,)
+    _one_writer = True
     _schema = (
         "CREATE TABLE IF NOT EXISTS comet_meta (one INTEGER PRIMARY KEY, id TEXT NOT NULL,"
         " head INTEGER NOT NULL, purged INTEGER NOT NULL)",
@@ -634,8 +835,8 @@ class SQLiteStore(_SQLStore):
     def _begin(self, cur):
         cur.execute("BEGIN IMMEDIATE")
 
-    def _next_position(self, cur):
-        return cur.execute("UPDATE comet_meta SET head = head + 1 RETURNING head").fetchone()[0]
+    def _take_positions(self, cur, n):
+        return cur.execute("UPDATE comet_meta SET head = head + ? RETURNING head", (n,)).fetchone()[0]
 
 
 class MySQLStore(_SQLStore):
@@ -697,8 +898,8 @@ class MySQLStore(_SQLStore):
     def _begin(self, cur):
         cur.execute("START TRANSACTION")
 
-    def _next_position(self, cur):
-        cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + 1)")
+    def _take_positions(self, cur, n):
+        cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
         return cur.lastrowid
 
 
@@ -1043,6 +1244,7 @@ class Comet:
         self._counts = {"accepted": 0, "delivered": 0}
         self._errors = {}
         self._lock = threading.Lock()
+        self._local = threading.local()     # .tx: the transaction this thread's hooks run in
         self._pid = None                    # the process whose housekeeping thread runs
         self._stop = threading.Event()
 
@@ -1074,7 +1276,10 @@ class Comet:
 
     def push(self, package, sender=None, private=None):
         """Push ``package`` from the server through the same path as a client's
-        (hooks included, ``environ=None``); returns its stamp or raises ``CometError``."""
+        (hooks included, ``environ=None``); returns its stamp or raises ``CometError``.
+
+        Called from a hook, the package joins the hook's transaction: it is
+        stored with the package being accepted, or not at all."""
         self._start()
         return self._accept([package], None, None, sender, private)[0]
 
@@ -1111,10 +1316,13 @@ class Comet:
         On the first failure the packages before it stay accepted and the
         ``CometError`` raised carries ``index`` and ``accepted``.
         """
+        outer = getattr(self._local, "tx", None)
+        if outer is not None:               # a hook pushing: into its transaction
+            return self._accept_nested(outer, packages, sender, private)
         accepted, failure = [], None
         single = len(packages) == 1         # its transaction is its savepoint
         try:
-            with self.store.transaction() as tx:
+            with self._transaction() as tx:
                 for index, package in enumerate(packages):
                     try:
                         with contextlib.nullcontext() if single else tx.savepoint():
@@ -1142,13 +1350,34 @@ class Comet:
             raise error
         return accepted
 
+    def _accept_nested(self, tx, packages, sender, private):
+        accepted = []
+        for package in packages:
+            try:
+                with tx.savepoint():
+                    accepted.append(self._accept_one(tx, package, None, None, sender, private))
+            except _Duplicate as duplicate:
+                accepted.append(duplicate.args[0])
+        self._count("accepted", len(accepted))
+        return accepted
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """A store transaction whose hooks can push into it (``Comet.push``)."""
+        with self.store.transaction() as tx:
+            self._local.tx = tx
+            try:
+                yield tx
+            finally:
+                self._local.tx = None
+
     def _accept_one(self, tx, package, client, environ, sender, private):
         """Validate, stamp, run the hooks and store one package, as SPEC section 2 orders."""
         package, channels = self._validate(package)
         stamp = package.get("_stamp")
         if not (isinstance(stamp, str) and _STAMP.match(stamp)):
             stamp = _new_stamp()            # fresh: nothing to look up
-        elif tx.has_stamp(stamp):
+        elif tx.claim_stamp(stamp):
             return stamp                    # accepted before: once is enough
         if sender is _HOOK:
             sender = self._call(self.sender, environ, tx.db) if self.sender else client
@@ -1350,7 +1579,7 @@ class Comet:
         """Remove a silent member and tell the others, once across all processes."""
         package = {"type": "leave", "listeners": [channel], "reason": "timeout"}
         try:
-            with self.store.transaction() as tx:
+            with self._transaction() as tx:
                 if tx.remove_member(channel, client):
                     self._accept_one(tx, package, None, None, sender, None)
         except CometError as error:

@@ -90,6 +90,68 @@ def make_app(**options):
     return app
 
 
+class GroupCommit:
+    """Pushes queued behind one held in its hook, on a durable store (SQLite or MySQL).
+
+    The application has an action ``note`` whose submit hook writes the
+    package's ``text`` into the table ``log`` through ``db`` (``mark`` is the
+    driver's placeholder), holds the push whose text is ``hold`` until
+    ``release()``, and refuses the text ``refused``.  ``flushes`` lists how
+    many packages each commit wrote.
+    """
+
+    def __init__(self, url, mark):
+        self.url = url
+        self.app = make_app(store=url, poll_timeout=0.2)
+        self.held, self.released = threading.Event(), threading.Event()
+        self.results = {}
+        self.flushes = []
+        store = self.app.store
+        flush = store._flush
+
+        def counted(batch):
+            self.flushes.append(len(batch.pending))
+            return flush(batch)
+        store._flush = counted
+
+        @self.app.action("note").on_submit
+        def submit(package, private, db, environ):
+            db.cursor().execute(f"INSERT INTO log (text) VALUES ({mark})", (package["text"],))
+            if package["text"].startswith("hold"):
+                self.held.set()
+                assert self.released.wait(10)
+            if package["text"] in ("refused", "hold-refused"):
+                raise comet.Reject("no")
+
+    def push(self, text):
+        """Push ``text`` to bob in a thread; its outcome lands in ``results[text]``."""
+        def run():
+            try:
+                self.results[text] = self.app.push(
+                    {"type": "note", "listeners": ["to"], "to": ["bob"], "text": text})
+            except comet.CometError as error:
+                self.results[text] = error.status
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def run(self, first, *queued):
+        """``first`` holds its transaction open until ``queued`` wait behind it; then all go."""
+        threads = [self.push(first)]
+        assert self.held.wait(10)
+        threads += [self.push(text) for text in queued]
+        store = self.app.store
+        wait_until(lambda: store._filling is not None and store._filling.queued == len(queued))
+        self.released.set()
+        for thread in threads:
+            thread.join(10)
+        return self.results
+
+    def delivered(self):
+        answer = self.app.store.read("bob", 0, 100)[1]
+        return [json.loads(body)["text"] for _, _, body in answer]
+
+
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     request_queue_size = 1024

@@ -22,7 +22,8 @@ import webtest
 
 import comet
 from comet import Comet, CometError, Reject
-from conftest import Client, ServerProcess, ThreadedServer, free_port, make_app, wait_until
+from conftest import (Client, GroupCommit, ServerProcess, ThreadedServer, free_port, make_app,
+                      wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -353,6 +354,62 @@ def test_a_hook_write_commits_with_the_package_and_rolls_back_with_it(tmp_path):
     push(alice, {"type": "log", "listeners": "bob", "text": "refused"}, status=403)
     with sqlite3.connect(f"{tmp_path}/app.db") as db:
         assert db.execute("SELECT text FROM log").fetchall() == [("kept",)]
+
+
+@pytest.fixture
+def group(tmp_path):
+    group = GroupCommit(f"sqlite:///{tmp_path}/comet.db", "?")
+    with sqlite3.connect(f"{tmp_path}/comet.db") as db:
+        db.execute("CREATE TABLE log (text TEXT)")
+    group.log = lambda: sorted(row[0] for row in sqlite3.connect(
+        f"{tmp_path}/comet.db").execute("SELECT text FROM log"))
+    yield group
+    group.app.close()
+
+
+def test_pushes_queued_behind_a_transaction_share_its_commit(group):
+    results = group.run("hold", "kept", "refused", "also kept")
+    assert results["refused"] == 403 and all(
+        isinstance(results[text], str) for text in ("hold", "kept", "also kept"))
+    assert group.flushes == [3]             # one commit for the three accepted
+    assert group.log() == ["also kept", "hold", "kept"]     # the refused one's write undone
+    assert group.delivered()[0] == "hold"
+    assert sorted(group.delivered()) == ["also kept", "hold", "kept"]
+
+
+def test_a_first_part_that_fails_is_rolled_back_alone(group):
+    results = group.run("hold-refused", "kept", "also kept")
+    assert results == {"hold-refused": 403, "kept": results["kept"], "also kept": results["also kept"]}
+    assert group.log() == ["also kept", "kept"]
+    assert sorted(group.delivered()) == ["also kept", "kept"]
+
+
+def test_a_failed_commit_fails_every_part_and_keeps_nothing(group, monkeypatch):
+    def broken(batch):
+        raise sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(group.app.store, "_flush", broken)
+    head = group.app.store.head()
+    assert group.run("hold", "kept", "also kept") == {"hold": 503, "kept": 503, "also kept": 503}
+    assert group.app.store.head() == head and group.log() == [] and group.delivered() == []
+    monkeypatch.undo()
+    assert isinstance(group.app.push({"type": "note", "listeners": "bob", "text": "after"}), str)
+    assert group.log() == ["after"]
+
+
+def test_a_push_from_a_hook_commits_with_the_package_or_not_at_all(store_url):
+    app = make_app(store=store_url, poll_timeout=0.2)
+
+    @app.action("order").on_submit
+    def submit(package, private, db, environ):
+        app.push({"type": "receipt", "listeners": "clerk", "item": package["item"]})
+        if package["item"] == "refused":
+            raise Reject("no")
+    alice = as_client(app, "alice")
+    push(alice, {"type": "order", "listeners": "shop", "item": "tea"})
+    push(alice, {"type": "order", "listeners": "shop", "item": "refused"}, status=403)
+    receipts = [json.loads(body) for _, _, body in app.store.read("clerk", 0, 10)[1]]
+    assert [(p["type"], p["item"], p["sender"]) for p in receipts] == [("receipt", "tea", None)]
+    assert [json.loads(body)["item"] for _, _, body in app.store.read("shop", 0, 10)[1]] == ["tea"]
 
 
 def test_a_raising_hook_is_500_internal_logged_and_the_server_goes_on(app, alice, bob, caplog):

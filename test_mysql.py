@@ -26,7 +26,7 @@ import webtest
 
 import comet
 
-from conftest import Client, ServerProcess, ThreadedServer, make_app, need, wait_until
+from conftest import Client, GroupCommit, ServerProcess, ThreadedServer, make_app, need, wait_until
 
 HOST, PORT, USER = "127.0.0.1", 3306, "root"
 
@@ -468,6 +468,72 @@ def test_rejected_package_in_a_batch_keeps_what_the_packages_before_it_wrote(not
 # --------------------------------------------------------------------------
 # Retention
 # --------------------------------------------------------------------------
+
+@pytest.fixture
+def group(mariadb):
+    url = mariadb.create_database()        # its own: bob's inbox holds only this test's
+    group = GroupCommit(url, "%s")
+    mariadb.query(url, "CREATE TABLE log (text VARCHAR(64)) ENGINE=InnoDB")
+    group.log = lambda: sorted(row[0] for row in mariadb.query(url, "SELECT text FROM log"))
+    yield group
+    group.app.close()
+
+
+def test_pushes_queued_behind_a_transaction_share_its_commit(group):
+    results = group.run("hold", "kept", "refused", "also kept")
+    assert results["refused"] == 403
+    assert all(isinstance(results[text], str) for text in ("hold", "kept", "also kept"))
+    assert group.flushes == [3]
+    assert group.log() == ["also kept", "hold", "kept"]
+    assert sorted(group.delivered()) == ["also kept", "hold", "kept"]
+
+
+def test_a_first_part_that_fails_is_rolled_back_alone(group):
+    results = group.run("hold-refused", "kept", "also kept")
+    assert results["hold-refused"] == 403
+    assert group.log() == ["also kept", "kept"]
+    assert sorted(group.delivered()) == ["also kept", "kept"]
+
+
+def test_a_failed_commit_fails_every_part_and_keeps_nothing(group, monkeypatch):
+    import pymysql
+
+    def broken(batch):
+        raise pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+    monkeypatch.setattr(group.app.store, "_flush", broken)
+    assert group.run("hold", "kept", "also kept") == {"hold": 503, "kept": 503, "also kept": 503}
+    assert group.log() == [] and group.delivered() == []
+    monkeypatch.undo()
+    assert isinstance(group.app.push({"type": "note", "listeners": "bob", "text": "after"}), str)
+    assert group.log() == ["after"]
+
+
+def test_a_stamp_claimed_by_an_open_transaction_elsewhere_waits_for_it_and_is_stored_once(group):
+    """Two processes (two Comets on one database): the second push of a stamp waits
+    on the first's claim and, once that commits, answers it accepted without its hooks."""
+    other = make_app(store=group.url, poll_timeout=0.2)
+    try:
+        stamp = "claimed" + secrets.token_hex(8)
+        package = {"type": "note", "listeners": ["to"], "to": ["bob"], "text": "hold", "_stamp": stamp}
+        first = threading.Thread(target=lambda: group.results.update(first=group.app.push(dict(package))))
+        first.start()
+        assert group.held.wait(10)
+        second = threading.Thread(target=lambda: group.results.update(second=other.push(dict(package))))
+        second.start()
+        wait_until(lambda: _lock_waits(group.url) > 0)
+        group.released.set()
+        first.join(10)
+        second.join(10)
+        assert group.results == {"first": stamp, "second": stamp}
+        assert group.log() == ["hold"] and group.delivered() == ["hold"]
+    finally:
+        other.close()
+
+
+def _lock_waits(url):
+    return MariaDB().query(url, "SELECT COUNT(*) FROM information_schema.INNODB_TRX"
+                                " WHERE trx_state = 'LOCK WAIT'")[0][0]
+
 
 def test_cursor_older_than_what_is_retained_is_reset(app):
     [recipient] = new_ids("recipient")
