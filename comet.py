@@ -371,6 +371,8 @@ class _SQLStore(Store):
     _insert_ignore = "INSERT OR IGNORE"
     _pool_size = 32
     _batch_parts = 64                       # transactions sharing one commit, at most
+    _batches = 1                            # batches open at once in a process
+    _batch_queue = 4                        # parts waiting in each before another opens
     _one_writer = False                     # SQLite: this process's batches queue on a lock
 
     def __init__(self):
@@ -396,8 +398,8 @@ class _SQLStore(Store):
             self._pool = []
             self._slots = threading.BoundedSemaphore(self._pool_size)
             self._writer = threading.Lock()
-            self._batching = threading.Lock()   # guards _filling and each batch's queue
-            self._filling = None                # the batch new transactions join
+            self._batching = threading.Lock()   # guards _open and each batch's queue
+            self._open = []                     # the batches new transactions may join
             self._local = threading.local()
 
     # -- connections
@@ -478,7 +480,9 @@ class _SQLStore(Store):
 
         A transaction opened while another runs in this process joins it and
         takes its turn on the same connection once the parts before it are
-        done; the last part writes every package (the positions taken in one
+        done (SQLite: one batch at a time; MySQL: up to ``_batches``, another
+        opening when each has ``_batch_queue`` parts waiting, so that a slow
+        hook holds up a few pushes, not all); the last part writes every package (the positions taken in one
         statement) and commits once for all.  A part that fails is rolled
         back alone: to its savepoint, or the whole transaction when it is the
         first.  Every part waits for the commit before it returns, and all
@@ -515,14 +519,16 @@ class _SQLStore(Store):
             raise RuntimeError("a store transaction is open in this thread already"
                                " (comet.push() cannot be called from a hook)")
         with self._batching:
-            batch = self._filling
-            if batch is None:
-                batch = self._filling = _Batch()    # its first part has the turn
+            batch = min(self._open, key=lambda open: open.queued, default=None)
+            if batch is None or (batch.queued >= self._batch_queue
+                                 and len(self._open) < self._batches):
+                batch = _Batch()            # its first part has the turn
+                self._open.append(batch)
                 return batch
             batch.queued += 1
             batch.parts += 1
             if batch.parts >= self._batch_parts:
-                self._filling = None        # full: later transactions start the next
+                self._open.remove(batch)    # full: later transactions go elsewhere
         if not batch.turn.acquire(timeout=10):
             with self._batching:
                 if not batch.turn.acquire(blocking=False):
@@ -576,8 +582,8 @@ class _SQLStore(Store):
         """Every part of ``batch`` fails with ``error``; later transactions start another."""
         batch.error = error
         with self._batching:
-            if self._filling is batch:
-                self._filling = None
+            if batch in self._open:
+                self._open.remove(batch)
 
     def _pass(self, batch):
         """This part is done: the next part's turn, or the commit if none waits."""
@@ -585,8 +591,8 @@ class _SQLStore(Store):
             if batch.queued:
                 batch.turn.release()
                 return
-            if self._filling is batch:
-                self._filling = None
+            if batch in self._open:
+                self._open.remove(batch)
         try:
             if batch.begun and batch.error is None:
                 self._flush(batch)
@@ -797,7 +803,9 @@ class SQLiteStore(_SQLStore):
     """An SQLite file in WAL mode: durable, shared by the processes of one host.
 
     Every write transaction starts with ``BEGIN IMMEDIATE``, so writers take
-    turns and positions are handed out in commit order.
+    turns and positions are handed out in commit order.  A process's own
+    transactions queue on a lock rather than in SQLite's busy handler, which
+    sleeps 1 to 100 ms between tries.
     """
 
     _errors = (sqlite3.OperationalError,)
@@ -842,8 +850,8 @@ class SQLiteStore(_SQLStore):
 class MySQLStore(_SQLStore):
     """A MySQL or MariaDB database through PyMySQL: shared by processes and hosts.
 
-    Positions come from one counter row updated last in each transaction:
-    its row lock makes writers commit in position order, so a reader that
+    Positions come from one counter row updated at the end of each
+    transaction: its row lock makes writers commit in position order, so a reader that
     sees position p has every smaller position already.  Client ids, channel
     names and stamps are VARBINARY, compared byte for byte as in SQLite (a
     text collation would make "bob", "Bob" and "bob " one client).
@@ -851,6 +859,7 @@ class MySQLStore(_SQLStore):
 
     _placeholder = "%s"
     _insert_ignore = "INSERT IGNORE"
+    _batches = 4                            # a slow hook holds up a few pushes, not all
     _schema = (
         "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id VARCHAR(16) NOT NULL,"
         " head BIGINT NOT NULL, purged BIGINT NOT NULL) ENGINE=InnoDB",

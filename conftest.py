@@ -141,7 +141,7 @@ class GroupCommit:
         assert self.held.wait(10)
         threads += [self.push(text) for text in queued]
         store = self.app.store
-        wait_until(lambda: store._filling is not None and store._filling.queued == len(queued))
+        wait_until(lambda: sum(batch.queued for batch in store._open) == len(queued))
         self.released.set()
         for thread in threads:
             thread.join(10)

@@ -488,6 +488,22 @@ def test_pushes_queued_behind_a_transaction_share_its_commit(group):
     assert sorted(group.delivered()) == ["also kept", "hold", "kept"]
 
 
+def test_a_slow_hook_holds_up_four_pushes_and_the_fifth_commits_in_another_batch(group):
+    threads = [group.push("hold")]
+    assert group.held.wait(10)
+    threads += [group.push(f"queued {n}") for n in range(4)]
+    wait_until(lambda: sum(batch.queued for batch in group.app.store._open) == 4)
+    threads.append(group.push("fifth"))
+    wait_until(lambda: "fifth" in group.results)
+    assert isinstance(group.results["fifth"], str) and len(group.results) == 1
+    group.released.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(group.results) == 6 and all(isinstance(r, str) for r in group.results.values())
+    assert group.flushes == [1, 5]
+    assert group.delivered()[0] == "fifth" and len(group.delivered()) == 6
+
+
 def test_a_first_part_that_fails_is_rolled_back_alone(group):
     results = group.run("hold-refused", "kept", "also kept")
     assert results["hold-refused"] == 403
