@@ -2,7 +2,7 @@
 
 Each process tails the store every ``tail_interval`` to wake its parked polls
 for packages the other process stored.  The MySQL cases need the local MariaDB
-(see test_mysql.py, whose helpers these tests share); each gets a database of
+(the helpers are in conftest.py); each gets a database of
 its own.
 """
 
@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from conftest import Client, ServerProcess
-from test_mysql import (assert_no_cursor_skipped, mariadb, new_ids,  # noqa: F401 (a fixture)
-                        plan_packages, positions_in_store, run_traffic)
+from conftest import (Client, ServerProcess, assert_no_cursor_skipped, new_ids, plan_packages,
+                      positions_in_store, run_traffic)
 
 TAIL_INTERVAL = 0.1
 

@@ -5,18 +5,13 @@ module and dropped after it; client ids carry a fresh tag, so tests do not see
 each other's packages.  Without a reachable MariaDB the module skips loudly
 (and fails under CI=true).
 
-The helpers at the top (``MariaDB``, ``run_traffic``, ``assert_no_cursor_skipped``)
-are shared with test_multiprocess.py.
+The MariaDB helpers (``MariaDB``, the ``mariadb`` and ``mysql_url`` fixtures,
+``run_traffic``, ``assert_no_cursor_skipped``) are in conftest.py, shared with
+test_multiprocess.py.
 """
 
 import collections
-import contextlib
-import os
-import random
 import secrets
-import shutil
-import sqlite3
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -24,222 +19,13 @@ import urllib.parse
 import pytest
 import webtest
 
-import comet
-
-from conftest import Client, GroupCommit, ServerProcess, ThreadedServer, make_app, need, wait_until
-
-HOST, PORT, USER = "127.0.0.1", 3306, "root"
-
-
-# --------------------------------------------------------------------------
-# The database server
-# --------------------------------------------------------------------------
-
-def _connect(database=None):
-    import pymysql
-    return pymysql.connect(host=HOST, port=PORT, user=USER, password="", database=database,
-                           autocommit=True, connect_timeout=2)
-
-
-class MariaDB:
-    """The local MariaDB as root: throwaway databases, queries, a stop and a start."""
-
-    def __init__(self):
-        self.databases = []
-
-    @staticmethod
-    def reachable():
-        try:
-            _connect().close()
-        except Exception:
-            return False
-        return True
-
-    def create_database(self):
-        """A fresh empty database; returns its ``mysql://`` store URL."""
-        name = "comet_test_" + secrets.token_hex(6)
-        self._run(None, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-        self.databases.append(name)
-        return f"mysql://{USER}@{HOST}:{PORT}/{name}"
-
-    def drop_databases(self):
-        for name in self.databases:
-            self._run(None, f"DROP DATABASE IF EXISTS `{name}`")
-        self.databases = []
-
-    def query(self, url, sql, args=()):
-        """Rows of ``sql`` run in the database of store ``url``."""
-        return self._run(urllib.parse.urlsplit(url).path.lstrip("/"), sql, args)
-
-    def _run(self, database, sql, args=()):
-        with contextlib.closing(_connect(database)) as conn, conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall()
-
-    # Stopping the server: by the pid in its own pid file, never by name.
-
-    def can_restart(self):
-        return os.geteuid() == 0 and bool(shutil.which("start-stop-daemon")) \
-            and os.access("/usr/sbin/mariadbd", os.X_OK)
-
-    def stop(self):
-        """Stop mariadbd and wait until its process is gone."""
-        pid_file = self._run(None, "SELECT @@pid_file")[0][0]
-        with open(pid_file) as file:
-            pid = file.read().strip()
-        subprocess.run(["start-stop-daemon", "--stop", "--oknodo", "--retry", "10",
-                        "--pid", pid, "--exec", "/usr/sbin/mariadbd"], check=True, timeout=30)
-
-    def start(self):
-        """Start mariadbd and wait until it accepts connections."""
-        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background",
-                        "--exec", "/usr/sbin/mariadbd"], check=True, timeout=30)
-        wait_until(self.reachable, timeout=30, interval=0.05)
-
-
-@pytest.fixture(scope="module")
-def mariadb():
-    if not MariaDB.reachable():
-        need(False, "MariaDB not reachable on 127.0.0.1:3306")
-    server = MariaDB()
-    yield server
-    server.drop_databases()
-
-
-@pytest.fixture(scope="module")
-def mysql_url(mariadb):
-    """This module's database: created now, dropped with the module."""
-    return mariadb.create_database()
-
-
-def positions_in_store(url, mariadb=None):
-    """``{stamp: position}`` of every package in the store at ``url`` (sqlite or mysql)."""
-    if url.startswith("sqlite:///"):
-        with contextlib.closing(sqlite3.connect(url[len("sqlite:///"):])) as conn:
-            rows = conn.execute("SELECT pos, stamp FROM comet_packages").fetchall()
-    else:
-        rows = mariadb.query(url, "SELECT pos, stamp FROM comet_packages")
-    return {comet._text(stamp): pos for pos, stamp in rows}    # MySQL keeps stamps as bytes
-
-
-def cursor_position(cursor):
-    """The position in a cursor as comet.py writes it, ``<store id>.<position>``."""
-    return int(cursor.rpartition(".")[2])
-
-
-# --------------------------------------------------------------------------
-# Traffic: concurrent pushers and pollers against real servers
-# --------------------------------------------------------------------------
-
-def plan_packages(clients, count, seed):
-    """``count`` packages for listener ``to``, each for 1 to 3 of ``clients``, with stamps."""
-    rng = random.Random(seed)
-    tag = secrets.token_hex(4)
-    return [{"type": "load", "listeners": ["to"], "to": rng.sample(clients, rng.randint(1, 3)),
-             "n": n, "_stamp": f"load{n:05d}x{tag}"} for n in range(count)]
-
-
-class Traffic:
-    """What happened: each client's poll answers, and each push's final status."""
-
-    def __init__(self, clients):
-        self.answers = {client: [] for client in clients}   # client -> [(after, answer)]
-        self.push_status = {}                               # stamp -> last status
-        self.retries = collections.Counter()                # status -> retries after it
-        self.errors = []                                    # exceptions in threads
-        self.seconds = 0.0
-
-
-def run_traffic(push_urls, poll_urls, clients, packages, pushers, poll_timeout, deadline=30.0):
-    """Push ``packages`` from ``pushers`` threads spread over ``push_urls`` while
-    every client polls, alternating over ``poll_urls``, until it has all of its
-    packages (then once more, to catch any extra); bounded by ``deadline`` s."""
-    traffic = Traffic(clients)
-    end = time.monotonic() + deadline
-    pushed = threading.Event()
-    expected = collections.Counter(r for package in packages for r in package["to"])
-    cursors = {client: Client(poll_urls[0], client).poll()["cursor"] for client in clients}
-
-    def guarded(work):
-        def run(*args):
-            try:
-                work(*args)
-            except BaseException as error:      # reported by the main thread
-                traffic.errors.append(error)
-        return run
-
-    def push(index):
-        sender = Client(push_urls[index % len(push_urls)], f"pusher{index}")
-        for package in packages[index::pushers]:
-            for _ in range(50):
-                status, _, _ = sender.push(package, timeout=20)
-                traffic.push_status[package["_stamp"]] = status
-                if status not in (429, 503) or time.monotonic() > end:
-                    break
-                traffic.retries[status] += 1
-                time.sleep(0.05)                # back off before the retry, as the client does
-
-    def poll(client):
-        after, received, turn = cursors[client], 0, 0
-        while time.monotonic() < end:
-            done = pushed.is_set() and received >= expected[client]
-            poller = Client(poll_urls[turn % len(poll_urls)], client)
-            answer = poller.poll(cursor=after, timeout=poll_timeout + 20)
-            traffic.answers[client].append((after, answer))
-            after, received, turn = answer["cursor"], received + len(answer["packages"]), turn + 1
-            if done:
-                return
-
-    started = time.monotonic()
-    pollers = [threading.Thread(target=guarded(poll), args=(c,)) for c in clients]
-    senders = [threading.Thread(target=guarded(push), args=(i,)) for i in range(pushers)]
-    for thread in pollers + senders:
-        thread.start()
-    for thread in senders:
-        thread.join(max(0.0, end - time.monotonic()) + 25)
-    pushed.set()
-    for thread in pollers:
-        thread.join(max(0.0, end - time.monotonic()) + poll_timeout + 25)
-    traffic.seconds = time.monotonic() - started
-    return traffic
-
-
-def _first_difference(got, expected):
-    for index, (a, b) in enumerate(zip(got, expected)):
-        if a != b:
-            return f"at index {index}: got position {a}, expected {b}"
-    return f"got {len(got)} positions, expected {len(expected)}"
-
-
-def assert_no_cursor_skipped(traffic, packages, positions):
-    """Each client received exactly the positions addressed to it, in increasing
-    order, each once, and every answer's packages lie after C and at or before C2."""
-    assert not traffic.errors, traffic.errors
-    refused = {s: status for s, status in traffic.push_status.items() if status != 200}
-    assert not refused and len(traffic.push_status) == len(packages), refused
-    lost = [p["_stamp"] for p in packages if p["_stamp"] not in positions]
-    assert not lost, f"{len(lost)} packages answered 200 are not in the store: {lost[:5]}"
-    for client, answers in traffic.answers.items():
-        expected = sorted(positions[p["_stamp"]] for p in packages if client in p["to"])
-        got = []
-        for after, answer in answers:
-            assert answer["reset"] is False, (client, answer)
-            window = [positions.get(package["_stamp"]) for package in answer["packages"]]
-            low, high = cursor_position(after), cursor_position(answer["cursor"])
-            assert all(p is not None and low < p <= high for p in window), \
-                (client, after, answer["cursor"], window)
-            got += window
-        assert got == expected, (client, _first_difference(got, expected))
-
+from conftest import (Client, GroupCommit, MariaDB, ServerProcess, ThreadedServer,
+                      assert_no_cursor_skipped, make_app, new_ids, plan_packages,
+                      need, positions_in_store, run_traffic, wait_until)
 
 # --------------------------------------------------------------------------
 # In-process helpers
 # --------------------------------------------------------------------------
-
-def new_ids(*names):
-    tag = secrets.token_hex(3)
-    return [f"{name}-{tag}" for name in names]
-
 
 def push(web, client, package, status=200):
     return web.post_json("/comet/push", package, headers={"X-Client": client}, status=status).json

@@ -40,9 +40,7 @@ def main():
     args = parser.parse_args()
     load.raise_open_files()
 
-    env = dict(os.environ)
-    if args.comet:
-        env["PYTHONPATH"] = os.path.abspath(args.comet)
+    env = run.served_env(args.comet)
     stores = run.Stores()
     path = args.out or os.path.join(tempfile.mkdtemp(prefix="comet-profile-"), "comet.pstats")
     try:

@@ -90,6 +90,11 @@ class Server:
                 self.stats = json.loads(conn.getresponse().read())
                 conn.close()
                 self.pid = self.stats["pid"]
+                expected = (self.env or {}).get("COMET_BENCH_MD5")
+                if expected and self.stats.get("comet_md5", expected) != expected:
+                    self.stop()
+                    raise RuntimeError(f"{self.server} served {self.stats['comet']}"
+                                       f" (md5 {self.stats['comet_md5']}), not {expected}")
                 return self
             time.sleep(0.1)
         tail = self.tail()
@@ -143,6 +148,16 @@ class Stores:
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def served_env(directory=None):
+    """The environment of the servers: ``directory``'s comet.py (the repository's by
+    default) first on their path, before any comet.py installed in site-packages."""
+    env = dict(os.environ)
+    served = os.path.abspath(directory or os.path.dirname(HERE))
+    env["PYTHONPATH"] = served + os.pathsep + env.get("PYTHONPATH", "")
+    env["COMET_BENCH_MD5"] = comet_md5(directory)
+    return env
 
 
 def comet_md5(directory=None):
@@ -274,9 +289,7 @@ def parse_args(argv=None):
 
 def run(args):
     """The whole matrix; the result dicts, also written as JSON lines as they come."""
-    env = dict(os.environ)
-    if args.comet:
-        env["PYTHONPATH"] = os.path.abspath(args.comet) + os.pathsep + env.get("PYTHONPATH", "")
+    env = served_env(args.comet)
     stores = Stores()
     logdir = tempfile.mkdtemp(prefix="comet-bench-logs-")
     run_id = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")

@@ -19,7 +19,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.append(os.path.dirname(HERE))      # comet.py; a PYTHONPATH entry (a trial copy) wins
+sys.path.append(os.path.dirname(HERE))      # comet.py, unless run.py's PYTHONPATH names one
 
 import apps  # noqa: E402
 from load import raise_open_files  # noqa: E402
