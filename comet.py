@@ -173,8 +173,11 @@ class Store:
       ``tx.add_member(channel, client, sender_json, ts)``,
       ``tx.remove_member(channel, client) -> bool`` (True for the one
       transaction that removed it);
-    - ``tx.appended``: after commit, ``[(position, ts, [(recipient, body)])]``,
-      each body as that recipient receives it.
+
+    After each commit the store calls ``on_commit`` (set by ``Comet``) with
+    what it appended, ``[(position, ts, [(recipient, body)])]`` in position
+    order, each body as that recipient receives it; once per commit, before
+    the transactions in it return.
 
     Outside transactions, each raising ``CometError`` 503 when the database
     cannot be reached:
@@ -183,6 +186,14 @@ class Store:
     url = ""
     id = ""
     shared = False
+    on_commit = None
+
+    def _committed(self, appended):
+        if appended and self.on_commit is not None:
+            try:
+                self.on_commit(appended)
+            except Exception:
+                log.exception("comet: on_commit failed")
 
     def transaction(self):
         raise NotImplementedError
@@ -245,6 +256,7 @@ class MemoryStore(Store):
             tx = _MemoryTransaction(self)
             yield tx
             tx.commit()
+        self._committed(tx.appended)
 
     def head(self):
         return self._head
@@ -510,7 +522,6 @@ class _SQLStore(Store):
         batch.done.wait()
         if batch.error is not None:
             raise _unavailable(batch.error.message)
-        tx.appended = [tuple(entry) for entry in tx.appended]
 
     def _join(self):
         """The batch this transaction is a part of, once it is this part's turn."""
@@ -595,8 +606,11 @@ class _SQLStore(Store):
                 self._open.remove(batch)
         try:
             if batch.begun and batch.error is None:
-                self._flush(batch)
+                appended = self._flush(batch)
                 batch.conn.commit()
+                # Every part's packages at once, in position order, while the
+                # writer lock still keeps the next commit out of the window.
+                self._committed(appended)
         except self._errors as error:
             self._break(batch, error)
         except Exception:                   # a refusal, e.g. a value too long for its column
@@ -613,23 +627,26 @@ class _SQLStore(Store):
             batch.done.set()
 
     def _flush(self, batch):
-        """Write the batch's packages: positions taken last, then two inserts."""
+        """Write the batch's packages: positions taken last, then two inserts.
+        Returns what was appended, as ``on_commit`` takes it."""
         if batch.claims:
             self._execute(batch.cur, "DELETE FROM comet_packages WHERE pos IN ("
                           + ", ".join(["?"] * len(batch.claims)) + ")", batch.claims)
         if not batch.pending:
-            return
+            return []
         last = self._take_positions(batch.cur, len(batch.pending))
-        packages, deliveries = [], []
-        for position, (stamp, ts, body, targets, entry) in enumerate(
+        packages, deliveries, appended = [], [], []
+        for position, (stamp, ts, body, targets) in enumerate(
                 batch.pending, last - len(batch.pending) + 1):
-            entry[0] = position
             packages.append((position, stamp, ts, body))
             deliveries.extend((recipient, position, tailored) for recipient, tailored in targets)
+            appended.append((position, ts, [(recipient, tailored or body)
+                                            for recipient, tailored in targets]))
         self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES", packages)
         if deliveries:
             self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
                          deliveries)
+        return appended
 
     def close(self):
         with self._pool_lock:
@@ -720,7 +737,7 @@ class _Batch:
         self.conn = self.cur = None
         self.begun = False                  # a transaction is open on conn
         self.writing = False                # this batch holds the store's writer lock
-        self.pending = []                   # (stamp, ts, body, deliveries, entry) to insert
+        self.pending = []                   # (stamp, ts, body, deliveries) to insert
         self.stamps = set()                 # their stamps
         self.claims = []                    # provisional positions holding client stamps
         self.savepoints = itertools.count()
@@ -736,7 +753,6 @@ class _SQLTransaction:
         self._batch = batch
         self.db = batch.conn
         self.cur = batch.cur
-        self.appended = []                  # [position, ts, [(recipient, body)]]; position at commit
 
     def _run(self, sql, args=()):
         return self._store._execute(self.cur, sql, args)
@@ -745,17 +761,16 @@ class _SQLTransaction:
     def savepoint(self):
         batch = self._batch
         name = f"comet_{next(batch.savepoints)}"
-        marks = len(self.appended), len(batch.pending), len(batch.claims)
+        marks = len(batch.pending), len(batch.claims)
         self._run(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
             self._run(f"ROLLBACK TO SAVEPOINT {name}")
             self._run(f"RELEASE SAVEPOINT {name}")
-            del self.appended[marks[0]:]
-            batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[1]:])
-            del batch.pending[marks[1]:]
-            del batch.claims[marks[2]:]
+            batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[0]:])
+            del batch.pending[marks[0]:]
+            del batch.claims[marks[1]:]
             raise
         self._run(f"RELEASE SAVEPOINT {name}")
 
@@ -777,10 +792,8 @@ class _SQLTransaction:
         batch = self._batch
         if stamp in batch.stamps:
             raise _Duplicate(stamp)
-        entry = [None, ts, [(recipient, tailored or body) for recipient, tailored in deliveries]]
-        batch.pending.append((stamp, ts, body, deliveries, entry))
+        batch.pending.append((stamp, ts, body, deliveries))
         batch.stamps.add(stamp)
-        self.appended.append(entry)
 
     def member_ids(self, channel):
         return [_text(row[0]) for row in self._run(
@@ -1223,6 +1236,7 @@ class Comet:
                  max_polls_per_client=8, max_polls=10000, rate=(20, 40)):
         self.app = app
         self.store = store if isinstance(store, Store) else open_store(store)
+        self.store.on_commit = self._delivered
         self.id = id
         self.sender = sender
         self.emit_filter = emit_filter
@@ -1350,8 +1364,6 @@ class Comet:
             accepted = [duplicate.args[0]]
         except CometError as error:                 # the store failed, or a batch of one did
             failure, accepted = (error, 0), []
-        else:
-            self._delivered(tx.appended)
         self._count("accepted", len(accepted))
         if failure:
             error, index = failure
@@ -1598,8 +1610,6 @@ class Comet:
                         client, channel, error.message)
             with self.store.transaction() as tx:
                 tx.remove_member(channel, client)
-        else:
-            self._delivered(tx.appended)
 
     def _delivered(self, appended):
         """Committed here: into the window, and wake the recipients' polls."""

@@ -105,7 +105,8 @@ class GroupCommit:
     package's ``text`` into the table ``log`` through ``db`` (``mark`` is the
     driver's placeholder), holds the push whose text is ``hold`` until
     ``release()``, and refuses the text ``refused``.  ``flushes`` lists how
-    many packages each commit wrote.
+    many packages each commit wrote, ``commits`` the positions each call of
+    the store's ``on_commit`` named.
     """
 
     def __init__(self, url, mark):
@@ -121,6 +122,13 @@ class GroupCommit:
             self.flushes.append(len(batch.pending))
             return flush(batch)
         store._flush = counted
+        self.commits = []                   # the positions each on_commit call named
+        on_commit = store.on_commit
+
+        def recorded(appended):
+            self.commits.append([position for position, _, _ in appended])
+            return on_commit(appended)
+        store.on_commit = recorded
 
         @self.app.action("note").on_submit
         def submit(package, private, db, environ):

@@ -372,6 +372,8 @@ def test_pushes_queued_behind_a_transaction_share_its_commit(group):
     assert results["refused"] == 403 and all(
         isinstance(results[text], str) for text in ("hold", "kept", "also kept"))
     assert group.flushes == [3]             # one commit for the three accepted
+    [positions] = group.commits             # ... told once, in order, with no gap
+    assert positions == list(range(positions[0], positions[0] + 3))
     assert group.log() == ["also kept", "hold", "kept"]     # the refused one's write undone
     assert group.delivered()[0] == "hold"
     assert sorted(group.delivered()) == ["also kept", "hold", "kept"]
