@@ -168,6 +168,36 @@ class GroupCommit:
         return [json.loads(body)["text"] for _, _, body in answer]
 
 
+def hooked_traffic(group, pushers=8, each=25, deadline=60.0):
+    """``pushers`` real HTTP clients pushing ``each`` notes at once to bob through a
+    threaded server on ``group``'s app, every fifth refused by its hook (after the
+    hook wrote to ``log``).  Returns ``(statuses, received)``: each note's status,
+    and the texts bob received, in order, over a cursor that never goes back."""
+    statuses = {}
+    with ThreadedServer(group.app) as server:
+        bob = Client(server.url, "bob")
+        bob.poll()
+
+        def push_all(k):
+            client = Client(server.url, f"pusher{k}")
+            for i in range(each):
+                text = f"{k}-{i}" if i % 5 else f"refused {k}-{i}"
+                statuses[text] = client.push({"type": "note", "listeners": ["to"], "to": ["bob"],
+                                              "text": "refused" if i % 5 == 0 else text,
+                                              "label": text})[0]
+        threads = [threading.Thread(target=push_all, args=(k,)) for k in range(pushers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(deadline)
+        expected = sum(status == 200 for status in statuses.values())
+        received = []
+        limit = time.monotonic() + deadline
+        while len(received) < expected and time.monotonic() < limit:
+            received += [p["label"] for p in bob.poll(timeout=10)["packages"]]
+    return statuses, received
+
+
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     request_queue_size = 1024

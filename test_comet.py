@@ -22,8 +22,8 @@ import webtest
 
 import comet
 from comet import Comet, CometError, Reject
-from conftest import (Client, GroupCommit, ServerProcess, ThreadedServer, free_port, make_app,
-                      wait_until)
+from conftest import (Client, GroupCommit, ServerProcess, ThreadedServer, free_port,
+                      hooked_traffic, make_app, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -377,6 +377,19 @@ def test_pushes_queued_behind_a_transaction_share_its_commit(group):
     assert group.log() == ["also kept", "hold", "kept"]     # the refused one's write undone
     assert group.delivered()[0] == "hold"
     assert sorted(group.delivered()) == ["also kept", "hold", "kept"]
+
+
+def test_concurrent_pushes_with_refusing_hooks_keep_every_guarantee(group):
+    statuses, received = hooked_traffic(group, pushers=8, each=25)
+    accepted = sorted(text for text, status in statuses.items() if status == 200)
+    assert len(accepted) == 8 * 20
+    assert {status for text, status in statuses.items() if text.startswith("refused")} == {403}
+    assert sorted(received) == accepted                     # every one, once
+    for k in range(8):                                      # each pusher's in its order
+        mine = [text for text in received if text.startswith(f"{k}-")]
+        assert mine == sorted(mine, key=lambda text: int(text.split("-")[1]))
+    assert group.log() == accepted                          # the refused hooks' writes undone
+    assert len(group.flushes) < len(accepted)               # commits were shared
 
 
 def test_a_first_part_that_fails_is_rolled_back_alone(group):

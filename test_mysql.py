@@ -19,7 +19,7 @@ import urllib.parse
 import pytest
 import webtest
 
-from conftest import (Client, GroupCommit, MariaDB, ServerProcess, ThreadedServer,
+from conftest import (Client, GroupCommit, MariaDB, ServerProcess, ThreadedServer, hooked_traffic,
                       assert_no_cursor_skipped, make_app, new_ids, plan_packages,
                       need, positions_in_store, run_traffic, wait_until)
 
@@ -288,6 +288,19 @@ def test_a_slow_hook_holds_up_four_pushes_and_the_fifth_commits_in_another_batch
     assert len(group.results) == 6 and all(isinstance(r, str) for r in group.results.values())
     assert group.flushes == [1, 5]
     assert group.delivered()[0] == "fifth" and len(group.delivered()) == 6
+
+
+def test_concurrent_pushes_with_refusing_hooks_keep_every_guarantee(group):
+    statuses, received = hooked_traffic(group, pushers=8, each=25)
+    accepted = sorted(text for text, status in statuses.items() if status == 200)
+    assert len(accepted) == 8 * 20
+    assert {status for text, status in statuses.items() if text.startswith("refused")} == {403}
+    assert sorted(received) == accepted                     # every one, once
+    for k in range(8):                                      # each pusher's in its order
+        mine = [text for text in received if text.startswith(f"{k}-")]
+        assert mine == sorted(mine, key=lambda text: int(text.split("-")[1]))
+    assert group.log() == accepted                          # the refused hooks' writes undone
+    assert len(group.flushes) < len(accepted)               # commits were shared
 
 
 def test_a_first_part_that_fails_is_rolled_back_alone(group):
