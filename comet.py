@@ -494,8 +494,8 @@ class _SQLStore(Store):
         takes its turn on the same connection once the parts before it are
         done (SQLite: one batch at a time; MySQL: up to ``_batches``, another
         opening when each has ``_batch_queue`` parts waiting, so that a slow
-        hook holds up a few pushes, not all); the last part writes every package (the positions taken in one
-        statement) and commits once for all.  A part that fails is rolled
+        hook holds up a few pushes, not all); the last part writes every
+        package (the positions taken in one statement) and commits once for all.  A part that fails is rolled
         back alone: to its savepoint, or the whole transaction when it is the
         first.  Every part waits for the commit before it returns, and all
         of them fail if the commit does.
@@ -528,7 +528,7 @@ class _SQLStore(Store):
         self._forked()
         if getattr(self._local, "batch", None) is not None:
             raise RuntimeError("a store transaction is open in this thread already"
-                               " (comet.push() cannot be called from a hook)")
+                               " (a hook cannot open another)")
         with self._batching:
             batch = min(self._open, key=lambda open: open.queued, default=None)
             if batch is None or (batch.queued >= self._batch_queue
@@ -710,8 +710,8 @@ class _SQLStore(Store):
             with self.transaction() as tx:
                 cur = tx.cur
                 purged = self._execute(cur, "SELECT purged FROM comet_meta").fetchone()[0]
-                newest = self._execute(cur, "SELECT MAX(pos) FROM comet_packages WHERE ts < ?",
-                                       (before,)).fetchone()[0]
+                newest = self._execute(cur, "SELECT MAX(pos) FROM comet_packages"
+                                            " WHERE ts < ? AND pos > 0", (before,)).fetchone()[0]
                 if newest is None or newest <= purged:
                     self._execute(cur, "DELETE FROM comet_clients WHERE seen < ? AND client"
                                        " NOT IN (SELECT client FROM comet_members)", (before,))
@@ -721,7 +721,8 @@ class _SQLStore(Store):
                                    " SELECT recipient, MAX(pos) FROM comet_deliveries"
                                    " WHERE pos <= ? GROUP BY recipient", (upto,))
                 self._execute(cur, "DELETE FROM comet_deliveries WHERE pos <= ?", (upto,))
-                self._execute(cur, "DELETE FROM comet_packages WHERE pos <= ?", (upto,))
+                self._execute(cur, "DELETE FROM comet_packages WHERE pos BETWEEN 1 AND ?",
+                              (upto,))    # a claim (pos < 0) in this batch stays
                 self._execute(cur, "UPDATE comet_meta SET purged = ?", (upto,))
 
 
