@@ -403,6 +403,8 @@ class _SQLStore(Store):
 
     def _forked(self):
         """Fresh pool and locks in a new process: the parent's sockets are not ours."""
+        if self._pid == os.getpid():        # the common case, on every transaction: no lock
+            return
         with self._pool_lock:
             if self._pid == os.getpid():
                 return

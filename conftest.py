@@ -168,6 +168,41 @@ class GroupCommit:
         return [json.loads(body)["text"] for _, _, body in answer]
 
 
+def open_group(kind, request, tmp_path):
+    """A ``GroupCommit`` on a fresh SQLite file or MariaDB database, with its ``log``
+    table, ``log()`` (its texts, sorted) and ``driver_error`` (one meaning "unavailable")."""
+    if kind == "sqlite":
+        path = f"{tmp_path}/comet.db"
+        group = GroupCommit(f"sqlite:///{path}", "?")
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE log (text TEXT)")
+
+        def log():
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                return sorted(row[0] for row in db.execute("SELECT text FROM log"))
+        group.driver_error = sqlite3.OperationalError("disk I/O error")
+    else:
+        import pymysql
+        mariadb = request.getfixturevalue("mariadb")
+        url = mariadb.create_database()    # its own: bob's inbox holds only this test's
+        group = GroupCommit(url, "%s")
+        mariadb.query(url, "CREATE TABLE log (text VARCHAR(64)) ENGINE=InnoDB")
+
+        def log():
+            return sorted(row[0] for row in mariadb.query(url, "SELECT text FROM log"))
+        group.driver_error = pymysql.err.OperationalError(
+            2013, "Lost connection to MySQL server during query")
+    group.log = log
+    return group
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def group(request, tmp_path):
+    group = open_group(request.param, request, tmp_path)
+    yield group
+    group.app.close()
+
+
 def hooked_traffic(group, pushers=8, each=25, deadline=60.0):
     """``pushers`` real HTTP clients pushing ``each`` notes at once to bob through a
     threaded server on ``group``'s app, every fifth refused by its hook (after the

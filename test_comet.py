@@ -2,7 +2,8 @@
 
 WebTest for the request/response rules; a real threaded server on 127.0.0.1
 with real HTTP clients for parking, wake-ups, ordering and concurrency; real
-processes for kill -9.
+processes for kill -9.  Group commit runs on SQLite and on the real MariaDB
+(``group`` in conftest.py).
 """
 
 import io
@@ -22,7 +23,7 @@ import webtest
 
 import comet
 from comet import Comet, CometError, Reject
-from conftest import (Client, GroupCommit, ServerProcess, ThreadedServer, free_port,
+from conftest import (Client, ServerProcess, ThreadedServer, free_port,
                       hooked_traffic, make_app, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -356,16 +357,7 @@ def test_a_hook_write_commits_with_the_package_and_rolls_back_with_it(tmp_path):
         assert db.execute("SELECT text FROM log").fetchall() == [("kept",)]
 
 
-@pytest.fixture
-def group(tmp_path):
-    group = GroupCommit(f"sqlite:///{tmp_path}/comet.db", "?")
-    with sqlite3.connect(f"{tmp_path}/comet.db") as db:
-        db.execute("CREATE TABLE log (text TEXT)")
-    group.log = lambda: sorted(row[0] for row in sqlite3.connect(
-        f"{tmp_path}/comet.db").execute("SELECT text FROM log"))
-    yield group
-    group.app.close()
-
+# Group commit, on SQLite and on MariaDB (the ``group`` fixture of conftest.py)
 
 def test_pushes_queued_behind_a_transaction_share_its_commit(group):
     results = group.run("hold", "kept", "refused", "also kept")
@@ -401,7 +393,7 @@ def test_a_first_part_that_fails_is_rolled_back_alone(group):
 
 def test_a_failed_commit_fails_every_part_and_keeps_nothing(group, monkeypatch):
     def broken(batch):
-        raise sqlite3.OperationalError("disk I/O error")
+        raise group.driver_error
     monkeypatch.setattr(group.app.store, "_flush", broken)
     head = group.app.store.head()
     assert group.run("hold", "kept", "also kept") == {"hold": 503, "kept": 503, "also kept": 503}

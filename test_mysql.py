@@ -19,7 +19,7 @@ import urllib.parse
 import pytest
 import webtest
 
-from conftest import (Client, GroupCommit, MariaDB, ServerProcess, ThreadedServer, hooked_traffic,
+from conftest import (Client, MariaDB, ServerProcess, ThreadedServer, open_group,
                       assert_no_cursor_skipped, make_app, new_ids, plan_packages,
                       need, positions_in_store, run_traffic, wait_until)
 
@@ -256,22 +256,10 @@ def test_rejected_package_in_a_batch_keeps_what_the_packages_before_it_wrote(not
 # --------------------------------------------------------------------------
 
 @pytest.fixture
-def group(mariadb):
-    url = mariadb.create_database()        # its own: bob's inbox holds only this test's
-    group = GroupCommit(url, "%s")
-    mariadb.query(url, "CREATE TABLE log (text VARCHAR(64)) ENGINE=InnoDB")
-    group.log = lambda: sorted(row[0] for row in mariadb.query(url, "SELECT text FROM log"))
+def group(request, tmp_path):
+    group = open_group("mysql", request, tmp_path)
     yield group
     group.app.close()
-
-
-def test_pushes_queued_behind_a_transaction_share_its_commit(group):
-    results = group.run("hold", "kept", "refused", "also kept")
-    assert results["refused"] == 403
-    assert all(isinstance(results[text], str) for text in ("hold", "kept", "also kept"))
-    assert group.flushes == [3]
-    assert group.log() == ["also kept", "hold", "kept"]
-    assert sorted(group.delivered()) == ["also kept", "hold", "kept"]
 
 
 def test_a_slow_hook_holds_up_four_pushes_and_the_fifth_commits_in_another_batch(group):
@@ -288,39 +276,6 @@ def test_a_slow_hook_holds_up_four_pushes_and_the_fifth_commits_in_another_batch
     assert len(group.results) == 6 and all(isinstance(r, str) for r in group.results.values())
     assert group.flushes == [1, 5]
     assert group.delivered()[0] == "fifth" and len(group.delivered()) == 6
-
-
-def test_concurrent_pushes_with_refusing_hooks_keep_every_guarantee(group):
-    statuses, received = hooked_traffic(group, pushers=8, each=25)
-    accepted = sorted(text for text, status in statuses.items() if status == 200)
-    assert len(accepted) == 8 * 20
-    assert {status for text, status in statuses.items() if text.startswith("refused")} == {403}
-    assert sorted(received) == accepted                     # every one, once
-    for k in range(8):                                      # each pusher's in its order
-        mine = [text for text in received if text.startswith(f"{k}-")]
-        assert mine == sorted(mine, key=lambda text: int(text.split("-")[1]))
-    assert group.log() == accepted                          # the refused hooks' writes undone
-    assert len(group.flushes) < len(accepted)               # commits were shared
-
-
-def test_a_first_part_that_fails_is_rolled_back_alone(group):
-    results = group.run("hold-refused", "kept", "also kept")
-    assert results["hold-refused"] == 403
-    assert group.log() == ["also kept", "kept"]
-    assert sorted(group.delivered()) == ["also kept", "kept"]
-
-
-def test_a_failed_commit_fails_every_part_and_keeps_nothing(group, monkeypatch):
-    import pymysql
-
-    def broken(batch):
-        raise pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
-    monkeypatch.setattr(group.app.store, "_flush", broken)
-    assert group.run("hold", "kept", "also kept") == {"hold": 503, "kept": 503, "also kept": 503}
-    assert group.log() == [] and group.delivered() == []
-    monkeypatch.undo()
-    assert isinstance(group.app.push({"type": "note", "listeners": "bob", "text": "after"}), str)
-    assert group.log() == ["after"]
 
 
 def test_a_stamp_claimed_by_an_open_transaction_elsewhere_waits_for_it_and_is_stored_once(group):
