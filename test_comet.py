@@ -3,7 +3,7 @@
 WebTest for the request/response rules; a real threaded server on 127.0.0.1
 with real HTTP clients for parking, wake-ups, ordering and concurrency; real
 processes for kill -9.  Group commit runs on SQLite and on the real MariaDB
-(``group`` in conftest.py).
+(``group`` in tests/support.py).
 """
 
 import io
@@ -23,8 +23,9 @@ import webtest
 
 import comet
 from comet import Comet, CometError, Reject
-from conftest import (Client, ServerProcess, ThreadedServer, free_port,
-                      hooked_traffic, make_app, wait_until)
+from support import (Client, ServerProcess, ThreadedServer, free_port,
+                     hooked_traffic, make_app, wait_until)
+from support import group, mariadb  # noqa: F401  (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -357,7 +358,7 @@ def test_a_hook_write_commits_with_the_package_and_rolls_back_with_it(tmp_path):
         assert db.execute("SELECT text FROM log").fetchall() == [("kept",)]
 
 
-# Group commit, on SQLite and on MariaDB (the ``group`` fixture of conftest.py)
+# Group commit, on SQLite and on MariaDB (the ``group`` fixture of tests/support.py)
 
 def test_pushes_queued_behind_a_transaction_share_its_commit(group):
     results = group.run("hold", "kept", "refused", "also kept")

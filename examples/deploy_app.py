@@ -2,7 +2,7 @@
 
     COMET_STORE=sqlite:////tmp/comet.db gunicorn -k gthread -w 3 --threads 32 deploy_app:application
 
-The conventions of the standard test application (conftest.py), so the tests'
+The conventions of the standard test application (tests/support.py), so the tests'
 ``Client`` speaks to it:
 
 - the client id is the ``X-Client`` header -- a stand-in for a real identity

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlencode
 import pytest
 
 import comet
-from conftest import ThreadedServer, chromium, wait_until
+from support import ThreadedServer, chromium, wait_until
 
 STAMP = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 WAIT_MS = 10000

@@ -2,7 +2,7 @@
 
 Each process tails the store every ``tail_interval`` to wake its parked polls
 for packages the other process stored.  The MySQL cases need the local MariaDB
-(the helpers are in conftest.py); each gets a database of
+(the helpers are in support.py); each gets a database of
 its own.
 """
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (Client, ServerProcess, assert_no_cursor_skipped, new_ids, plan_packages,
+from support import (Client, ServerProcess, assert_no_cursor_skipped, new_ids, plan_packages,
                       positions_in_store, run_traffic)
 
 TAIL_INTERVAL = 0.1

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chromium, wait_until
+from support import chromium, wait_until
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent                 # the repository
 PRESENCE_TIMEOUT = 2       # seconds; polls are held 1 s, so a closed page is gone in about 3
 WAIT_MS = 15000
 
@@ -35,11 +35,11 @@ class Demo:
 
     def start(self):
         # -S: no site-packages, as on a fresh Python with nothing installed.
-        command = [sys.executable, "-S", str(HERE / "demo.py"), "--port", str(self.port),
+        command = [sys.executable, "-S", str(ROOT / "demo.py"), "--port", str(self.port),
                    "--db", str(self.db), "--presence-timeout", str(PRESENCE_TIMEOUT),
                    "--poll-timeout", "1"]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until(self._answers, timeout=15)
         except AssertionError:
@@ -231,7 +231,7 @@ def test_three_people_two_rooms(open_chat, tmp_path):
                             "Great, thanks both. Let's ship it after lunch."])
 
     # docs/demo.png is refreshed on request only: COMET_SCREENSHOT=1 python -m pytest test_demo_browser.py
-    target = HERE / "docs" / "demo.png" if os.environ.get("COMET_SCREENSHOT") else tmp_path / "demo.png"
+    target = ROOT / "docs" / "demo.png" if os.environ.get("COMET_SCREENSHOT") else tmp_path / "demo.png"
     target.parent.mkdir(exist_ok=True)
     alice.screenshot(path=str(target))
     assert target.stat().st_size > 10_000

@@ -1,6 +1,6 @@
 """Shared test support: real servers on 127.0.0.1, in a thread or in a process.
 
-``python conftest.py --store URL --port N [--poll-timeout S] ...`` serves the
+``python tests/support.py --store URL --port N [--poll-timeout S] ...`` serves the
 standard test application in its own process (for kill -9 and multi-process
 tests).  The standard application:
 
@@ -9,7 +9,8 @@ tests).  The standard application:
 - channel ``room``.
 
 Also here: ``GroupCommit`` (pushes queued behind a held transaction) and the
-MariaDB helpers shared by test_mysql.py and test_multiprocess.py.
+MariaDB helpers.  The fixtures defined here are registered for the modules
+under tests/ by tests/conftest.py, and for test_comet.py by its own import.
 """
 
 import argparse
@@ -35,7 +36,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(HERE)                # the repository: comet.py, demo.py, examples/
+sys.path.insert(0, ROOT)
 
 import comet  # noqa: E402
 
@@ -306,7 +308,7 @@ def free_port():
 
 
 class ServerProcess:
-    """``python conftest.py`` serving the standard test app in its own process."""
+    """``python tests/support.py`` serving the standard test app in its own process."""
 
     def __init__(self, store, port=None, **options):
         self.store = store
@@ -316,11 +318,11 @@ class ServerProcess:
         self.proc = None
 
     def start(self):
-        args = [sys.executable, os.path.join(HERE, "conftest.py"),
+        args = [sys.executable, os.path.join(HERE, "support.py"),
                 "--store", self.store, "--port", str(self.port)]
         for name, value in self.options.items():
             args += ["--" + name.replace("_", "-"), str(value)]
-        self.proc = subprocess.Popen(args, cwd=HERE)
+        self.proc = subprocess.Popen(args, cwd=ROOT)
         wait_until(self._answers, timeout=15)
         return self
 

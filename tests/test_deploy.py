@@ -11,7 +11,7 @@
   ``/scripts/comet.js`` from the installed package.
 
 The application is examples/deploy_app.py (the standard test app's
-conventions, so conftest's ``Client`` speaks to it).  Missing gunicorn, gevent,
+conventions, so support's ``Client`` speaks to it).  Missing gunicorn, gevent,
 nginx or MariaDB skip loudly, and fail under CI=true.
 """
 import contextlib
@@ -35,10 +35,10 @@ import zipfile
 
 import pytest
 
-from conftest import Client, free_port, need, wait_until
+from support import Client, free_port, need, wait_until
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(HERE, "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+EXAMPLES = os.path.join(ROOT, "examples")
 NGINX = "/usr/sbin/nginx"
 MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="")
 POLL_TIMEOUT = 5.0                  # what deploy_app holds a poll for in the delivery tests
@@ -80,7 +80,7 @@ class Gunicorn:
         from gunicorn.config import KNOWN_SETTINGS
         if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
             self.args.append("--no-control-socket")     # gunicorn 24+: one shared socket path
-        self.env = dict(os.environ, PYTHONPATH=HERE, COMET_STORE=store,
+        self.env = dict(os.environ, PYTHONPATH=ROOT, COMET_STORE=store,
                         COMET_POLL_TIMEOUT=str(poll_timeout))
         self.proc = None
 
@@ -518,7 +518,7 @@ def test_the_installed_package_serves_the_client_script(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "--disable-pip-version-check", "-q"]
-    with open(os.path.join(HERE, "comet_client.js"), "rb") as file:
+    with open(os.path.join(ROOT, "comet_client.js"), "rb") as file:
         script_sha = hashlib.sha256(file.read()).hexdigest()
 
     def serves_the_script():
@@ -527,7 +527,7 @@ def test_the_installed_package_serves_the_client_script(tmp_path):
         assert out[0].startswith(str(venv)) and "site-packages" in out[0], out
         assert out[1:] == ["200", "OK", script_sha], out
 
-    subprocess.run(pip + ["wheel", "--no-deps", "-w", str(tmp_path / "dist"), HERE],
+    subprocess.run(pip + ["wheel", "--no-deps", "-w", str(tmp_path / "dist"), ROOT],
                    check=True, timeout=300, cwd=outside)
     [wheel] = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -536,5 +536,5 @@ def test_the_installed_package_serves_the_client_script(tmp_path):
     subprocess.run(pip + ["install", "--no-deps", str(wheel)], check=True, timeout=300, cwd=outside)
     serves_the_script()
     subprocess.run(pip + ["uninstall", "-y", "comet-py"], check=True, timeout=120, cwd=outside)
-    subprocess.run(pip + ["install", "--no-deps", HERE], check=True, timeout=300, cwd=outside)
+    subprocess.run(pip + ["install", "--no-deps", ROOT], check=True, timeout=300, cwd=outside)
     serves_the_script()

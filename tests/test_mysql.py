@@ -6,7 +6,7 @@ each other's packages.  Without a reachable MariaDB the module skips loudly
 (and fails under CI=true).
 
 The MariaDB helpers (``MariaDB``, the ``mariadb`` and ``mysql_url`` fixtures,
-``run_traffic``, ``assert_no_cursor_skipped``) are in conftest.py, shared with
+``run_traffic``, ``assert_no_cursor_skipped``) are in support.py, shared with
 test_multiprocess.py.
 """
 
@@ -19,7 +19,7 @@ import urllib.parse
 import pytest
 import webtest
 
-from conftest import (Client, MariaDB, ServerProcess, ThreadedServer, open_group,
+from support import (Client, MariaDB, ServerProcess, ThreadedServer, open_group,
                       assert_no_cursor_skipped, make_app, new_ids, plan_packages,
                       need, positions_in_store, run_traffic, wait_until)
 

@@ -26,10 +26,10 @@ import urllib.request
 import pytest
 
 import comet
-from conftest import ThreadedServer, chromium, need, wait_until
+from support import ThreadedServer, chromium, need, wait_until
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(HERE, "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+EXAMPLES = os.path.join(ROOT, "examples")
 FRAMEWORKS = ["flask", "django", "bottle"]
 
 
@@ -178,7 +178,7 @@ def test_the_recipes_in_the_examples_readme_are_the_code_of_the_examples():
 
 
 def test_the_top_readme_recipes_are_lines_of_the_examples():
-    with open(os.path.join(HERE, "README.md")) as file:
+    with open(os.path.join(ROOT, "README.md")) as file:
         section = file.read().split("## Use it with your framework", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)\n```", section, re.S)
     sources = example_sources()
@@ -196,7 +196,7 @@ def test_the_page_loads_the_client_and_the_script_is_served(site):
         assert used in page
     status, headers, script = person.request("GET", "/scripts/comet.js")
     assert status == 200 and headers.get_content_type() == "application/javascript"
-    with open(os.path.join(HERE, "comet_client.js"), "rb") as file:
+    with open(os.path.join(ROOT, "comet_client.js"), "rb") as file:
         assert script == file.read()
 
 
