@@ -461,6 +461,7 @@ def outage(mariadb, mysql_url):
     return record
 
 
+@pytest.mark.outage
 def test_store_outage_answers_503_with_retry_after_within_10_s_never_500(outage):
     during = [r for r in outage.requests if outage.stopped <= r[1] < outage.started]
     first_503 = {kind: min((r[2] for r in during if r[0] == kind and r[3] == 503), default=None)
@@ -473,14 +474,17 @@ def test_store_outage_answers_503_with_retry_after_within_10_s_never_500(outage)
     assert max(r[2] - r[1] for r in outage.requests) <= 10
 
 
+@pytest.mark.outage
 def test_server_process_stays_up_through_a_store_outage(outage):
     assert outage.alive is True
 
 
+@pytest.mark.outage
 def test_pushes_and_polls_succeed_again_when_the_store_is_back_without_restart(outage):
     assert outage.recovered is True
 
 
+@pytest.mark.outage
 def test_every_push_answered_200_around_a_store_outage_is_delivered(outage):
     assert all(outage.expected.values())
     for recipient, stamps in outage.expected.items():
