@@ -179,7 +179,7 @@ def test_the_recipes_in_the_examples_readme_are_the_code_of_the_examples():
 
 def test_the_top_readme_recipes_are_lines_of_the_examples():
     with open(os.path.join(ROOT, "README.md")) as file:
-        section = file.read().split("## Use it with your framework", 1)[1].split("\n## ", 1)[0]
+        section = file.read().split("## Wrap your app", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)\n```", section, re.S)
     sources = example_sources()
     lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
