@@ -15,6 +15,7 @@ import logging
 import re
 import socketserver
 import sqlite3
+import sys
 import urllib.parse
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -146,7 +147,12 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     application = make_chat(args.db, presence_timeout=args.presence_timeout,
                             poll_timeout=args.poll_timeout)
-    with make_server(args.host, args.port, application, ThreadingServer, QuietHandler) as server:
+    try:
+        server = make_server(args.host, args.port, application, ThreadingServer, QuietHandler)
+    except OSError as error:    # most often another server on that port: one line, no traceback
+        sys.exit(f"Cannot serve on {args.host}:{args.port}: {error.strerror}. "
+                 f"Pick another port with --port, e.g. python demo.py --port {args.port + 1}")
+    with server:
         print(f"Chat on http://{args.host}:{args.port}/ (Ctrl+C stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()

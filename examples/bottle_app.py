@@ -1,10 +1,13 @@
 """comet.py in a Bottle app: a chat page, and Bottle's own routes as before.
 
+From the repository root (PYTHONPATH=. finds comet.py there)::
+
     pip install bottle
-    python bottle_app.py         # with comet.py beside it or on PYTHONPATH
+    PYTHONPATH=. python examples/bottle_app.py --port 8080
 
 then open http://127.0.0.1:8080/ in two browsers.
 """
+import argparse
 import os
 import socketserver
 from wsgiref.simple_server import WSGIServer
@@ -58,4 +61,6 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 if __name__ == "__main__":
-    bottle.run(app, host="127.0.0.1", port=8080, server_class=ThreadingWSGIServer)
+    parser = argparse.ArgumentParser(description="A chat on Bottle and comet.py.")
+    parser.add_argument("--port", type=int, default=8080)
+    bottle.run(app, host="127.0.0.1", port=parser.parse_args().port, server_class=ThreadingWSGIServer)

@@ -1,6 +1,8 @@
-"""The application test_deploy.py serves with gunicorn (and nginx in front).
+"""The application tests/test_deploy.py serves with gunicorn (and nginx in front).
 
-    COMET_STORE=sqlite:////tmp/comet.db gunicorn -k gthread -w 3 --threads 32 deploy_app:application
+From the repository root::
+
+    COMET_STORE=sqlite:///comet.db gunicorn -k gthread -w 3 --threads 32 -b 127.0.0.1:8000 examples.deploy_app:application
 
 The conventions of the standard test application (tests/support.py), so the tests'
 ``Client`` speaks to it:

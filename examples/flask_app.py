@@ -1,10 +1,13 @@
 """comet.py in a Flask app: a chat page, and Flask's own routes as before.
 
+From the repository root (PYTHONPATH=. finds comet.py there)::
+
     pip install flask
-    python flask_app.py          # with comet.py beside it or on PYTHONPATH
+    PYTHONPATH=. python examples/flask_app.py --port 5000
 
 then open http://127.0.0.1:5000/ in two browsers.
 """
+import argparse
 import os
 
 from flask import Flask
@@ -50,4 +53,6 @@ PAGE = """<!doctype html>
 """
 
 if __name__ == "__main__":
-    app.run(port=5000)          # threaded: each parked poll holds a thread
+    parser = argparse.ArgumentParser(description="A chat on Flask and comet.py.")
+    parser.add_argument("--port", type=int, default=5000)
+    app.run(port=parser.parse_args().port)     # threaded: each parked poll holds a thread

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Django's command line: python manage.py runserver (comet.py beside it or on PYTHONPATH)."""
+"""Django's command line.  From the repository root (PYTHONPATH=. finds comet.py there)::
+
+    PYTHONPATH=. python examples/django_project/manage.py migrate
+    PYTHONPATH=. python examples/django_project/manage.py runserver 127.0.0.1:8000
+"""
 import os
 import sys
 

@@ -1,7 +1,10 @@
 """The WSGI application: Django, with comet.py in front of it.
 
-    python manage.py runserver           # serves it (WSGI_APPLICATION)
-    gunicorn -k gthread --threads 50 mysite.wsgi
+    PYTHONPATH=. python examples/django_project/manage.py runserver 127.0.0.1:8000
+    PYTHONPATH=examples/django_project gunicorn -k gthread --threads 50 -b 127.0.0.1:8000 mysite.wsgi
+
+(from the repository root: runserver serves it as WSGI_APPLICATION; gunicorn
+finds comet.py in the working directory).
 """
 import os
 
