@@ -1396,7 +1396,7 @@ class Comet:
                 self._local.tx = None
 
     def _accept_one(self, tx, package, client, environ, sender, private):
-        """Validate, stamp, run the hooks and store one package, as SPEC section 2 orders."""
+        """Validate, stamp, run the hooks and store one package, in the order docs/api.md gives."""
         package, channels = self._validate(package)
         stamp = package.get("_stamp")
         if not (isinstance(stamp, str) and _STAMP.match(stamp)):

@@ -1,4 +1,4 @@
-"""The contract of SPEC.md, behaviour by behaviour.
+"""What comet.py promises, behaviour by behaviour.
 
 WebTest for the request/response rules; a real threaded server on 127.0.0.1
 with real HTTP clients for parking, wake-ups, ordering and concurrency; real
@@ -445,7 +445,7 @@ def test_a_failure_in_a_batch_keeps_the_packages_before_it(alice, bob):
 
 
 # --------------------------------------------------------------------------
-# Errors: every row of SPEC section 3, and nothing changes
+# Errors: every error status and code, and nothing changes
 # --------------------------------------------------------------------------
 
 def raw_push(web, body, content_type="application/json", status=400, **headers):

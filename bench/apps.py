@@ -8,7 +8,7 @@
 - ``socketio``: python-socketio's long-polling transport; clients join a room
   at connect, and ``POST /push`` makes the server emit to that room.
 - ``comet``: comet.py on a store URL; the listener ``room`` delivers to every
-  client that polled with the package's ``room`` (the SPEC's "everyone").
+  client that polled with the package's ``room`` (everyone in the room).
 
 ``Bench`` adds ``GET /_bench/stats`` (the serving process's pid and how many
 poll requests are inside the application now, i.e. parked) and nothing else.

@@ -204,7 +204,10 @@ def markdown(results, machine="", command="python bench/run.py"):
     head = (f"# Benchmark results\n\nCommand: `{command}`; run {', '.join(runs)}; "
             f"{len(reps)} interleaved repetition(s); {machine}; comet.py: {', '.join(comet)}.\n"
             "Each cell: median [min–max] over the repetitions.  Load generator and server"
-            " share the machine's 2 cores.\n\n")
+            " share the machine's 2 cores.\n"
+            "The floor is an ideal long poll (one list and one condition: no storage, no"
+            " checks), socketio is python-socketio's polling transport; bench/README.md"
+            " says more.\n\n")
     rows = targets(results)
     verdicts = "## Targets (ratios per repetition, same run)\n\n" + _table(
         ["target", "server", "app", "measured: median [min–max]", "verdict"], rows) if rows else ""

@@ -1,4 +1,4 @@
-"""Real deployments on 127.0.0.1 (SPEC section 7), and the package as pip installs it.
+"""Real deployments on 127.0.0.1 (gunicorn, gevent, nginx), and the package as pip installs it.
 
 - gunicorn ``-k gthread``, 3 workers sharing one SQLite file, then one MySQL
   database: 10 clients, 500 packages pushed while they poll, every request on

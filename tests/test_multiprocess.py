@@ -1,4 +1,4 @@
-"""Two server processes sharing one store, SQLite file and MySQL (SPEC section 4).
+"""Two server processes sharing one store, SQLite file and MySQL: each delivers the other's pushes.
 
 Each process tails the store every ``tail_interval`` to wake its parked polls
 for packages the other process stored.  The MySQL cases need the local MariaDB

@@ -1,4 +1,4 @@
-"""The MySQL store against the real MariaDB on 127.0.0.1:3306 (SPEC sections 2-4).
+"""The MySQL store against the real MariaDB on 127.0.0.1:3306: the API, the protocol, the guarantees.
 
 Every test runs in one throwaway database ``comet_test_<hex>``, made for this
 module and dropped after it; client ids carry a fresh tag, so tests do not see
