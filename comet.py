@@ -9,6 +9,7 @@ that every process and host shares::
 
     comet = Comet(app, store="sqlite:///chat.db")
     room = comet.channel("home")            # join / leave / members
+    rooms = comet.channels("room:")         # room:1, room:2, ...: channels in every process
 
     # the page:  <script src="/scripts/comet.js"></script>
     #   comet.start();
@@ -1142,11 +1143,19 @@ class Action:
 
 
 class Channel:
-    """A listener whose recipients are its members, kept in the store."""
+    """A listener whose recipients are its members, kept in the store.
 
-    def __init__(self, comet, name):
+    ``may_join(environ, db, channel) -> bool`` decides whether a client may
+    join (a false answer is 403 ``rejected``, and so is a ``Reject`` it raises,
+    with its message); ``presence`` says whether a member that stops polling is
+    dropped with a timeout ``leave``.
+    """
+
+    def __init__(self, comet, name, may_join=None, presence=True):
         self._comet = comet
         self.name = name
+        self.may_join = may_join
+        self.presence = presence
 
     def members(self):
         """``{client_id: sender}``, the presence list."""
@@ -1154,6 +1163,31 @@ class Channel:
 
     def __repr__(self):
         return f"<Channel {self.name!r}>"
+
+
+class Namespace:
+    """Every name that starts with ``prefix`` (and is longer, up to 256
+    characters) is a channel with these rules, in every process that registers
+    the namespace; nothing is stored per channel beyond its members.
+    ``namespace[name]`` is the ``Channel`` of that name."""
+
+    def __init__(self, comet, prefix, may_join=None, presence=True):
+        self._comet = comet
+        self.prefix = prefix
+        self.may_join = may_join
+        self.presence = presence
+
+    def __contains__(self, name):
+        return (isinstance(name, str) and name.startswith(self.prefix)
+                and len(self.prefix) < len(name) <= _MAX_ID)
+
+    def __getitem__(self, name):
+        if name not in self:
+            raise KeyError(name)
+        return Channel(self._comet, name, self.may_join, self.presence)
+
+    def __repr__(self):
+        return f"<Namespace {self.prefix!r}>"
 
 
 # --------------------------------------------------------------------------
@@ -1261,6 +1295,7 @@ class Comet:
             self._routes[script_path] = ("GET, HEAD", self._serve_script)
         self._listeners = {}
         self._channels = {}
+        self._namespaces = []               # longest prefix first
         self._actions = {}
         self._parking = _Parking(max_polls_per_client, max_polls)
         self._window = _Window(100_000) if self.store.shared else None
@@ -1290,13 +1325,34 @@ class Comet:
         """The ``Action`` of a package type, to hang ``on_submit`` and ``on_emit`` on."""
         return self._actions.setdefault(type, Action(type))
 
-    def channel(self, name):
-        """Register ``name`` as a channel: a listener whose recipients are its members."""
+    def channel(self, name, may_join=None, presence=True):
+        """Register ``name`` as a channel: a listener whose recipients are its members.
+
+        ``may_join(environ, db, channel) -> bool`` decides who may join (false,
+        or a ``Reject`` raised, answers 403 ``rejected``); ``presence=False``
+        keeps members until they leave, with no timeout ``leave``.
+        """
         if name in self._listeners:
             raise ValueError(f"{name!r} is a listener")
         if not 0 < len(name) <= _MAX_ID:
             raise ValueError(f"a channel name is 1 to {_MAX_ID} characters")
-        return self._channels.setdefault(name, Channel(self, name))
+        self._channels[name] = Channel(self, name, may_join, presence)
+        return self._channels[name]
+
+    def channels(self, prefix, may_join=None, presence=True):
+        """Register a namespace: every name starting with ``prefix`` is a channel,
+        with the rules of ``channel()``, in every process that registers it.
+
+        ``comet.channels("room:")["room:42"]`` is a ``Channel``.  A name that is
+        a listener or a channel of its own follows its own registration; in
+        overlapping namespaces the longest prefix wins.
+        """
+        if not isinstance(prefix, str) or not 0 < len(prefix) < _MAX_ID:
+            raise ValueError(f"a namespace prefix is 1 to {_MAX_ID - 1} characters")
+        namespace = Namespace(self, prefix, may_join, presence)
+        self._namespaces = sorted([ns for ns in self._namespaces if ns.prefix != prefix]
+                                  + [namespace], key=lambda ns: -len(ns.prefix))
+        return namespace
 
     # -- the server side
 
@@ -1418,6 +1474,9 @@ class Comet:
             package, channels = self._validate(package)
         if client is not None and kind == "join":
             for channel in channels:
+                may_join = self._channel(channel).may_join
+                if may_join is not None and not self._call(may_join, environ, tx.db, channel):
+                    raise Reject(f"you may not join {channel}")
                 tx.add_member(channel, client, self._json(package["sender"]), package["_ts"])
         deliveries = []
         for recipient in self._recipients(tx, package, environ):
@@ -1450,7 +1509,7 @@ class Comet:
             if not all(isinstance(name, str) for name in listeners):
                 raise _bad_package("listener names must be strings")
             for name in listeners:
-                if name in self._channels:
+                if self._channel(name) is not None:
                     channels.append(name)
                 elif name not in self._listeners:
                     raise CometError(400, "unknown_listener", f"no listener named {name!r}")
@@ -1461,13 +1520,22 @@ class Comet:
         package.pop("private", None)
         return package, list(dict.fromkeys(channels))
 
+    def _channel(self, name):
+        """The ``Channel`` a listener name addresses: registered by that name, or
+        in the namespace of the longest prefix; None for a listener or no channel."""
+        channel = self._channels.get(name)
+        if channel is None and self._namespaces and name not in self._listeners:
+            namespace = next((ns for ns in self._namespaces if name in ns), None)
+            channel = namespace and namespace[name]
+        return channel
+
     def _recipients(self, tx, package, environ):
         listeners = package["listeners"]
         if not isinstance(listeners, list):
             return [str(listeners)]
         recipients = {}                     # a dict keeps the order and each recipient once
         for name in listeners:
-            if name in self._channels:
+            if self._channel(name) is not None:
                 found = tx.member_ids(name)
             else:
                 found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
@@ -1596,7 +1664,8 @@ class Comet:
         if not sweep:
             return
         for channel, client, sender in self.store.stale_members(now - int(self.presence_timeout * 1000)):
-            if channel in self._channels:
+            found = self._channel(channel)
+            if found is not None and found.presence:
                 self._leave_on_timeout(channel, client, sender)
 
     def _leave_on_timeout(self, channel, client, sender):

@@ -766,13 +766,14 @@ def test_two_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path):
     assert len(leaves) == 1
 
 
-def test_two_server_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path):
+@pytest.mark.parametrize("channel", ["room", "room:7"])   # registered, and of a namespace
+def test_two_server_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path, channel):
     url = f"sqlite:///{tmp_path}/comet.db"
     options = dict(presence_timeout=1.0, poll_timeout=0.3, tail_interval=0.05)
     with ServerProcess(url, **options) as first, ServerProcess(url, **options) as second:
         alice = Client(first.url, "alice")
-        assert alice.push({"type": "join", "listeners": ["room"]})[0] == 200
-        assert Client(second.url, "bob").push({"type": "join", "listeners": ["room"]})[0] == 200
+        assert alice.push({"type": "join", "listeners": [channel]})[0] == 200
+        assert Client(second.url, "bob").push({"type": "join", "listeners": [channel]})[0] == 200
         alice.poll()
         leaves = []
         deadline = time.monotonic() + 10
@@ -785,6 +786,167 @@ def test_two_server_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path
             if leaves and quiet_until is None:
                 quiet_until = time.monotonic() + 2.0       # both sweepers get many more turns
         assert [(p["sender"], p["reason"]) for p in leaves] == [("bob", "timeout")]
+
+
+# --------------------------------------------------------------------------
+# Namespaces: every name with a prefix is a channel (make_app: "room:")
+# --------------------------------------------------------------------------
+
+def test_a_name_in_a_namespace_is_a_channel_with_no_registration_of_its_own(app, alice, bob):
+    push(bob, {"type": "join", "listeners": ["room:42"]})
+    cursor = poll(bob).json["cursor"]
+    push(alice, {"type": "join", "listeners": ["room:42"]})
+    push(alice, {"type": "message", "listeners": ["room:42"], "text": "hi"})
+    assert [p["type"] for p in received(bob, cursor)[0]] == ["join", "message"]
+    assert set(app.channels("room:")["room:42"].members()) == {"alice", "bob"}
+
+
+def test_each_channel_of_a_namespace_has_its_own_members(app, alice, bob):
+    push(alice, {"type": "join", "listeners": ["room:1"]})
+    push(bob, {"type": "join", "listeners": ["room:2"]})
+    cursor = poll(bob).json["cursor"]
+    push(alice, {"type": "message", "listeners": ["room:1"]})
+    assert received(bob, cursor)[0] == []
+    rooms = app.channels("room:")
+    assert (set(rooms["room:1"].members()), set(rooms["room:2"].members())) == ({"alice"}, {"bob"})
+
+
+@pytest.mark.parametrize("name", ["hall:1", "room:", "room:" + "x" * 252])
+def test_a_name_outside_every_namespace_and_listener_is_400_unknown_listener(app, alice, name):
+    error_of(push(alice, {"type": "join", "listeners": [name]}, status=400), 400, "unknown_listener")
+    assert app.store.head() == 0
+
+
+def test_a_namespace_channel_name_may_be_256_characters(app, alice):
+    name = "room:" + "x" * 251
+    push(alice, {"type": "join", "listeners": [name]})
+    assert set(app.channels("room:")[name].members()) == {"alice"}
+
+
+def test_a_namespace_outside_its_prefix_is_a_key_error(app):
+    with pytest.raises(KeyError):
+        app.channels("room:")["hall:1"]
+
+
+@pytest.mark.parametrize("prefix", ["", "x" * 256, None])
+def test_a_namespace_prefix_must_leave_room_for_a_name(app, prefix):
+    with pytest.raises(ValueError):
+        app.channels(prefix)
+
+
+def test_the_longest_prefix_wins_in_overlapping_namespaces(app, alice):
+    app.channels("room:vip:", may_join=lambda environ, db, channel: False)
+    push(alice, {"type": "join", "listeners": ["room:lobby"]})
+    error_of(push(alice, {"type": "join", "listeners": ["room:vip:1"]}, status=403), 403, "rejected")
+    assert app.store.members("room:vip:1") == {}
+
+
+def test_a_listener_or_a_channel_of_its_own_name_wins_over_a_namespace(app, alice, bob):
+    app.listener("room:news")(lambda environ, package, db: ["bob"])
+    app.channel("room:open")                           # no may_join: guests too
+    guest = as_client(app, "guest1")
+    cursor = poll(bob).json["cursor"]
+    push(alice, {"type": "news", "listeners": ["room:news"]})      # a listener: no membership
+    push(guest, {"type": "join", "listeners": ["room:open"]})
+    assert [p["type"] for p in received(bob, cursor)[0]] == ["news"]
+    assert set(app.channel("room:open").members()) == {"guest1"}
+
+
+def test_may_join_refusing_is_403_rejected_with_its_message(app):
+    guest = as_client(app, "guest1")
+    answer = error_of(push(guest, {"type": "join", "listeners": ["room:42"]}, status=403), 403, "rejected")
+    assert answer["message"] == "guests may not join room:42"
+
+
+def test_a_client_refused_by_may_join_gets_nothing_of_the_room(app, alice):
+    guest = as_client(app, "guest1")
+    cursor = poll(guest).json["cursor"]
+    push(alice, {"type": "join", "listeners": ["room:42"]})
+    push(guest, {"type": "join", "listeners": ["room:42"]}, status=403)
+    push(alice, {"type": "message", "listeners": ["room:42"], "text": "members only"})
+    error_of(push(guest, {"type": "message", "listeners": ["room:42"]}, status=403), 403, "not_member")
+    assert received(guest, cursor)[0] == []
+    assert set(app.channels("room:")["room:42"].members()) == {"alice"}
+
+
+def test_may_join_answering_false_is_403_rejected(store_url):
+    app = make_app(store=store_url, poll_timeout=0.2)
+    app.channels("club:", may_join=lambda environ, db, channel: False)
+    error_of(push(as_client(app, "alice"), {"type": "join", "listeners": ["club:1"]}, status=403),
+             403, "rejected")
+    assert app.store.head() == 0
+
+
+def test_may_join_gets_the_environ_the_db_and_the_channel_and_runs_on_each_join(store_url):
+    app = make_app(store=store_url, poll_timeout=0.2)
+    seen = []
+    app.channel("club", may_join=lambda environ, db, channel: seen.append(
+        (environ["comet.id"], type(db).__name__, channel)) or True)
+    alice = as_client(app, "alice")
+    push(alice, {"type": "join", "listeners": ["club"]})
+    push(alice, {"type": "join", "listeners": ["club"]})           # again: asked again
+    push(alice, {"type": "message", "listeners": ["club"]})        # only joins ask
+    db = "NoneType" if store_url == "memory:" else "Connection"
+    assert seen == [("alice", db, "club"), ("alice", db, "club")]
+
+
+def test_may_join_refusing_one_channel_of_a_join_refuses_the_whole_package(app, alice):
+    guest = as_client(app, "guest1")
+    push(guest, {"type": "join", "listeners": ["room", "room:42"]}, status=403)
+    assert app.channel("room").members() == {} and app.store.head() == 0
+
+
+@pytest.mark.parametrize("kind", ["create", "update", "delete", "message", "leave"])
+def test_a_non_member_of_a_namespace_channel_is_403_not_member(app, alice, bob, kind):
+    push(bob, {"type": "join", "listeners": ["room:42"]})
+    head = app.store.head()
+    error_of(push(alice, {"type": kind, "listeners": ["room:42"]}, status=403), 403, "not_member")
+    assert app.store.head() == head
+
+
+@pytest.mark.parametrize("kind", ["create", "update", "delete"])
+def test_the_shortcut_types_reach_every_member_of_a_namespace_channel(app, alice, bob, kind):
+    push(alice, {"type": "join", "listeners": ["room:42"]})
+    push(bob, {"type": "join", "listeners": ["room:42"]})
+    cursors = {"alice": poll(alice).json["cursor"], "bob": poll(bob).json["cursor"]}
+    push(alice, {"type": kind, "listeners": ["room:42"], "id": 7})
+    for web, name in ((alice, "alice"), (bob, "bob")):
+        assert [(p["type"], p["id"]) for p in received(web, cursors[name])[0]] == [(kind, 7)]
+
+
+def test_a_silent_member_of_a_namespace_channel_is_dropped_with_one_timeout_leave(store_url):
+    app = make_app(store=store_url, presence_timeout=0.3, poll_timeout=0.05)
+    alice, bob = as_client(app, "alice"), as_client(app, "bob")
+    push(alice, {"type": "join", "listeners": ["room:42"]})
+    push(bob, {"type": "join", "listeners": ["room:42"]})
+    cursor = poll(alice).json["cursor"]
+    leaves = []
+
+    def alice_hears_bob_leave():
+        nonlocal cursor
+        packages, cursor = received(alice, cursor)     # alice keeps polling, bob does not
+        leaves.extend(p for p in packages if p["type"] == "leave")
+        return leaves
+    wait_until(alice_hears_bob_leave, timeout=5)
+    assert [(p["sender"], p["reason"], p["listeners"]) for p in leaves] == [
+        ("bob", "timeout", ["room:42"])]
+    assert set(app.channels("room:")["room:42"].members()) == {"alice"}
+
+
+def test_a_namespace_without_presence_keeps_its_silent_members(store_url):
+    app = make_app(store=store_url, presence_timeout=0.2, poll_timeout=0.05)
+    app.channels("doc:", presence=False)
+    alice, bob = as_client(app, "alice"), as_client(app, "bob")
+    push(bob, {"type": "join", "listeners": ["doc:1", "room:1"]})  # bob never polls
+    push(alice, {"type": "join", "listeners": ["room:1"]})
+    cursor = poll(alice).json["cursor"]
+
+    def bob_left_room_1():
+        nonlocal cursor
+        packages, cursor = received(alice, cursor)
+        return set(app.channels("room:")["room:1"].members()) == {"alice"}
+    wait_until(bob_left_room_1, timeout=5)             # the sweep ran, with presence
+    assert set(app.channels("doc:")["doc:1"].members()) == {"bob"}
 
 
 # --------------------------------------------------------------------------

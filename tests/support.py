@@ -6,7 +6,11 @@ tests).  The standard application:
 
 - the client id is the ``X-Client`` header (so a test can be any client);
 - listener ``to``: the recipients are the package's own ``to`` list;
-- channel ``room``.
+- channel ``room``;
+- namespace ``room:``: every ``room:NAME`` is a channel, which a client whose id
+  starts with ``guest`` may not join (403 ``rejected``, "guests may not join
+  room:NAME");
+- ``GET /members?channel=room:NAME``: that channel's members, as this process reads them.
 
 Also here: ``GroupCommit`` (pushes queued behind a held transaction) and the
 MariaDB helpers.  The fixtures defined here are registered for the modules
@@ -90,13 +94,29 @@ def wait_until(predicate, timeout=10.0, interval=0.01):
 def make_app(**options):
     """The standard test application as a ``Comet``."""
     options.setdefault("id", lambda environ: environ.get("HTTP_X_CLIENT"))
-    app = comet.Comet(None, **options)
+
+    def members(environ, start_response):
+        """``GET /members?channel=room:NAME``: that channel's ``{client: sender}``."""
+        name = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("channel", [""])[0]
+        if environ["PATH_INFO"] != "/members" or name not in rooms:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found"]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(rooms[name].members()).encode()]
+
+    app = comet.Comet(members, **options)
 
     @app.listener("to")
     def to(environ, package, db):
         return package.get("to", [])
 
+    def no_guests(environ, db, channel):
+        if environ["comet.id"].startswith("guest"):
+            raise comet.Reject(f"guests may not join {channel}")
+        return True
+
     app.channel("room")
+    rooms = app.channels("room:", may_join=no_guests)
     return app
 
 

@@ -1,11 +1,14 @@
 """Two server processes sharing one store, SQLite file and MySQL: each delivers the other's pushes.
 
 Each process tails the store every ``tail_interval`` to wake its parked polls
-for packages the other process stored.  The MySQL cases need the local MariaDB
-(the helpers are in support.py); each gets a database of
-its own.
+for packages the other process stored.  Both register the namespace ``room:``
+when they start, and nothing else: every ``room:NAME`` is a channel in both.
+The MySQL cases need the local MariaDB (the helpers are in support.py); each
+gets a database of its own.
 """
 
+import json
+import secrets
 import threading
 import time
 
@@ -94,3 +97,90 @@ def test_package_answered_200_survives_kill_9_of_the_process_that_answered(proce
     answer = Client(a.url, recipient).poll(cursor=old_cursor)
 
     assert [p["_stamp"] for p in answer["packages"]] == body["accepted"]
+
+
+# --------------------------------------------------------------------------
+# A room of the namespace "room:", known to both processes
+# --------------------------------------------------------------------------
+
+def members(process, room):
+    """The room's members as ``process`` reads them (``GET /members``)."""
+    status, _, answer = Client(process.url, "reader").request(
+        "GET", "/members?channel=" + room)
+    assert status == 200, (status, answer)
+    return answer
+
+
+def packages_after(process, client, cursor, count):
+    """The first ``count`` packages for ``client`` after ``cursor``, polled through ``process``."""
+    poller, got = Client(process.url, client), []
+    deadline = time.monotonic() + 10
+    while len(got) < count and time.monotonic() < deadline:
+        answer = poller.poll(cursor=cursor, timeout=5)
+        got, cursor = got + answer["packages"], answer["cursor"]
+    return got
+
+
+def chat_in_a_new_room(a, b):
+    """alice opens a room through A; bob joins it and both talk through B.
+    Returns ``(room, alice, bob, alice's cursor before it all)``."""
+    room = "room:" + secrets.token_hex(4)
+    alice, bob = new_ids("alice", "bob")
+    cursor = Client(a.url, alice).poll()["cursor"]
+    assert Client(a.url, alice).push({"type": "join", "listeners": [room]})[0] == 200
+    assert Client(b.url, bob).push({"type": "join", "listeners": [room]})[0] == 200
+    for client in (bob, alice):
+        status, _, body = Client(b.url, client).push(
+            {"type": "message", "listeners": [room], "text": f"hi from {client}"})
+        assert status == 200, body
+    return room, alice, bob, cursor
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "mysql"], indirect=True)
+def test_a_room_opened_through_one_process_is_joined_and_used_through_the_other(processes):
+    a, b = processes
+
+    room, alice, bob, cursor = chat_in_a_new_room(a, b)
+
+    assert members(a, room) == members(b, room) == {alice: alice, bob: bob}
+    through_a, through_b = (packages_after(p, alice, cursor, 4) for p in (a, b))
+    assert [(p["type"], p["sender"]) for p in through_a] == [
+        ("join", alice), ("join", bob), ("message", bob), ("message", alice)]
+    assert json.dumps(through_a) == json.dumps(through_b)      # the same packages, stamps and all
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "mysql"], indirect=True)
+def test_a_room_keeps_working_after_both_processes_restart(processes):
+    a, b = processes
+    room, alice, bob, cursor = chat_in_a_new_room(a, b)
+    before = packages_after(b, alice, cursor, 4)
+    for process in (a, b):
+        process.stop()
+    for process in (a, b):
+        process.start()                 # the same program: it registers "room:" and no room
+
+    status, _, body = Client(a.url, bob).push(
+        {"type": "message", "listeners": [room], "text": "after the restart"})
+
+    assert status == 200, body
+    assert members(a, room) == members(b, room) == {alice: alice, bob: bob}
+    after = packages_after(b, alice, cursor, 5)
+    assert after[:4] == before and after[4]["text"] == "after the restart"
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "mysql"], indirect=True)
+def test_a_client_the_join_hook_refuses_gets_403_and_nothing_of_the_room(processes):
+    a, b = processes
+    room, alice, bob, _ = chat_in_a_new_room(a, b)
+    (guest,) = new_ids("guest")
+    cursor = Client(b.url, guest).poll()["cursor"]
+
+    status, _, answer = Client(b.url, guest).push({"type": "join", "listeners": [room]})
+
+    assert (status, answer["error"], answer["message"]) == (
+        403, "rejected", f"guests may not join {room}")
+    assert Client(a.url, bob).push({"type": "message", "listeners": [room]})[0] == 200
+    status, _, answer = Client(a.url, guest).push({"type": "message", "listeners": [room]})
+    assert (status, answer["error"]) == (403, "not_member")
+    assert Client(a.url, guest).poll(cursor=cursor, timeout=5)["packages"] == []
+    assert members(a, room) == members(b, room) == {alice: alice, bob: bob}
