@@ -2,11 +2,17 @@
 
     python demo.py [--port 8000] [--db chat.db]
 
-then open http://127.0.0.1:8000 in two browsers. Each room is a comet channel,
-so its member list is the presence list. Rooms and messages are kept in two
-tables of the demo's own, in the same SQLite file as comet's store: the
-`message` action writes its row through the `db` it is handed, so the row
-commits together with the package, or neither does.
+then open http://127.0.0.1:8000 in two browsers. Every page is a member of the
+channel `lobby`, where new rooms are announced (`create`), and of the room it
+shows: `room:NAME`, a channel of the namespace `room:`, so every process knows
+every room without registering it, and the member list is the presence list.
+A room's topic is set with `update`, and a message is taken back with
+`delete` (by its author only). Rooms and messages are kept in two tables of
+the demo's own, in the same SQLite file as comet's store: each action writes
+its row through the `db` it is handed, so the row commits together with the
+package, or neither does. Several processes share the file, e.g.
+
+    gunicorn -k gthread --workers 3 --threads 20 'demo:make_chat("chat.db")'
 """
 import argparse
 import contextlib
@@ -24,11 +30,12 @@ from comet import Comet, Reject
 log = logging.getLogger("demo")
 ROOM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, topic TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL,
-    stamp TEXT NOT NULL, ts INTEGER NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL);
+    stamp TEXT NOT NULL UNIQUE, ts INTEGER NOT NULL, author TEXT NOT NULL, sender TEXT NOT NULL,
+    text TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id);
-INSERT OR IGNORE INTO rooms VALUES ('general');
+INSERT OR IGNORE INTO rooms (name) VALUES ('general');
 """
 
 
@@ -47,6 +54,15 @@ def sender(environ, db):
     return {"nick": nick or "anonymous", "id": environ["comet.id"]}
 
 
+def room_of(package):
+    """The room a message, topic or deletion goes to: its one listener, `room:NAME`."""
+    listeners = package["listeners"]
+    if not (isinstance(listeners, list) and len(listeners) == 1
+            and listeners[0].startswith("room:")):
+        raise Reject("This goes to one room.")
+    return listeners[0][len("room:"):]
+
+
 def answer(start_response, body, content_type, status="200 OK"):
     """Start a response with a whole body (a str)."""
     body = body.encode()
@@ -59,8 +75,6 @@ def make_chat(path, **options):
     """The chat as one WSGI application: the page and /state, wrapped in Comet."""
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.executescript(SCHEMA)
-        names = [name for (name,) in db.execute("SELECT name FROM rooms")]
-    channels = {}  # room name -> its comet channel, whose members are the people in the room
 
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/":
@@ -72,52 +86,71 @@ def make_chat(path, **options):
         return answer(start_response, "Not found", "text/plain", "404 Not Found")
 
     def state(room, client_id):
-        """What a page needs on entering a room: rooms, who is here, recent messages."""
+        """What a page needs on entering a room: rooms, its topic, who is here, recent messages."""
         with contextlib.closing(sqlite3.connect(path)) as db:
-            rooms = [name for (name,) in db.execute("SELECT name FROM rooms ORDER BY name")]
+            topics = dict(db.execute("SELECT name, topic FROM rooms ORDER BY name"))
             rows = db.execute("SELECT stamp, ts, sender, text FROM messages WHERE room = ?"
                               " ORDER BY id DESC LIMIT 50", (room,)).fetchall()
         return {
             "you": client_id,
-            "rooms": rooms,
-            "members": list(channels[room].members().values()) if room in channels else [],
+            "rooms": list(topics),
+            "topic": topics.get(room, ""),
+            "members": list(rooms["room:" + room].members().values()) if room in topics else [],
             "messages": [{"_stamp": stamp, "_ts": ts, "sender": json.loads(who), "text": text}
                          for stamp, ts, who, text in reversed(rows)],
         }
 
+    def room_exists(environ, db, channel):
+        """Who may join `room:NAME`: anyone, once the room is in the `rooms` table."""
+        if not db.execute("SELECT 1 FROM rooms WHERE name = ?", (channel[len("room:"):],)).fetchone():
+            raise Reject(f"There is no room #{channel[len('room:'):]}.")
+        return True
+
     chat = Comet(app, store="sqlite:///" + path, sender=sender, **options)
-    for name in names:
-        channels[name] = chat.channel(name)
+    chat.channel("lobby")                                       # every page: hears of new rooms
+    rooms = chat.channels("room:", may_join=room_exists)       # room:general, room:release, ...
 
-    @chat.listener("lobby")
-    def everyone(environ, package, db):
-        """Whoever is in a room hears of new rooms."""
-        return {client for room in list(channels.values()) for client in room.members()}
-
-    @chat.action("room").on_submit
+    @chat.action("create").on_submit
     def create_room(package, private, db, environ):
-        """A new room: a row in `rooms`, and a channel to join."""
+        """A new room: a row in `rooms`, announced in the lobby."""
         name = package.get("name")
+        if package["listeners"] != ["lobby"]:
+            raise Reject("A room is created in the lobby.")
         if not isinstance(name, str) or not ROOM_NAME.fullmatch(name):
             raise Reject("A room name is 1 to 32 of a-z, 0-9, _ and -.")
         if db.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
             raise Reject(f"#{name} exists already.")
-        db.execute("INSERT INTO rooms VALUES (?)", (name,))
-        channels[name] = chat.channel(name)
+        db.execute("INSERT INTO rooms (name) VALUES (?)", (name,))
         log.info("room #%s created by %s", name, package["sender"]["nick"])
+
+    @chat.action("update").on_submit
+    def set_topic(package, private, db, environ):
+        """A room's new topic, kept for /state."""
+        topic = package.get("topic")
+        if not isinstance(topic, str):
+            raise Reject("A topic is text.")
+        package["topic"] = topic = topic.strip()[:200]
+        db.execute("UPDATE rooms SET topic = ? WHERE name = ?", (topic, room_of(package)))
+
+    @chat.action("delete").on_submit
+    def delete_message(package, private, db, environ):
+        """A message taken back, by its author only."""
+        deleted = db.execute("DELETE FROM messages WHERE room = ? AND stamp = ? AND author = ?",
+                             (room_of(package), str(package.get("stamp")), package["sender"]["id"]))
+        if deleted.rowcount != 1:
+            raise Reject("Only its author may delete a message.")
 
     @chat.action("message").on_submit
     def store_message(package, private, db, environ):
         """Keep the message for /state: the row commits with the package, or neither does."""
-        listeners, text = package["listeners"], package.get("text")
-        if not (isinstance(listeners, list) and len(listeners) == 1 and listeners[0] in channels):
-            raise Reject("A message goes to one room.")
+        room, text = room_of(package), package.get("text")
         if not isinstance(text, str) or not text.strip():
             raise Reject("A message needs some text.")
         package["text"] = text = text.strip()[:2000]
-        db.execute("INSERT INTO messages (room, stamp, ts, sender, text) VALUES (?, ?, ?, ?, ?)",
-                   (listeners[0], package["_stamp"], package["_ts"], json.dumps(package["sender"]),
-                    text))
+        db.execute("INSERT INTO messages (room, stamp, ts, author, sender, text)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
+                   (room, package["_stamp"], package["_ts"], package["sender"]["id"],
+                    json.dumps(package["sender"]), text))
 
     return chat
 
@@ -203,6 +236,9 @@ main header { padding: 14px 20px; border-bottom: 1px solid #e3e5e8; }
 #messages p { margin: 1px 0 0; white-space: pre-wrap; overflow-wrap: anywhere; }
 #messages .pending { opacity: .45; }
 #messages .failed p { color: #d1242f; }
+#messages .delete { margin-left: 6px; padding: 0 6px; background: none; color: #6e7781; }
+#messages li:not(:hover) .delete { opacity: 0; }
+#topic { margin-left: 16px; border-color: transparent; font-size: 14px; font-weight: 400; }
 main form { padding: 12px 20px 16px; border-top: 1px solid #e3e5e8; }
 @media (max-width: 700px) {
   body { grid-template-columns: 1fr; grid-template-rows: auto 1fr; }
@@ -219,7 +255,7 @@ main form { padding: 12px 20px 16px; border-top: 1px solid #e3e5e8; }
   <section><h2>Here now · <span id="count">0</span></h2><ul id="members"></ul></section>
 </aside>
 <main>
-  <header id="title"></header>
+  <header><span id="title"></span><input id="topic" placeholder="Set a topic" maxlength="200"></header>
   <ol id="messages"></ol>
   <form id="composer"><input id="text" autocomplete="off" maxlength="2000" required>
     <button>Send</button></form>
@@ -239,9 +275,9 @@ function el(tag, props, ...children) {  // children go in as text: user data nev
   return node;
 }
 const color = id => `hsl(${Math.abs([...String(id)].reduce((h, c) => (h * 31 + c.charCodeAt(0)) | 0, 7)) % 360} 55% 42%)`;
-const inRoom = pkg => [].concat(pkg.listeners).includes(room);
-const join = name => comet.push({type: "join", listeners: [name]});
-const leave = name => comet.push({type: "leave", listeners: [name]}).catch(() => {});  // not in it any more
+const inRoom = pkg => [].concat(pkg.listeners).includes("room:" + room);
+const join = name => comet.push({type: "join", listeners: ["lobby", "room:" + name]});
+const leave = name => comet.push({type: "leave", listeners: ["room:" + name]}).catch(() => {});  // not in it any more
 
 function renderRooms() {
   $("rooms").replaceChildren(...[...rooms].sort().map(name =>
@@ -258,6 +294,8 @@ function showMessage(pkg, pending) {  // add or confirm one message, in server-t
   if (!li) {
     li = el("li", {}, el("b", {style: "color:" + color(pkg.sender.id)}, pkg.sender.nick),
             el("time"), el("p", {}, pkg.text));
+    if (pkg.sender.id === myId) li.querySelector("time").after(el("button", {className: "delete",
+      title: "Delete", onclick: () => comet.push({type: "delete", listeners: ["room:" + room], stamp: pkg._stamp})}, "×"));
     shown.set(pkg._stamp, li);
   }
   li.classList.toggle("pending", !!pending);
@@ -270,7 +308,7 @@ function showMessage(pkg, pending) {  // add or confirm one message, in server-t
   return li;
 }
 function send(name, text, li) {  // show it at once, greyed until the server has it
-  const pkg = {type: "message", listeners: [name], text};
+  const pkg = {type: "message", listeners: ["room:" + name], text};
   const accepted = comet.push(pkg);  // sets pkg._stamp at once
   if (li) shown.set(pkg._stamp, li);
   else li = showMessage({...pkg, sender: {nick: $("nick").value, id: myId}}, true);
@@ -286,6 +324,7 @@ async function load() {  // catch up: the rooms, who is here, the recent message
   if (name !== room) return;
   myId = state.you;
   state.rooms.forEach(r => rooms.add(r));
+  $("topic").value = state.topic;
   members.clear();
   state.members.forEach(s => members.set(s.id, s.nick));
   state.messages.forEach(m => showMessage(m));
@@ -303,6 +342,7 @@ function enter(name) {
   members.clear();
   $("messages").replaceChildren();
   $("title").textContent = "# " + name;
+  $("topic").value = "";
   $("text").placeholder = "Message #" + name;
   renderRooms();
   renderMembers();
@@ -330,15 +370,18 @@ $("newroom").onsubmit = event => {
   const input = $("roomname"), name = input.value.trim().toLowerCase().replace(/\s+/g, "-");
   const go = () => { input.value = ""; location.hash = name; };
   if (rooms.has(name)) return go();
-  comet.push({type: "room", listeners: ["lobby"], name}).then(go, err => {
+  comet.push({type: "create", listeners: ["lobby"], name}).then(go, err => {
     input.setCustomValidity(err.message);
     input.reportValidity();
   });
 };
 $("roomname").oninput = event => event.target.setCustomValidity("");
+$("topic").onchange = event => comet.push({type: "update", listeners: ["room:" + room], topic: event.target.value});
 
 comet.on("message", pkg => inRoom(pkg) && showMessage(pkg));
-comet.on("room", pkg => { rooms.add(pkg.name); renderRooms(); });
+comet.on("create", pkg => { rooms.add(pkg.name); renderRooms(); });
+comet.on("update", pkg => { if (inRoom(pkg)) $("topic").value = pkg.topic; });
+comet.on("delete", pkg => inRoom(pkg) && shown.get(pkg.stamp)?.remove());
 comet.on("join", pkg => {
   if (inRoom(pkg)) { members.set(pkg.sender.id, pkg.sender.nick); renderMembers(); }
 });

@@ -1,8 +1,11 @@
-"""demo.py as people use it: several people in headless Chromium, a crashed server.
+"""demo.py as people use it: several people in headless Chromium, a crashed server,
+three gunicorn workers; and the demo's own rules over HTTP.
 
-Needs /usr/bin/chromium and the `playwright` package (never `playwright install`).
-Without them the browser tests skip locally and fail under CI=true.
+Needs /usr/bin/chromium and the `playwright` package (never `playwright install`),
+and gunicorn for the workers.  Without them those tests skip locally and fail
+under CI=true.
 """
+import importlib.util
 import json
 import os
 import signal
@@ -14,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from support import chromium, wait_until
+import webtest
+
+import demo as demo_module
+from support import chromium, need, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent                 # the repository
 PRESENCE_TIMEOUT = 2       # seconds; polls are held 1 s, so a closed page is gone in about 3
@@ -33,13 +39,16 @@ class Demo:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process = None
 
-    def start(self):
+    def command(self):
         # -S: no site-packages, as on a fresh Python with nothing installed.
-        command = [sys.executable, "-S", str(ROOT / "demo.py"), "--port", str(self.port),
-                   "--db", str(self.db), "--presence-timeout", str(PRESENCE_TIMEOUT),
-                   "--poll-timeout", "1"]
+        return [sys.executable, "-S", str(ROOT / "demo.py"), "--port", str(self.port),
+                "--db", str(self.db), "--presence-timeout", str(PRESENCE_TIMEOUT),
+                "--poll-timeout", "1"]
+
+    def start(self):
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command(), cwd=ROOT, stdout=log,
+                                            stderr=subprocess.STDOUT)
         try:
             wait_until(self._answers, timeout=15)
         except AssertionError:
@@ -59,6 +68,39 @@ class Demo:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+
+class GunicornDemo(Demo):
+    """The demo under gunicorn: 3 gthread workers on one SQLite file, no keep-alive, so
+    that each request goes to whichever worker takes it; the access log names its pid."""
+
+    def command(self):
+        need(importlib.util.find_spec("gunicorn") is not None,
+             "gunicorn is not installed (pip install '.[test]')")
+        app = (f"demo:make_chat({str(self.db)!r}, presence_timeout={PRESENCE_TIMEOUT},"
+               " poll_timeout=1.0)")
+        command = [sys.executable, "-m", "gunicorn", app, "-k", "gthread", "--workers", "3",
+                   "--threads", "20", "--keep-alive", "0", "--bind", f"127.0.0.1:{self.port}",
+                   "--access-logfile", "-", "--access-logformat", "worker %(p)s %(r)s %(s)s"]
+        from gunicorn.config import KNOWN_SETTINGS
+        if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+            command.append("--no-control-socket")       # gunicorn 24+: one shared socket path
+        return command
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.terminate()                    # the arbiter stops its workers
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                super().kill()
+
+    def answers(self, request):
+        """``[(worker pid, status)]`` of the requests whose line starts with ``request``."""
+        lines = [line.split() for line in self.log.read_text().splitlines()
+                 if line.startswith("worker ")]
+        return [(pid, status) for _, pid, method, path, _, status in lines
+                if f"{method} {path}".startswith(request)]
 
 
 def fetch(url):
@@ -83,23 +125,37 @@ def browser():
 
 
 @pytest.fixture
-def open_chat(browser, demo):
-    """open_chat(nick, room) -> a page of one person (own browser context) in the room."""
+def gunicorn_demo(tmp_path):
+    demo = GunicornDemo(tmp_path).start()
+    yield demo
+    demo.kill()
+    assert "Traceback" not in demo.log.read_text(), demo.log.read_text()
+
+
+@pytest.fixture
+def open_page(browser):
+    """open_page(url, nick, room) -> a page of one person (own browser context) in the room."""
     contexts = []
 
-    def open_chat(nick, room="general"):
+    def open_page(url, nick, room="general"):
         context = browser.new_context(viewport={"width": 1100, "height": 680})
         contexts.append(context)
         context.add_init_script(f"localStorage.nick = {json.dumps(nick)}")
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
-        page.goto(f"{demo.url}#{room}")
+        page.goto(f"{url}#{room}")
         page.locator("#members li.me").wait_for()   # joined, and the room's state loaded
         return page
 
-    yield open_chat
+    yield open_page
     for context in contexts:
         context.close()
+
+
+@pytest.fixture
+def open_chat(open_page, demo):
+    """open_chat(nick, room) -> a page of one person in the room of `python demo.py`."""
+    return lambda nick, room="general": open_page(demo.url, nick, room)
 
 
 def say(page, text):
@@ -164,7 +220,8 @@ def test_a_closed_page_leaves_the_member_list_after_the_presence_timeout(open_ch
     bob.close()
 
     expect_members(alice, ["alice"])
-    assert alice.evaluate("leaves.map(pkg => [pkg.sender.nick, pkg.reason])") == [["bob", "timeout"]]
+    leaves = alice.evaluate("leaves.map(pkg => [pkg.listeners[0], pkg.sender.nick, pkg.reason])")
+    assert sorted(leaves) == [["lobby", "bob", "timeout"], ["room:general", "bob", "timeout"]]
 
 
 def test_messages_typed_while_the_server_is_down_arrive_once_in_order(demo, open_chat):
@@ -235,3 +292,118 @@ def test_three_people_two_rooms(open_chat, tmp_path):
     target.parent.mkdir(exist_ok=True)
     alice.screenshot(path=str(target))
     assert target.stat().st_size > 10_000
+
+
+def test_a_topic_set_in_a_room_reaches_everyone_in_it_and_stays(open_chat):
+    from playwright.sync_api import expect
+    alice, bob = open_chat("alice"), open_chat("bob")
+
+    alice.fill("#topic", "Release on Friday")
+    alice.press("#topic", "Enter")
+
+    expect(bob.locator("#topic")).to_have_value("Release on Friday")
+    expect(open_chat("carol").locator("#topic")).to_have_value("Release on Friday")
+
+
+def test_the_author_deletes_a_message_from_every_page(open_chat):
+    alice, bob = open_chat("alice"), open_chat("bob")
+    say_accepted(alice, "oops, wrong room")
+    say_accepted(alice, "hello")
+    expect_messages(bob, ["oops, wrong room", "hello"])
+    assert bob.locator("#messages .delete").count() == 0        # none of them is bob's
+
+    alice.locator("#messages li", has_text="oops").locator(".delete").click()
+
+    expect_messages(bob, ["hello"])
+    expect_messages(alice, ["hello"])
+    expect_messages(open_chat("carol"), ["hello"])             # gone from the history too
+
+
+def test_three_gunicorn_workers_on_one_sqlite_file_serve_a_new_room(gunicorn_demo, open_page):
+    from playwright.sync_api import expect
+    alice = open_page(gunicorn_demo.url, "alice")
+    bob = open_page(gunicorn_demo.url, "bob")
+
+    alice.fill("#roomname", "release")
+    alice.press("#roomname", "Enter")
+    expect(alice.locator("#title")).to_have_text("# release")
+    expect(bob.locator("#rooms a")).to_have_text(["# general", "# release"])
+    bob.click("text=# release")
+    expect_members(alice, ["alice", "bob"])
+    for turn in range(3):
+        say_accepted(alice, f"alice {turn}")
+        say_accepted(bob, f"bob {turn}")
+
+    said = [f"{who} {turn}" for turn in range(3) for who in ("alice", "bob")]
+    expect_messages(alice, said)
+    expect_messages(bob, said)
+    for n in range(12):         # and as bob, marked in the access log: which worker took each
+        send_as(bob, gunicorn_demo.url, f"/comet/push?probe={n}",
+                {"type": "message", "listeners": ["room:release"], "text": f"probe {n}"})
+    expect_messages(alice, said + [f"probe {n}" for n in range(12)])
+
+    pushes = gunicorn_demo.answers("POST /comet/push")
+    assert {status for _, status in pushes} == {"200"}, pushes      # nothing refused anywhere
+    probes = {pid for pid, _ in gunicorn_demo.answers("POST /comet/push?probe=")}
+    assert len(probes) >= 2, probes     # so a worker that did not create the room took some
+    assert len({pid for pid, _ in gunicorn_demo.answers("GET /comet/poll")}) >= 2
+
+
+def send_as(page, url, path, package):
+    """POST ``package`` to ``path`` with the cookies of ``page``'s browser, on a new connection."""
+    cookies = "; ".join(f"{c['name']}={c['value']}" for c in page.context.cookies(url))
+    request = urllib.request.Request(url.rstrip("/") + path, json.dumps(package).encode(), {
+        "Content-Type": "application/json", "Cookie": cookies})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
+# ---- the demo's rules, over HTTP ----------------------------------------------
+
+@pytest.fixture
+def chat(tmp_path):
+    chat = demo_module.make_chat(str(tmp_path / "chat.db"), poll_timeout=0.1)
+    yield chat
+    chat.close()
+
+
+def person(chat):
+    """A browser of one person (its own comet_sid cookie), in #general."""
+    web = webtest.TestApp(chat)
+    web.post_json("/comet/push", {"type": "join", "listeners": ["lobby", "room:general"]})
+    return web
+
+
+def test_only_its_author_may_delete_a_message(chat):
+    alice, bob = person(chat), person(chat)
+    said = alice.post_json("/comet/push", {"type": "message", "listeners": ["room:general"],
+                                           "text": "mine"}).json["accepted"][0]
+    delete = {"type": "delete", "listeners": ["room:general"], "stamp": said}
+
+    refused = bob.post_json("/comet/push", delete, status=403).json
+
+    assert (refused["error"], refused["message"]) == ("rejected", "Only its author may delete a message.")
+    assert [m["text"] for m in bob.get("/state?room=general").json["messages"]] == ["mine"]
+    alice.post_json("/comet/push", delete)
+    assert bob.get("/state?room=general").json["messages"] == []
+
+
+def test_a_room_that_was_never_created_cannot_be_joined(chat):
+    alice = person(chat)
+
+    refused = alice.post_json("/comet/push", {"type": "join", "listeners": ["room:nowhere"]},
+                              status=403).json
+
+    assert (refused["error"], refused["message"]) == ("rejected", "There is no room #nowhere.")
+
+
+def test_a_room_created_in_the_lobby_can_be_joined_and_has_its_topic(chat):
+    alice = person(chat)
+    alice.post_json("/comet/push", {"type": "create", "listeners": ["lobby"], "name": "release"})
+    alice.post_json("/comet/push", {"type": "join", "listeners": ["room:release"]})
+
+    alice.post_json("/comet/push", {"type": "update", "listeners": ["room:release"], "topic": " Friday "})
+
+    state = alice.get("/state?room=release").json
+    assert state["rooms"] == ["general", "release"] and state["topic"] == "Friday"
+    assert [member["id"] for member in state["members"]] == [state["you"]]
