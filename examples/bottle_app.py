@@ -41,7 +41,7 @@ PAGE = """<!doctype html>
 <script>
   comet.ping.message = function (pkg) {
     var item = document.createElement("li");
-    item.textContent = pkg.text;
+    item.textContent = pkg.sender + ": " + pkg.text;
     document.getElementById("messages").append(item);
   };
   comet.start();

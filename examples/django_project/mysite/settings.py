@@ -4,6 +4,7 @@ Django's default middleware stays on, CSRF included: comet.py sits in front of
 Django (see wsgi.py), so its push never reaches CsrfViewMiddleware; it has
 checks of its own (Content-Type: application/json, and the Origin).
 """
+import os
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -30,7 +31,12 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "mysite.urls"
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates",
+              "DIRS": [BASE_DIR / "mysite" / "templates"]}]       # registration/login.html
+LOGIN_URL = "/login"
+LOGIN_REDIRECT_URL = "/"
 WSGI_APPLICATION = "mysite.wsgi.application"      # runserver serves it, comet.py included
 
-DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "db.sqlite3"}}
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
+                         "NAME": os.environ.get("DJANGO_DB", BASE_DIR / "db.sqlite3")}}
 USE_TZ = True

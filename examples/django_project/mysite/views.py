@@ -1,3 +1,4 @@
+from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import ensure_csrf_cookie
 
@@ -10,7 +11,7 @@ PAGE = """<!doctype html>
 <script>
   comet.ping.message = function (pkg) {
     var item = document.createElement("li");
-    item.textContent = pkg.text;
+    item.textContent = pkg.sender + ": " + pkg.text;
     document.getElementById("messages").append(item);
   };
   comet.start();
@@ -24,6 +25,7 @@ PAGE = """<!doctype html>
 """
 
 
+@login_required
 def chat(request):
     return HttpResponse(PAGE)
 

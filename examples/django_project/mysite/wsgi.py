@@ -13,7 +13,11 @@ from django.core.wsgi import get_wsgi_application
 from comet import Comet
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+django_application = get_wsgi_application()     # sets Django up: the hooks below use its ORM
 
-application = Comet(get_wsgi_application(),
+from mysite.users import in_group, user_id, user_name  # noqa: E402
+
+application = Comet(django_application, id=user_id, sender=user_name,
                     store=os.environ.get("COMET_STORE", "sqlite:///chat.db"))
 application.channel("chat")
+application.channels("group:", may_join=in_group)
