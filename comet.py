@@ -1190,6 +1190,14 @@ class Namespace:
         return f"<Namespace {self.prefix!r}>"
 
 
+def _same_rules(registered, may_join, presence):
+    """``registered`` (a channel or namespace), unless asked for with other rules:
+    a second registration must not quietly drop the first one's ``may_join``."""
+    if (registered.may_join, registered.presence) != (may_join, presence):
+        raise ValueError(f"{registered!r} is registered with other rules")
+    return registered
+
+
 # --------------------------------------------------------------------------
 # The HTTP layer
 # --------------------------------------------------------------------------
@@ -1330,14 +1338,15 @@ class Comet:
 
         ``may_join(environ, db, channel) -> bool`` decides who may join (false,
         or a ``Reject`` raised, answers 403 ``rejected``); ``presence=False``
-        keeps members until they leave, with no timeout ``leave``.
+        keeps members until they leave, with no timeout ``leave``.  Called
+        again, it returns the channel registered first, whose rules stay.
         """
         if name in self._listeners:
             raise ValueError(f"{name!r} is a listener")
         if not 0 < len(name) <= _MAX_ID:
             raise ValueError(f"a channel name is 1 to {_MAX_ID} characters")
-        self._channels[name] = Channel(self, name, may_join, presence)
-        return self._channels[name]
+        return _same_rules(self._channels.setdefault(name, Channel(self, name, may_join, presence)),
+                           may_join, presence)
 
     def channels(self, prefix, may_join=None, presence=True):
         """Register a namespace: every name starting with ``prefix`` is a channel,
@@ -1345,14 +1354,16 @@ class Comet:
 
         ``comet.channels("room:")["room:42"]`` is a ``Channel``.  A name that is
         a listener or a channel of its own follows its own registration; in
-        overlapping namespaces the longest prefix wins.
+        overlapping namespaces the longest prefix wins.  Called again, it returns
+        the namespace registered first, whose rules stay.
         """
         if not isinstance(prefix, str) or not 0 < len(prefix) < _MAX_ID:
             raise ValueError(f"a namespace prefix is 1 to {_MAX_ID - 1} characters")
-        namespace = Namespace(self, prefix, may_join, presence)
-        self._namespaces = sorted([ns for ns in self._namespaces if ns.prefix != prefix]
-                                  + [namespace], key=lambda ns: -len(ns.prefix))
-        return namespace
+        namespace = next((ns for ns in self._namespaces if ns.prefix == prefix), None)
+        if namespace is None:
+            namespace = Namespace(self, prefix, may_join, presence)
+            self._namespaces = sorted(self._namespaces + [namespace], key=lambda ns: -len(ns.prefix))
+        return _same_rules(namespace, may_join, presence)
 
     # -- the server side
 

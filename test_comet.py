@@ -795,12 +795,24 @@ def test_two_server_processes_on_one_sqlite_file_send_one_timeout_leave(tmp_path
 # --------------------------------------------------------------------------
 
 def test_a_name_in_a_namespace_is_a_channel_with_no_registration_of_its_own(app, alice, bob):
-    push(bob, {"type": "join", "listeners": ["room:42"]})
+    halls = app.channels("hall:")
+    push(bob, {"type": "join", "listeners": ["hall:42"]})
     cursor = poll(bob).json["cursor"]
-    push(alice, {"type": "join", "listeners": ["room:42"]})
-    push(alice, {"type": "message", "listeners": ["room:42"], "text": "hi"})
+    push(alice, {"type": "join", "listeners": ["hall:42"]})
+    push(alice, {"type": "message", "listeners": ["hall:42"], "text": "hi"})
     assert [p["type"] for p in received(bob, cursor)[0]] == ["join", "message"]
-    assert set(app.channels("room:")["room:42"].members()) == {"alice", "bob"}
+    assert set(halls["hall:42"].members()) == {"alice", "bob"}
+
+
+def test_registering_a_name_or_prefix_again_returns_the_first_and_other_rules_raise(app):
+    def members_only(environ, db, channel):
+        return True
+    halls, club = app.channels("hall:", may_join=members_only), app.channel("club", presence=False)
+    assert app.channels("hall:", may_join=members_only) is halls
+    assert app.channel("club", presence=False) is club
+    for register in (lambda: app.channels("hall:"), lambda: app.channel("club")):
+        with pytest.raises(ValueError):
+            register()                  # would drop the first registration's rules
 
 
 def test_each_channel_of_a_namespace_has_its_own_members(app, alice, bob):
@@ -809,8 +821,7 @@ def test_each_channel_of_a_namespace_has_its_own_members(app, alice, bob):
     cursor = poll(bob).json["cursor"]
     push(alice, {"type": "message", "listeners": ["room:1"]})
     assert received(bob, cursor)[0] == []
-    rooms = app.channels("room:")
-    assert (set(rooms["room:1"].members()), set(rooms["room:2"].members())) == ({"alice"}, {"bob"})
+    assert (set(app.store.members("room:1")), set(app.store.members("room:2"))) == ({"alice"}, {"bob"})
 
 
 @pytest.mark.parametrize("name", ["hall:1", "room:", "room:" + "x" * 252])
@@ -822,12 +833,12 @@ def test_a_name_outside_every_namespace_and_listener_is_400_unknown_listener(app
 def test_a_namespace_channel_name_may_be_256_characters(app, alice):
     name = "room:" + "x" * 251
     push(alice, {"type": "join", "listeners": [name]})
-    assert set(app.channels("room:")[name].members()) == {"alice"}
+    assert set(app.store.members(name)) == {"alice"}
 
 
 def test_a_namespace_outside_its_prefix_is_a_key_error(app):
     with pytest.raises(KeyError):
-        app.channels("room:")["hall:1"]
+        app.channels("hall:")["room:1"]
 
 
 @pytest.mark.parametrize("prefix", ["", "x" * 256, None])
@@ -868,7 +879,7 @@ def test_a_client_refused_by_may_join_gets_nothing_of_the_room(app, alice):
     push(alice, {"type": "message", "listeners": ["room:42"], "text": "members only"})
     error_of(push(guest, {"type": "message", "listeners": ["room:42"]}, status=403), 403, "not_member")
     assert received(guest, cursor)[0] == []
-    assert set(app.channels("room:")["room:42"].members()) == {"alice"}
+    assert set(app.store.members("room:42")) == {"alice"}
 
 
 def test_may_join_answering_false_is_403_rejected(store_url):
@@ -918,7 +929,7 @@ def test_the_shortcut_types_reach_every_member_of_a_namespace_channel(app, alice
 
 def test_a_namespace_without_presence_keeps_its_silent_members(store_url):
     app = make_app(store=store_url, presence_timeout=0.2, poll_timeout=0.05)
-    app.channels("doc:", presence=False)
+    documents = app.channels("doc:", presence=False)
     alice, bob = as_client(app, "alice"), as_client(app, "bob")
     push(bob, {"type": "join", "listeners": ["doc:1", "room:1"]})  # bob never polls
     push(alice, {"type": "join", "listeners": ["room:1"]})
@@ -927,9 +938,9 @@ def test_a_namespace_without_presence_keeps_its_silent_members(store_url):
     def bob_left_room_1():
         nonlocal cursor
         packages, cursor = received(alice, cursor)
-        return set(app.channels("room:")["room:1"].members()) == {"alice"}
+        return set(app.store.members("room:1")) == {"alice"}
     wait_until(bob_left_room_1, timeout=5)             # the sweep ran, with presence
-    assert set(app.channels("doc:")["doc:1"].members()) == {"bob"}
+    assert set(documents["doc:1"].members()) == {"bob"}
 
 
 # --------------------------------------------------------------------------
