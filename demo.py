@@ -101,9 +101,10 @@ def make_chat(path, **options):
         }
 
     def room_exists(environ, db, channel):
-        """Who may join `room:NAME`: anyone, once the room is in the `rooms` table."""
-        if not db.execute("SELECT 1 FROM rooms WHERE name = ?", (channel[len("room:"):],)).fetchone():
-            raise Reject(f"There is no room #{channel[len('room:'):]}.")
+        """Who may join `room:NAME`: anyone, once NAME is in the `rooms` table."""
+        name = channel[len("room:"):]
+        if not db.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
+            raise Reject(f"There is no room #{name}.")
         return True
 
     chat = Comet(app, store="sqlite:///" + path, sender=sender, **options)
