@@ -13,13 +13,35 @@
  * comet.configure({url: "/other"}) when the server's prefix is not "/comet";
  * comet.stop() aborts everything in flight; comet.pending() counts queued pushes.
  * Types starting with "$" are the client's own events: packages of such types are dropped.
+ *
+ * Two loops, each with at most one request in flight: the controller polls, the worker pushes.
+ *
+ * - push(pkg) queues a copy of pkg as it is now, with a stamp: the caller's object is never
+ *   changed, and pushing it again is another package. A well-formed _stamp of the caller's
+ *   is kept, which makes a resend of the same package harmless (the server accepts it once).
+ * - Its promise resolves with the stamp once the server answered 200 for it, and rejects with
+ *   an Error carrying status, error and message when the server refused it for good: a 4xx
+ *   other than 429, or 500 three times. The packages queued behind it go on.
+ * - Everything else is retried, in order, for as long as it takes: no answer, 429, 503 and
+ *   any other 5xx. Nothing queued is dropped while offline.
+ * - A retry waits a random time (full jitter) up to 0.5 s, doubled per failure up to 5 s,
+ *   and never less than the server's Retry-After.
+ * - An answer under 500 to either loop shows the server is there: it ends the other loop's
+ *   wait, which tries at once (a Retry-After still holds). The browser's "online" event and
+ *   the page becoming visible again do the same. A 5xx does not: a proxy answers 502 for a
+ *   server that is down, and two failing loops would otherwise wake each other without end.
+ * - "$status" belongs to the poll loop: "online" when a poll is answered, "offline" when one
+ *   fails or the browser goes offline. An answered push does not make the page online (its
+ *   polls may still be failing, and it would show online while receiving nothing); it only
+ *   makes the poll loop try at once, and that poll's answer says.
  */
 (function (global) {
   "use strict";
 
   var BATCH = 100;               // packages per push request, the server's max_batch
   var BACKOFF_MIN = 500;         // ms: first retry window, doubled per failure...
-  var BACKOFF_MAX = 30000;       // ...up to this
+  var BACKOFF_MAX = 5000;        // ...up to this, so a server back up is found within seconds
+  var INTERNAL_TRIES = 3;        // answers of 500 before a package is given up
   var SEEN_MAX = 10000;          // stamps remembered to drop repeats
   var KEEPALIVE_BYTES = 60000;   // browsers refuse keepalive bodies over 64 KiB
   var STAMP = /^[A-Za-z0-9_-]{8,64}$/;
@@ -28,30 +50,38 @@
   var url = "/comet";
   var cursor = null;             // newest cursor the server gave us; null = new client
   var status = null;             // last "$status" fired
-  var queue = [];                // [{json, stamp, resolve, reject}] in push order; the head may be in flight
+  var queue = [];                // [{json, stamp, internal, resolve, reject}] in push order; the head may be in flight
   var batchLimit = BATCH;        // halved while the server refuses a batch without naming a package
   var seen = new Set();          // recent stamps, oldest first
   var handlers = Object.create(null);
   var workerAfterPoll = false;   // start(): first poll sets the identity cookie, then push
   var leaving = false;           // pagehide happened: ordinary requests die with the page
 
-  // The two loops. `request` is the AbortController of the request in flight,
-  // `timer` the pending retry, `failures` the consecutive failures so far.
-  var poller = {on: false, request: null, timer: null, failures: 0};
-  var pusher = {on: false, request: null, timer: null, failures: 0};
+  // The two loops. `step` sends the loop's next request, `request` is the
+  // AbortController of the one in flight, `timer` the pending retry,
+  // `failures` the consecutive failures so far, `notBefore` the end of the
+  // server's last Retry-After (ms since the epoch).
+  var poller = {step: poll, on: false, request: null, timer: null, failures: 0, notBefore: 0};
+  var pusher = {step: work, on: false, request: null, timer: null, failures: 0, notBefore: 0};
 
   // ---- timers and retries: the only place either loop waits -------------
 
-  function schedule(loop, step, ms) {
+  function schedule(loop, ms) {
     clearTimeout(loop.timer);
-    loop.timer = setTimeout(function () { loop.timer = null; step(); }, ms);
+    loop.timer = setTimeout(function () { loop.timer = null; loop.step(); }, ms);
   }
 
   // Exponential backoff with full jitter, never sooner than Retry-After.
-  function retry(loop, step, retryAfter) {
+  function retry(loop, retryAfter) {
     loop.failures += 1;
     var ceiling = Math.min(BACKOFF_MAX, BACKOFF_MIN * Math.pow(2, loop.failures - 1));
-    schedule(loop, step, Math.max(Math.random() * ceiling, retryAfter * 1000));
+    loop.notBefore = Date.now() + retryAfter * 1000;
+    schedule(loop, Math.max(Math.random() * ceiling, retryAfter * 1000));
+  }
+
+  // The server or the network is back: a loop waiting out its backoff tries now.
+  function hurry(loop) {
+    if (loop.timer) schedule(loop, Math.max(0, loop.notBefore - Date.now()));
   }
 
   function halt(loop) {
@@ -61,7 +91,21 @@
     if (loop.request) loop.request.abort();
     loop.request = null;
     loop.failures = 0;
+    loop.notBefore = 0;
   }
+
+  // A parked poll over a network the browser says is gone may hang unanswered
+  // for minutes: drop it and back off until the network returns.
+  global.addEventListener("offline", function () {
+    if (!poller.request) return;
+    poller.request.abort();
+    poller.request = null;
+    pollFailed(0);
+  });
+  global.addEventListener("online", function () { hurry(poller); hurry(pusher); });
+  global.document.addEventListener("visibilitychange", function () {
+    if (global.document.visibilityState === "visible") { hurry(poller); hurry(pusher); }
+  });
 
   // ---- HTTP ---------------------------------------------------------------
 
@@ -80,12 +124,6 @@
   function pushInit(entries, extra) {
     return Object.assign({method: "POST", headers: {"Content-Type": "application/json"},
                           body: "[" + entries.map(function (e) { return e.json; }).join(",") + "]"}, extra);
-  }
-
-  // A server that answers (even 4xx) is online; no answer or 5xx is offline.
-  function reached(ok) {
-    var now = ok ? "online" : "offline";
-    if (now !== status) { status = now; fire("$status", now); }
   }
 
   // ---- events -------------------------------------------------------------
@@ -108,6 +146,10 @@
       if (!done && i >= 0) list.splice(i, 1);
       done = true;
     };
+  }
+
+  function setStatus(now) {
+    if (now !== status) { status = now; fire("$status", now); }
   }
 
   // The wire is at-least-once (an old cursor sent again repeats packages); drop repeats.
@@ -134,11 +176,12 @@
     exchange("/poll" + query, {signal: ctl.signal}).then(function (res) {
       if (ctl.signal.aborted) return;
       poller.request = null;
-      reached(res.status < 500);
+      if (res.status < 500) hurry(pusher);
       var answer = res.body;
-      if (res.status !== 200 || typeof answer.cursor !== "string") return retry(poller, poll, res.retryAfter);
+      if (res.status !== 200 || typeof answer.cursor !== "string") return pollFailed(res.retryAfter);
       poller.failures = 0;
       cursor = answer.cursor;
+      setStatus("online");
       if (workerAfterPoll) { workerAfterPoll = false; worker(); }
       if (answer.reset) fire("$reset", answer);
       (Array.isArray(answer.packages) ? answer.packages : []).forEach(deliver);
@@ -146,9 +189,13 @@
     }, function () {
       if (ctl.signal.aborted) return;
       poller.request = null;
-      reached(false);
-      retry(poller, poll, 0);
+      pollFailed(0);
     });
+  }
+
+  function pollFailed(retryAfter) {
+    setStatus("offline");
+    retry(poller, retryAfter);
   }
 
   // ---- worker: queued pushes in order, batched, one request in flight -----
@@ -162,40 +209,47 @@
     exchange("/push", pushInit(batch, {signal: ctl.signal})).then(function (res) {
       if (ctl.signal.aborted) return;
       pusher.request = null;
-      reached(res.status < 500);
+      if (res.status < 500) hurry(poller);
       settle(batch, res);
     }, function () {
       if (ctl.signal.aborted) return;
       pusher.request = null;
-      reached(false);
-      retry(pusher, work, 0);   // maybe it arrived: the stamps make the resend harmless
+      retry(pusher, 0);   // maybe it arrived: the stamps make the resend harmless
     });
   }
 
-  // Apply the answer to `batch`, which is still the head of the queue.
+  // Apply the answer to `batch`, which is still the head of the queue. A
+  // failure's `index` names the package it is about: those before it were
+  // accepted, those after it are sent again.
   function settle(batch, res) {
     var body = res.body, stamps = Array.isArray(body.accepted) ? body.accepted : [];
-    var refused = res.status >= 400 && res.status < 500 && res.status !== 429;
     var index = typeof body.index === "number" && body.index >= 0 && body.index < batch.length ? body.index : -1;
     var done = res.status === 200 ? batch.length : Math.max(index, 0);
-
     queue.splice(0, done);
     batch.slice(0, done).forEach(function (e, i) { e.resolve(stamps[i] || e.stamp); });
-
     if (res.status === 200) {
       pusher.failures = 0;
-    } else if (refused && index < 0 && batch.length > 1) {
-      batchLimit = Math.ceil(batch.length / 2);   // no index given: narrow down the culprit
-    } else if (refused) {
-      var e = queue.shift();                       // final for this one package; go on with the rest
-      var err = new Error(body.message || "push refused (HTTP " + res.status + ")");
-      err.status = res.status;
-      err.error = body.error || "http_" + res.status;
-      e.reject(err);
-      pusher.failures = 0;
-    } else {
-      return retry(pusher, work, res.retryAfter);  // 429, 5xx, anything else: keep it queued
+      return next();
     }
+
+    var refused = res.status >= 400 && res.status < 500 && res.status !== 429;
+    if (!refused && res.status !== 500) return retry(pusher, res.retryAfter);   // 429, 503, ...: not the package's fault
+    if (index < 0 && batch.length > 1) {
+      batchLimit = Math.ceil(batch.length / 2);   // no package named: narrow down the culprit
+      return refused ? work() : retry(pusher, res.retryAfter);
+    }
+    var culprit = queue[0];
+    if (!refused && ++culprit.internal < INTERNAL_TRIES) return retry(pusher, res.retryAfter);
+    queue.shift();
+    var err = new Error(body.message || "push refused (HTTP " + res.status + ")");
+    err.status = res.status;
+    err.error = body.error || "http_" + res.status;
+    culprit.reject(err);
+    pusher.failures = 0;
+    next();
+  }
+
+  function next() {
     if (!queue.length) batchLimit = BATCH;
     work();
   }
@@ -229,9 +283,9 @@
     if (!pkg || typeof pkg !== "object" || Array.isArray(pkg)) {
       return Promise.reject(new TypeError("comet.push expects a package object"));
     }
-    if (typeof pkg._stamp !== "string" || !STAMP.test(pkg._stamp)) pkg._stamp = newStamp();
-    var entry = {stamp: pkg._stamp};
-    try { entry.json = JSON.stringify(pkg); } catch (err) { return Promise.reject(err); }
+    var stamp = typeof pkg._stamp === "string" && STAMP.test(pkg._stamp) ? pkg._stamp : newStamp();
+    var entry = {stamp: stamp, internal: 0};
+    try { entry.json = JSON.stringify(Object.assign({}, pkg, {_stamp: stamp})); } catch (err) { return Promise.reject(err); }
     var promise = new Promise(function (resolve, reject) { entry.resolve = resolve; entry.reject = reject; });
     queue.push(entry);
     if (leaving) flush();
@@ -241,7 +295,7 @@
 
   // Start the idle worker on the next tick, so that pushes made together go in one batch.
   function wake() {
-    if (pusher.on && !pusher.request && !pusher.timer && queue.length) schedule(pusher, work, 0);
+    if (pusher.on && !pusher.request && !pusher.timer && queue.length) schedule(pusher, 0);
   }
 
   function controller() { poller.on = true; poll(); }

@@ -2,18 +2,25 @@
 
 Needs /usr/bin/chromium and the `playwright` package (never `playwright install`).
 Without them the tests skip locally and fail under CI=true.
+
+A retry waits a random time (full jitter). A test about how long a page waits
+pins the page's Math.random, so that the wait a bug would leave is certain, not
+likely, to show.
 """
+import collections
 import json
 import re
+import time
 from urllib.parse import parse_qs, urlencode
 
 import pytest
 
 import comet
-from support import ThreadedServer, chromium, wait_until
+from support import Client, ServerProcess, ThreadedServer, chromium, free_port, wait_until
 
 STAMP = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 WAIT_MS = 10000
+WORST_JITTER = 0.999       # Math.random() in the page: every backoff wait its longest
 
 PAGE = b"""<!doctype html><meta charset="utf-8"><title>comet test</title>
 <script src="/scripts/comet.js"></script>
@@ -22,6 +29,16 @@ PAGE = b"""<!doctype html><meta charset="utf-8"><title>comet test</title>
   comet.on("chat", function (pkg) { got.push(pkg); });
   comet.on("$status", function (s) { statuses.push(s); });
   comet.on("$reset", function (answer) { resets.push(answer); });
+  // How each comet request of the page ended: {path, status} or {path, failed: true}.
+  window.requests = [];
+  var browserFetch = window.fetch;
+  window.fetch = function (url, init) {
+    var request = {path: String(url)};
+    requests.push(request);
+    return browserFetch.call(window, url, init).then(
+      function (res) { request.status = res.status; return res; },
+      function (err) { request.failed = true; throw err; });
+  };
   // The test's own deadline on a promise: page.evaluate has none.
   window.within = function (promise) {
     return Promise.race([promise, new Promise(function (_, reject) {
@@ -35,7 +52,8 @@ PAGE = b"""<!doctype html><meta charset="utf-8"><title>comet test</title>
 # ---- the server: the page app wrapped by Comet, wrapped by a test harness ----
 
 class Harness:
-    """Sits in front of Comet: records who polls, can play dead, can rewind a cursor."""
+    """Sits in front of Comet: records each client's requests, answers in the
+    server's place when told to, can play dead, can rewind a cursor."""
 
     def __init__(self, app):
         self.app = app
@@ -45,6 +63,21 @@ class Harness:
         self.refused = 0           # comet requests answered 503 while down
         self.rewind = {}           # client id -> cursor to send instead, once
         self.rewound_answer = {}   # client id -> body of the rewound poll's answer
+        self.requests = collections.defaultdict(list)   # (client id, path) -> [(monotonic s, status)]
+        self.canned = {}           # (client id, path) -> [status, Retry-After or None, times left or None]
+        self.hook_raised = collections.Counter()         # text -> times the chat hook raised for it
+
+    def fail(self, page, path, status, times=None, retry_after=None):
+        """Answer ``status`` to the page's next ``times`` requests to ``path`` (all, when None)."""
+        self.canned[sid_of(page), path] = [status, retry_after, times]
+
+    def heal(self, page, path):
+        self.canned.pop((sid_of(page), path), None)
+
+    def answers(self, page, path, status=None):
+        """The times of the page's requests to ``path`` (answered ``status``, when given)."""
+        return [at for at, answered in self.requests[sid_of(page), path]
+                if status is None or answered == status]
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -52,22 +85,40 @@ class Harness:
             return self.app(environ, start_response)
         if self.down:
             self.refused += 1
-            start_response("503 Service Unavailable", [
-                ("Content-Type", "application/json"), ("Retry-After", "1")])
-            return [b'{"error": "unavailable", "message": "down for the test"}']
+            return self._answer(start_response, 503, 1)
         sid = self.app.client_id(environ)
+        record = (sid, path)
+
+        def recording_start_response(status, headers, *exc_info):
+            self.requests[record].append((time.monotonic(), int(status[:3])))
+            return start_response(status, headers, *exc_info)
+        canned = self.canned.get(record)
+        if canned and canned[2] != 0:
+            status, retry_after, times = canned
+            if times is not None:
+                canned[2] -= 1
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            return self._answer(recording_start_response, status, retry_after)
         if path != "/comet/poll" or sid is None:
-            return self.app(environ, start_response)
+            return self.app(environ, recording_start_response)
         query = parse_qs(environ.get("QUERY_STRING", ""))
         if "cursor" in query:
             self.last_cursor[sid] = query["cursor"][0]
         self.polled.add(sid)
         if sid not in self.rewind:
-            return self.app(environ, start_response)
+            return self.app(environ, recording_start_response)
         environ["QUERY_STRING"] = urlencode({"cursor": self.rewind.pop(sid)})
-        body = b"".join(self.app(environ, start_response))
+        body = b"".join(self.app(environ, recording_start_response))
         self.rewound_answer[sid] = json.loads(body)
         return [body]
+
+    @staticmethod
+    def _answer(start_response, status, retry_after):
+        headers = [("Content-Type", "application/json")]
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
+        start_response(f"{status} Test", headers)
+        return [json.dumps({"error": "test", "message": f"{status} from the test"}).encode()]
 
 
 def page_app(environ, start_response):
@@ -86,6 +137,16 @@ def server():
     @app.listener("all")
     def everyone(environ, package, db):
         return sorted(harness.polled)
+
+    @app.listener("to")
+    def to(environ, package, db):
+        return package["to"]
+
+    @app.action("chat").on_submit
+    def raise_on_request(package, private, db, environ):
+        if package.get("text") == "the hook raises":
+            harness.hook_raised[package["text"]] += 1
+            raise RuntimeError("a hook failing on purpose")
     with ThreadedServer(harness) as httpd:
         harness.url = httpd.url + "/"
         yield harness
@@ -143,6 +204,27 @@ def push(page, text, **fields):
     }""", [text, fields])
 
 
+def pin_jitter(page, fraction):
+    page.evaluate("fraction => { Math.random = () => fraction; }", fraction)
+
+
+def seconds_until_received(page, act, count=1):
+    """Run ``act`` and return how many seconds later the page has ``count`` chat packages."""
+    started = time.monotonic()
+    act()
+    page.wait_for_function("n => got.length >= n", arg=count, timeout=2 * WAIT_MS)
+    return time.monotonic() - started
+
+
+def backed_off_after_failed_polls(server, page, status=502):
+    """Make the page's polls fail (no Retry-After, as from a proxy) until its
+    poll loop has failed four times: with the worst jitter it now waits 4 s."""
+    pin_jitter(page, WORST_JITTER)
+    server.fail(page, "/comet/poll", status)
+    wait_until(lambda: len(server.answers(page, "/comet/poll", status)) >= 4)
+    server.heal(page, "/comet/poll")
+
+
 # ---- the behaviour --------------------------------------------------------------
 
 def test_two_pages_exchange_a_package(open_client):
@@ -155,20 +237,33 @@ def test_two_pages_exchange_a_package(open_client):
     assert wait_for_texts(alice, 1) == ["hello bob"]
 
 
-def test_push_sets_the_stamp_synchronously_and_resolves_with_it(open_client):
+def test_push_leaves_the_callers_object_untouched_and_resolves_with_the_stamp(open_client):
+    alice = open_client()
+
+    before, after, stamp = alice.evaluate("""async () => {
+        const pkg = {type: "chat", listeners: ["all"], text: "untouched", nested: {a: [1]}};
+        const before = JSON.stringify(pkg);
+        const stamp = await within(comet.push(pkg));
+        return [before, JSON.stringify(pkg), stamp];
+    }""")
+
+    assert after == before
+    assert STAMP.match(stamp)
+    assert wait_for_texts(alice, 1) == ["untouched"]
+    assert alice.evaluate("got[0]._stamp") == stamp
+
+
+def test_the_same_object_pushed_twice_is_two_packages(open_client):
     alice = open_client()
 
     stamps = alice.evaluate("""async () => {
-        const pkg = {type: "chat", listeners: ["all"], text: "stamped"};
-        const promise = comet.push(pkg);
-        const synchronous = pkg._stamp;
-        return [synchronous, await within(promise)];
+        const pkg = {type: "chat", listeners: ["all"], text: "twice"};
+        return [await within(comet.push(pkg)), await within(comet.push(pkg))];
     }""")
 
-    assert STAMP.match(stamps[0])
-    assert stamps[1] == stamps[0]
-    assert wait_for_texts(alice, 1) == ["stamped"]
-    assert alice.evaluate("got[0]._stamp") == stamps[0]
+    assert stamps[0] != stamps[1]
+    assert wait_for_texts(alice, 2) == ["twice", "twice"]
+    assert alice.evaluate("got.map(p => p._stamp)") == stamps
 
 
 def test_a_well_formed_stamp_from_the_caller_is_kept(open_client):
@@ -179,6 +274,17 @@ def test_a_well_formed_stamp_from_the_caller_is_kept(open_client):
     assert result == {"stamp": "caller-chosen_stamp-1"}
     wait_for_texts(alice, 1)
     assert alice.evaluate("got[0]._stamp") == "caller-chosen_stamp-1"
+
+
+def test_a_package_resent_with_its_stamp_is_delivered_once(open_client):
+    alice = open_client()
+
+    first = push(alice, "resent", _stamp="resent-stamp-0001")
+    second = push(alice, "resent", _stamp="resent-stamp-0001")
+    push(alice, "sentinel")     # a second copy would arrive before it
+
+    assert first == second == {"stamp": "resent-stamp-0001"}
+    assert wait_for_texts(alice, 2) == ["resent", "sentinel"]
 
 
 def test_a_refused_package_rejects_and_the_ones_behind_it_are_delivered(open_client):
@@ -203,6 +309,41 @@ def test_a_refused_package_rejects_and_the_ones_behind_it_are_delivered(open_cli
     assert alice.evaluate("comet.pending()") == 0
 
 
+def test_a_package_answered_500_three_times_rejects_and_the_ones_behind_it_are_delivered(
+        open_client, server):
+    alice, bob = open_client(), open_client()
+
+    outcomes = alice.evaluate("""async () => {
+        const settle = p => within(p).then(stamp => ({stamp}),
+                                   err => ({status: err.status, error: err.error, message: err.message}));
+        return Promise.all([
+            settle(comet.push({type: "chat", listeners: ["all"], text: "before"})),
+            settle(comet.push({type: "chat", listeners: ["all"], text: "the hook raises"})),
+            settle(comet.push({type: "chat", listeners: ["all"], text: "after"})),
+        ]);
+    }""")
+
+    assert STAMP.match(outcomes[0]["stamp"]) and STAMP.match(outcomes[2]["stamp"])
+    assert outcomes[1]["status"] == 500 and outcomes[1]["error"] == "internal"
+    assert server.hook_raised["the hook raises"] == 3
+    assert wait_for_texts(bob, 2) == ["before", "after"]
+    assert alice.evaluate("comet.pending()") == 0
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_push_answered_503_or_429_is_sent_again_after_retry_after(open_client, server, status):
+    alice, bob = open_client(), open_client()
+    server.fail(alice, "/comet/push", status, times=2, retry_after=1)
+
+    result = push(alice, "persistent")
+
+    assert STAMP.match(result["stamp"])
+    assert wait_for_texts(bob, 1) == ["persistent"]
+    tries = server.answers(alice, "/comet/push")
+    assert len(tries) == 3
+    assert all(later - earlier >= 0.95 for earlier, later in zip(tries, tries[1:])), tries
+
+
 def test_pushes_made_while_the_server_answers_503_arrive_once_in_order(open_client, server):
     alice, bob = open_client(), open_client()
     server.down = True
@@ -222,6 +363,87 @@ def test_pushes_made_while_the_server_answers_503_arrive_once_in_order(open_clie
     alice.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
     statuses = alice.evaluate("statuses")
     assert all(a != b for a, b in zip(statuses, statuses[1:])), statuses
+
+
+def test_the_poll_backoff_grows_to_a_cap_of_5_s(open_client, server):
+    alice = open_client()
+    pin_jitter(alice, 0.5)                 # each wait half its window, the window 0.5 s doubling to 5 s
+    server.fail(alice, "/comet/poll", 502)
+
+    try:
+        times = wait_until(lambda: (lambda t: len(t) >= 7 and t)(server.answers(alice, "/comet/poll", 502)),
+                           timeout=25)
+    finally:
+        server.heal(alice, "/comet/poll")
+
+    gaps = [later - earlier for earlier, later in zip(times, times[1:7])]
+    expected = [0.25, 0.5, 1.0, 2.0, 2.5, 2.5]
+    assert all(e * 0.9 <= gap <= e + 1.0 for gap, e in zip(gaps, expected)), [round(g, 2) for g in gaps]
+
+
+def test_status_is_online_only_while_polls_are_answered(open_client, server):
+    alice = open_client()
+    alice.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
+    server.fail(alice, "/comet/poll", 502)
+    alice.wait_for_function("statuses.at(-1) === 'offline'", timeout=WAIT_MS)
+
+    failed = len(server.answers(alice, "/comet/poll", 502))
+    push(alice, "answered while polls fail")
+    wait_until(lambda: len(server.answers(alice, "/comet/poll", 502)) > failed)   # the poll it hurried
+
+    assert alice.evaluate("statuses") == ["online", "offline"]
+    server.heal(alice, "/comet/poll")
+    alice.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
+
+
+def push_to(server, page, text):
+    """A server-side push of a chat package to the page alone."""
+    return lambda: server.app.push({"type": "chat", "listeners": ["to"], "to": [sid_of(page)],
+                                    "text": text})
+
+
+def test_a_push_answer_ends_the_poll_backoff(open_client, server):
+    alice = open_client()
+    backed_off_after_failed_polls(server, alice)
+
+    assert STAMP.match(push(alice, "to nobody", listeners=["to"], to=[])["stamp"])
+    seconds = seconds_until_received(alice, push_to(server, alice, "for alice"))
+
+    assert seconds <= 2.0, f"received {seconds:.1f} s after the push was answered"
+
+
+def test_a_page_becoming_visible_polls_at_once(open_client, server):
+    alice = open_client()
+    alice.evaluate("""() => {   // headless pages are always visible: the test plays the browser
+        window.visibility = "hidden";
+        Object.defineProperty(document, "visibilityState", {configurable: true, get: () => visibility});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    backed_off_after_failed_polls(server, alice)
+    push_to(server, alice, "while hidden")()
+
+    seconds = seconds_until_received(alice, lambda: alice.evaluate("""() => {
+        visibility = "visible";
+        document.dispatchEvent(new Event("visibilitychange"));
+    }"""))
+
+    assert seconds <= 2.0, f"received {seconds:.1f} s after the page became visible"
+
+
+def test_a_page_coming_back_online_receives_a_waiting_package_at_once(open_client, server):
+    alice = open_client()
+    pin_jitter(alice, WORST_JITTER)
+    alice.context.set_offline(True)
+    # Its poll is dropped and the next ones fail: after four, it waits 4 s.
+    alice.wait_for_function("requests.filter(r => r.path.includes('/poll') && r.failed).length >= 4",
+                            timeout=WAIT_MS)
+    push_to(server, alice, "waiting")()
+    assert alice.evaluate("[got.length, statuses.at(-1)]") == [0, "offline"]
+
+    seconds = seconds_until_received(alice, lambda: alice.context.set_offline(False))
+
+    assert seconds <= 2.0, f"received {seconds:.1f} s after the browser came back online"
+    alice.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
 
 
 def test_repeated_stamps_from_an_old_cursor_are_dropped(open_client, server):
@@ -292,3 +514,35 @@ def test_a_push_made_in_pagehide_still_goes_out(open_client):
     alice.goto("about:blank")
 
     assert wait_for_texts(bob, 1) == ["leaving"]
+
+
+# ---- a real outage: the server process stopped, then started on the same port ----
+
+OUTAGE = 15.0      # seconds the server is gone
+
+
+def test_after_an_outage_a_polling_page_receives_within_7_s_of_the_restart(browser, tmp_path):
+    server = ServerProcess(f"sqlite:///{tmp_path / 'comet.db'}", port=free_port(), poll_timeout=2)
+    context = browser.new_context(extra_http_headers={"X-Client": "bob"})   # the test app's id
+    try:
+        server.start()
+        context.route(server.url + "/", lambda route: route.fulfill(body=PAGE, content_type="text/html"))
+        bob = context.new_page()
+        bob.goto(server.url + "/")
+        pin_jitter(bob, WORST_JITTER)
+        bob.evaluate("comet.controller()")          # it only polls: no push answer hurries it
+        bob.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
+
+        server.stop()
+        bob.wait_for_function("statuses.at(-1) === 'offline'", timeout=WAIT_MS)
+        bob.wait_for_timeout(OUTAGE * 1000)        # the outage itself, not a wait for an event
+        server.start()                              # returns once the port accepts connections
+        alice = Client(server.url, "alice")
+
+        seconds = seconds_until_received(bob, lambda: alice.push(
+            {"type": "chat", "listeners": ["to"], "to": ["bob"], "text": "after the restart"}))
+    finally:
+        context.close()
+        server.stop()
+
+    assert seconds <= 7.0, f"received {seconds:.1f} s after the restart"
