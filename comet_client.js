@@ -31,7 +31,7 @@
  *   the page becoming visible again do the same. A 5xx does not: a proxy answers 502 for a
  *   server that is down, and two failing loops would otherwise wake each other without end.
  * - "$status" belongs to the poll loop: "online" when a poll is answered, "offline" when one
- *   fails or the browser goes offline. An answered push does not make the page online (its
+ *   fails. An answered push does not make the page online (its
  *   polls may still be failing, and it would show online while receiving nothing); it only
  *   makes the poll loop try at once, and that poll's answer says.
  */
@@ -94,14 +94,6 @@
     loop.notBefore = 0;
   }
 
-  // A parked poll over a network the browser says is gone may hang unanswered
-  // for minutes: drop it and back off until the network returns.
-  global.addEventListener("offline", function () {
-    if (!poller.request) return;
-    poller.request.abort();
-    poller.request = null;
-    pollFailed(0);
-  });
   global.addEventListener("online", function () { hurry(poller); hurry(pusher); });
   global.document.addEventListener("visibilitychange", function () {
     if (global.document.visibilityState === "visible") { hurry(poller); hurry(pusher); }

@@ -233,10 +233,11 @@ main header { padding: 14px 20px; border-bottom: 1px solid #e3e5e8; }
 #messages:empty::before { content: "No messages yet. Say hello!"; color: #6e7781; }
 #messages li { padding: 5px 0; }
 #messages b { margin-right: 8px; }
-#messages time { font-size: 12px; color: #6e7781; }
+#messages time, #messages small { font-size: 12px; color: #6e7781; }
+#messages small { margin-left: 8px; }
 #messages p { margin: 1px 0 0; white-space: pre-wrap; overflow-wrap: anywhere; }
 #messages .pending { opacity: .45; }
-#messages .failed p { color: #d1242f; }
+#messages .failed p, #messages .failed small { color: #d1242f; }
 #messages .delete { margin-left: 6px; padding: 0 6px; background: none; color: #6e7781; }
 #messages li:not(:hover) .delete { opacity: 0; }
 #topic { margin-left: 16px; border-color: transparent; font-size: 14px; font-weight: 400; }
@@ -277,6 +278,8 @@ function el(tag, props, ...children) {  // children go in as text: user data nev
 }
 const color = id => `hsl(${Math.abs([...String(id)].reduce((h, c) => (h * 31 + c.charCodeAt(0)) | 0, 7)) % 360} 55% 42%)`;
 const inRoom = pkg => [].concat(pkg.listeners).includes("room:" + room);
+const newStamp = () => Array.from(crypto.getRandomValues(new Uint8Array(16)),
+                                  b => b.toString(16).padStart(2, "0")).join("");
 const join = name => comet.push({type: "join", listeners: ["lobby", "room:" + name]});
 const leave = name => comet.push({type: "leave", listeners: ["room:" + name]}).catch(() => {});  // not in it any more
 
@@ -294,12 +297,12 @@ function showMessage(pkg, pending) {  // add or confirm one message, in server-t
   let li = shown.get(pkg._stamp);
   if (!li) {
     li = el("li", {}, el("b", {style: "color:" + color(pkg.sender.id)}, pkg.sender.nick),
-            el("time"), el("p", {}, pkg.text));
-    if (pkg.sender.id === myId) li.querySelector("time").after(el("button", {className: "delete",
+            el("time"), el("small"), el("p", {}, pkg.text));
+    if (pkg.sender.id === myId) li.querySelector("small").after(el("button", {className: "delete",
       title: "Delete", onclick: () => comet.push({type: "delete", listeners: ["room:" + room], stamp: pkg._stamp})}, "×"));
     shown.set(pkg._stamp, li);
   }
-  li.classList.toggle("pending", !!pending);
+  mark(li, pending ? "pending" : "", pending ? "waiting to be sent" : "");
   li.ts = pkg._ts || Infinity;  // ours not yet accepted stay last
   const time = new Date(pkg._ts || Date.now());
   li.querySelector("time").textContent = time.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
@@ -308,15 +311,18 @@ function showMessage(pkg, pending) {  // add or confirm one message, in server-t
   if (atBottom || pending) list.scrollTop = list.scrollHeight;
   return li;
 }
-function send(name, text, li) {  // show it at once, greyed until the server has it
-  const pkg = {type: "message", listeners: ["room:" + name], text};
-  const accepted = comet.push(pkg);  // sets pkg._stamp at once
+function mark(li, state, label) {  // state: "pending" (greyed), "failed" or "" (sent)
+  li.className = state;
+  li.querySelector("small").textContent = label;
+}
+function send(name, text, li) {  // show it at once, marked until the server has it
+  const pkg = {type: "message", listeners: ["room:" + name], text, _stamp: newStamp()};  // ours: its echo finds the line
   if (li) shown.set(pkg._stamp, li);
   else li = showMessage({...pkg, sender: {nick: $("nick").value, id: myId}}, true);
-  accepted.then(() => li.classList.remove("pending"), err => {
-    if (err.error === "not_member") return join(name).then(() => send(name, text, li));  // dropped while away
-    li.classList.add("failed");
-    li.title = err.message;
+  const refused = err => mark(li, "failed", "refused: " + err.message);
+  comet.push(pkg).then(() => mark(li, "", ""), err => {
+    if (err.error !== "not_member") return refused(err);
+    join(name).then(() => send(name, text, li), refused);  // dropped while away: join again
   });
 }
 async function load() {  // catch up: the rooms, who is here, the recent messages

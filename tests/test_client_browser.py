@@ -63,7 +63,7 @@ class Harness:
         self.refused = 0           # comet requests answered 503 while down
         self.rewind = {}           # client id -> cursor to send instead, once
         self.rewound_answer = {}   # client id -> body of the rewound poll's answer
-        self.requests = collections.defaultdict(list)   # (client id, path) -> [(monotonic s, status)]
+        self.requests = collections.defaultdict(list)   # (client id, path) -> [[arrival, status]]
         self.canned = {}           # (client id, path) -> [status, Retry-After or None, times left or None]
         self.hook_raised = collections.Counter()         # text -> times the chat hook raised for it
 
@@ -75,7 +75,7 @@ class Harness:
         self.canned.pop((sid_of(page), path), None)
 
     def answers(self, page, path, status=None):
-        """The times of the page's requests to ``path`` (answered ``status``, when given)."""
+        """When the page's requests to ``path`` arrived (those answered ``status``, when given)."""
         return [at for at, answered in self.requests[sid_of(page), path]
                 if status is None or answered == status]
 
@@ -87,12 +87,13 @@ class Harness:
             self.refused += 1
             return self._answer(start_response, 503, 1)
         sid = self.app.client_id(environ)
-        record = (sid, path)
+        request = [time.monotonic(), None]
+        self.requests[sid, path].append(request)
 
         def recording_start_response(status, headers, *exc_info):
-            self.requests[record].append((time.monotonic(), int(status[:3])))
+            request[1] = int(status[:3])
             return start_response(status, headers, *exc_info)
-        canned = self.canned.get(record)
+        canned = self.canned.get((sid, path))
         if canned and canned[2] != 0:
             status, retry_after, times = canned
             if times is not None:
@@ -287,7 +288,7 @@ def test_a_package_resent_with_its_stamp_is_delivered_once(open_client):
     assert wait_for_texts(alice, 2) == ["resent", "sentinel"]
 
 
-def test_a_refused_package_rejects_and_the_ones_behind_it_are_delivered(open_client):
+def test_a_refused_package_rejects_and_the_ones_behind_it_are_delivered(open_client, server):
     alice, bob = open_client(), open_client()
 
     # Pushed in one tick, so the worker sends the three in one batch.
@@ -307,6 +308,7 @@ def test_a_refused_package_rejects_and_the_ones_behind_it_are_delivered(open_cli
     assert outcomes[1]["message"]
     assert wait_for_texts(bob, 2) == ["before", "after"]
     assert alice.evaluate("comet.pending()") == 0
+    assert len(server.answers(alice, "/comet/push")) == 2     # the batch, then "after" alone
 
 
 def test_a_package_answered_500_three_times_rejects_and_the_ones_behind_it_are_delivered(
@@ -412,6 +414,17 @@ def test_a_push_answer_ends_the_poll_backoff(open_client, server):
     assert seconds <= 2.0, f"received {seconds:.1f} s after the push was answered"
 
 
+def test_a_push_answer_leaves_the_polls_retry_after_alone(open_client, server):
+    alice = open_client()
+    server.fail(alice, "/comet/poll", 503, times=1, retry_after=2)
+    refused = wait_until(lambda: server.answers(alice, "/comet/poll", 503))[0]
+
+    push(alice, "answered during the poll's Retry-After")     # hurries the poll loop
+    next_poll = wait_until(lambda: [at for at in server.answers(alice, "/comet/poll") if at > refused])[0]
+
+    assert next_poll - refused >= 1.95, f"polled again {next_poll - refused:.2f} s after a Retry-After of 2"
+
+
 def test_a_page_becoming_visible_polls_at_once(open_client, server):
     alice = open_client()
     alice.evaluate("""() => {   // headless pages are always visible: the test plays the browser
@@ -434,7 +447,7 @@ def test_a_page_coming_back_online_receives_a_waiting_package_at_once(open_clien
     alice = open_client()
     pin_jitter(alice, WORST_JITTER)
     alice.context.set_offline(True)
-    # Its poll is dropped and the next ones fail: after four, it waits 4 s.
+    # Its polls fail (the parked one may still be answered): after four failures it waits 4 s.
     alice.wait_for_function("requests.filter(r => r.path.includes('/poll') && r.failed).length >= 4",
                             timeout=WAIT_MS)
     push_to(server, alice, "waiting")()
@@ -536,6 +549,9 @@ def test_after_an_outage_a_polling_page_receives_within_7_s_of_the_restart(brows
         server.stop()
         bob.wait_for_function("statuses.at(-1) === 'offline'", timeout=WAIT_MS)
         bob.wait_for_timeout(OUTAGE * 1000)        # the outage itself, not a wait for an event
+        # Back right after a failed poll: the page's whole backoff wait is still ahead.
+        failed = bob.evaluate("requests.filter(r => r.failed).length")
+        bob.wait_for_function("n => requests.filter(r => r.failed).length > n", arg=failed, timeout=WAIT_MS)
         server.start()                              # returns once the port accepts connections
         alice = Client(server.url, "alice")
 

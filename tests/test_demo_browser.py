@@ -8,6 +8,7 @@ under CI=true.
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -237,6 +238,7 @@ def test_messages_typed_while_the_server_is_down_arrive_once_in_order(demo, open
     for i in (1, 2, 3):
         say(alice, f"while down {i}")
     expect(alice.locator("#messages li.pending")).to_have_count(3)   # shown at once, greyed
+    expect(alice.locator("#messages li.pending small")).to_have_text(["waiting to be sent"] * 3)
     demo.start()
 
     down = ["while down 1", "while down 2", "while down 3"]
@@ -246,6 +248,18 @@ def test_messages_typed_while_the_server_is_down_arrive_once_in_order(demo, open
     say(bob, "after")                # a repeat of anything earlier would arrive before it
     expect_messages(alice, ["before", *down, "after"])
     expect_messages(bob, ["before", *down, "after"])
+    expect(alice.locator("#messages li small")).to_have_text([""] * 5)      # no label left
+
+
+def test_a_refused_message_is_marked_refused(open_chat):
+    from playwright.sync_api import expect
+    alice = open_chat("alice")
+
+    alice.evaluate("send('no-such-room', 'lost')")   # the page's own send(), to a room nobody made
+
+    refused = alice.locator("#messages li.failed")
+    expect(refused.locator("p")).to_have_text("lost")
+    expect(refused.locator("small")).to_have_text(re.compile(r"^refused: \S"))
 
 
 def test_a_page_backs_off_while_the_server_is_down(demo, open_chat):
