@@ -31,9 +31,9 @@
  *   the page becoming visible again do the same. A 5xx does not: a proxy answers 502 for a
  *   server that is down, and two failing loops would otherwise wake each other without end.
  * - "$status" belongs to the poll loop: "online" when a poll is answered, "offline" when one
- *   fails. An answered push does not make the page online (its
- *   polls may still be failing, and it would show online while receiving nothing); it only
- *   makes the poll loop try at once, and that poll's answer says.
+ *   fails. An answered push does not make the page online (its polls may still be failing,
+ *   and it would show online while receiving nothing): it makes the poll loop try at once,
+ *   and that poll's answer says.
  */
 (function (global) {
   "use strict";
@@ -50,7 +50,8 @@
   var url = "/comet";
   var cursor = null;             // newest cursor the server gave us; null = new client
   var status = null;             // last "$status" fired
-  var queue = [];                // [{json, stamp, internal, resolve, reject}] in push order; the head may be in flight
+  var queue = [];                // [{json, stamp, internal, resolve, reject}] in push order; the head may be in flight;
+                                 // `internal` counts the package's answers of 500
   var batchLimit = BATCH;        // halved while the server refuses a batch without naming a package
   var seen = new Set();          // recent stamps, oldest first
   var handlers = Object.create(null);

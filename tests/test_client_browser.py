@@ -383,6 +383,22 @@ def test_the_poll_backoff_grows_to_a_cap_of_5_s(open_client, server):
     assert all(e * 0.9 <= gap <= e + 1.0 for gap, e in zip(gaps, expected)), [round(g, 2) for g in gaps]
 
 
+def test_failing_pushes_do_not_cut_the_poll_backoff_short(open_client, server):
+    alice = open_client()
+    pin_jitter(alice, 0.5)
+    server.fail(alice, "/comet/poll", 502)     # a proxy whose server is down: no Retry-After
+    server.fail(alice, "/comet/push", 502)
+
+    alice.evaluate("() => { comet.push({type: 'chat', listeners: ['to'], to: [], text: 'stuck'}); }")
+    try:
+        times = wait_until(lambda: (lambda t: len(t) >= 4 and t)(server.answers(alice, "/comet/poll", 502)))
+    finally:
+        server.heal(alice, "/comet/poll")
+        server.heal(alice, "/comet/push")
+
+    assert times[3] - times[0] >= 0.9 * (0.25 + 0.5 + 1.0), [round(t - times[0], 2) for t in times]
+
+
 def test_status_is_online_only_while_polls_are_answered(open_client, server):
     alice = open_client()
     alice.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
