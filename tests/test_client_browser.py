@@ -74,6 +74,11 @@ class Harness:
     def heal(self, page, path):
         self.canned.pop((sid_of(page), path), None)
 
+    def wait_for_answers(self, page, path, status, count, timeout=10):
+        """When the page's first ``count`` requests to ``path`` answered ``status`` arrived."""
+        return wait_until(lambda: len(times := self.answers(page, path, status)) >= count and times,
+                          timeout=timeout)[:count]
+
     def answers(self, page, path, status=None):
         """When the page's requests to ``path`` arrived (those answered ``status``, when given)."""
         return [at for at, answered in self.requests[sid_of(page), path]
@@ -132,7 +137,7 @@ def page_app(environ, start_response):
 
 @pytest.fixture(scope="module")
 def server():
-    app = comet.Comet(page_app, store="memory:", poll_timeout=2)
+    app = comet.Comet(page_app, store="memory:", poll_timeout=1)
     harness = Harness(app)
 
     @app.listener("all")
@@ -205,6 +210,11 @@ def push(page, text, **fields):
     }""", [text, fields])
 
 
+def push_to(server, page, text):
+    """A server-side push of a chat package to the page alone."""
+    server.app.push({"type": "chat", "listeners": ["to"], "to": [sid_of(page)], "text": text})
+
+
 def pin_jitter(page, fraction):
     page.evaluate("fraction => { Math.random = () => fraction; }", fraction)
 
@@ -222,7 +232,7 @@ def backed_off_after_failed_polls(server, page, status=502):
     poll loop has failed four times: with the worst jitter it now waits 4 s."""
     pin_jitter(page, WORST_JITTER)
     server.fail(page, "/comet/poll", status)
-    wait_until(lambda: len(server.answers(page, "/comet/poll", status)) >= 4)
+    server.wait_for_answers(page, "/comet/poll", status, 4)
     server.heal(page, "/comet/poll")
 
 
@@ -373,12 +383,11 @@ def test_the_poll_backoff_grows_to_a_cap_of_5_s(open_client, server):
     server.fail(alice, "/comet/poll", 502)
 
     try:
-        times = wait_until(lambda: (lambda t: len(t) >= 7 and t)(server.answers(alice, "/comet/poll", 502)),
-                           timeout=25)
+        times = server.wait_for_answers(alice, "/comet/poll", 502, 7, timeout=25)
     finally:
         server.heal(alice, "/comet/poll")
 
-    gaps = [later - earlier for earlier, later in zip(times, times[1:7])]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
     expected = [0.25, 0.5, 1.0, 2.0, 2.5, 2.5]
     assert all(e * 0.9 <= gap <= e + 1.0 for gap, e in zip(gaps, expected)), [round(g, 2) for g in gaps]
 
@@ -391,7 +400,7 @@ def test_failing_pushes_do_not_cut_the_poll_backoff_short(open_client, server):
 
     alice.evaluate("() => { comet.push({type: 'chat', listeners: ['to'], to: [], text: 'stuck'}); }")
     try:
-        times = wait_until(lambda: (lambda t: len(t) >= 4 and t)(server.answers(alice, "/comet/poll", 502)))
+        times = server.wait_for_answers(alice, "/comet/poll", 502, 4)
     finally:
         server.heal(alice, "/comet/poll")
         server.heal(alice, "/comet/push")
@@ -407,17 +416,11 @@ def test_status_is_online_only_while_polls_are_answered(open_client, server):
 
     failed = len(server.answers(alice, "/comet/poll", 502))
     push(alice, "answered while polls fail")
-    wait_until(lambda: len(server.answers(alice, "/comet/poll", 502)) > failed)   # the poll it hurried
+    server.wait_for_answers(alice, "/comet/poll", 502, failed + 1)     # the poll it hurried
 
     assert alice.evaluate("statuses") == ["online", "offline"]
     server.heal(alice, "/comet/poll")
     alice.wait_for_function("statuses.at(-1) === 'online'", timeout=WAIT_MS)
-
-
-def push_to(server, page, text):
-    """A server-side push of a chat package to the page alone."""
-    return lambda: server.app.push({"type": "chat", "listeners": ["to"], "to": [sid_of(page)],
-                                    "text": text})
 
 
 def test_a_push_answer_ends_the_poll_backoff(open_client, server):
@@ -425,7 +428,7 @@ def test_a_push_answer_ends_the_poll_backoff(open_client, server):
     backed_off_after_failed_polls(server, alice)
 
     assert STAMP.match(push(alice, "to nobody", listeners=["to"], to=[])["stamp"])
-    seconds = seconds_until_received(alice, push_to(server, alice, "for alice"))
+    seconds = seconds_until_received(alice, lambda: push_to(server, alice, "for alice"))
 
     assert seconds <= 2.0, f"received {seconds:.1f} s after the push was answered"
 
@@ -449,7 +452,7 @@ def test_a_page_becoming_visible_polls_at_once(open_client, server):
         document.dispatchEvent(new Event("visibilitychange"));
     }""")
     backed_off_after_failed_polls(server, alice)
-    push_to(server, alice, "while hidden")()
+    push_to(server, alice, "while hidden")
 
     seconds = seconds_until_received(alice, lambda: alice.evaluate("""() => {
         visibility = "visible";
@@ -466,7 +469,7 @@ def test_a_page_coming_back_online_receives_a_waiting_package_at_once(open_clien
     # Its polls fail (the parked one may still be answered): after four failures it waits 4 s.
     alice.wait_for_function("requests.filter(r => r.path.includes('/poll') && r.failed).length >= 4",
                             timeout=WAIT_MS)
-    push_to(server, alice, "waiting")()
+    push_to(server, alice, "waiting")
     assert alice.evaluate("[got.length, statuses.at(-1)]") == [0, "offline"]
 
     seconds = seconds_until_received(alice, lambda: alice.context.set_offline(False))
