@@ -33,6 +33,7 @@ import contextlib
 import copy
 import hashlib
 import http
+import ipaddress
 import itertools
 import json
 import logging
@@ -72,7 +73,7 @@ class CometError(Exception):
         self.fields = {}            # extra answer fields: a batch's index and accepted
 
     def body(self):
-        return dict(error=self.code, message=self.message, **self.fields)
+        return dict(error=self.code, message=str(self.message), **self.fields)
 
 
 class Reject(CometError):
@@ -96,8 +97,14 @@ def _unavailable(message):
 
 _STAMP = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 _SID = re.compile(r"(?:^|;)\s*comet_sid=([A-Za-z0-9_-]{22,64})\s*(?:;|$)")
+_CURSOR = re.compile(r"(.*)\.([0-9]{1,19})", re.DOTALL)    # STOREID.POSITION, ASCII digits
+_LENGTH = re.compile(r"[0-9]+")     # int() would also take "+5", " 5", "1_0" and other scripts' digits
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _PAGE = 500                         # packages in one poll answer, at most
 _MAX_ID = 256                       # characters in a client id or a channel name, at most
+_MAX_DEPTH = 100                    # arrays and objects nested in a package, at most
+_MAX_POSITION = 2 ** 63 - 1         # a position no store issues past (SQL's BIGINT)
 
 
 def _now_ms():
@@ -120,9 +127,61 @@ def _no_constant(name):
 
 
 def _loads(data):
-    """Parse a request body strictly: UTF-8, no NaN or Infinity."""
-    return json.loads(data.decode("utf-8"), parse_float=_finite,
-                      parse_constant=_no_constant)
+    """Parse a push body strictly, or refuse it with 400 ``bad_json``: UTF-8, no
+    NaN or Infinity, no package nested deeper than ``_MAX_DEPTH`` (so copying
+    and encoding it cannot run out of stack), and text that is Unicode (no lone
+    UTF-16 surrogate, which ``JSON.stringify`` sends for a string cut inside an
+    emoji, and which no UTF-8 encoder after this one would take)."""
+    try:
+        value = json.loads(data.decode("utf-8"), parse_float=_finite,
+                           parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise CometError(400, "bad_json", "the body is not UTF-8 JSON") from None
+    packages = value if isinstance(value, list) else [value]
+    # Both checks cost a walk of the body only when a quick scan says they may fail.
+    if data.count(b"[") + data.count(b"{") > _MAX_DEPTH and any(
+            _nested_over(package, _MAX_DEPTH) for package in packages):
+        raise CometError(400, "bad_json", f"a package nests deeper than {_MAX_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(data) and not _encodable(value):
+        raise CometError(400, "bad_json", "the body holds a lone UTF-16 surrogate: text must be Unicode")
+    return value
+
+
+def _nested_over(value, limit):
+    """True when ``value`` nests more than ``limit`` arrays and objects (no recursion)."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return any(isinstance(item, (dict, list)) for item in level)
+
+
+def _encodable(value):
+    """True when ``value`` is JSON that encodes to UTF-8."""
+    try:
+        _dumps(value).encode("utf-8")
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _unicode(text):
+    """True when ``text`` (a str) encodes to UTF-8: no lone surrogate."""
+    return text.isascii() or not _SURROGATE.search(text)
+
+
+def _single_recipient(listeners):
+    """The client id a single listener names (a string, or the integer n: ``str(n)``),
+    or None when it names none: not 1 to ``_MAX_ID`` characters of Unicode, a bool."""
+    if isinstance(listeners, int) and not isinstance(listeners, bool):
+        if listeners.bit_length() > 4 * _MAX_ID:    # too long anyway; str() refuses past 4,300 digits
+            return None
+        listeners = str(listeners)
+    if isinstance(listeners, str) and 0 < len(listeners) <= _MAX_ID and _unicode(listeners):
+        return listeners
+    return None
 
 
 def _text(value):
@@ -169,7 +228,9 @@ class Store:
       stamp is this transaction's until it ends;
     - ``tx.append(stamp, ts, body, deliveries)``: store a package (``body``
       its JSON) for ``deliveries``, a list of ``(recipient, body or None)``,
-      None meaning ``body``; raises ``_Duplicate`` if the stamp was taken;
+      None meaning ``body``; raises ``_Duplicate`` if the stamp was taken, and
+      ``CometError`` 413 if a body is larger than the store keeps (checked
+      here, so that nothing of this package can fail the commit later);
     - ``tx.is_member(channel, client)``, ``tx.member_ids(channel)``,
       ``tx.add_member(channel, client, sender_json, ts)``,
       ``tx.remove_member(channel, client) -> bool`` (True for the one
@@ -368,6 +429,14 @@ class _MemoryTransaction:
                     members[client] = (sender, ts)
 
 
+def _escaped_size(value):
+    """At least the bytes ``value`` takes in a statement: PyMySQL writes values into
+    its text, escaping quotes and backslashes (twice the UTF-8 at worst)."""
+    if isinstance(value, str):
+        return 2 * (len(value) if value.isascii() else 4 * len(value)) + 8
+    return 24
+
+
 class _SQLStore(Store):
     """What SQLite and MySQL share: the tables, the queries, a connection pool.
 
@@ -382,6 +451,10 @@ class _SQLStore(Store):
     _errors = ()
     _duplicate = ()                         # the driver's unique-key violation
     _insert_ignore = "INSERT OR IGNORE"
+    _max_variables = 999                    # values bound in one statement (SQLite before 3.32)
+    _statement_bytes = math.inf             # the text of one statement, at most (MySQL: a packet)
+    _max_text = 1_000_000_000               # bytes of a body or a sender (SQLite's longest string)
+    _max_sender = _max_text
     _pool_size = 32
     _batch_parts = 64                       # transactions sharing one commit, at most
     _batches = 1                            # batches open at once in a process
@@ -425,16 +498,36 @@ class _SQLStore(Store):
         cur.execute(sql, args)
         return cur
 
-    def _insert(self, cur, sql, rows, chunk=500):
-        """``sql`` ending in ``VALUES``, for ``rows``: one statement per ``chunk`` rows.
+    def _insert(self, cur, sql, rows):
+        """``sql`` ending in ``VALUES``, for ``rows``: one statement per chunk of
+        at most 500 rows, ``_max_variables`` values and ``_statement_bytes``.
 
         Not ``executemany``: SQLite would step (and release the GIL) once a
         row, and under load each step waits its turn to get it back.
         """
-        for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            values = ", ".join(["(" + ", ".join(["?"] * len(part[0])) + ")"] * len(part))
-            self._execute(cur, f"{sql} {values}", [value for row in part for value in row])
+        for chunk in self._chunks(rows, min(500, self._max_variables // len(rows[0]))):
+            values = ", ".join(["(" + ", ".join(["?"] * len(chunk[0])) + ")"] * len(chunk))
+            self._execute(cur, f"{sql} {values}", [value for row in chunk for value in row])
+
+    def _chunks(self, rows, most):
+        if self._statement_bytes == math.inf:
+            return [rows[start:start + most] for start in range(0, len(rows), most)]
+        chunks, size = [[]], 0
+        for row in rows:
+            cost = sum(_escaped_size(value) for value in row)
+            if chunks[-1] and (len(chunks[-1]) == most or size + cost > self._statement_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(row)
+            size += cost
+        return chunks
+
+    def _fits(self, text, limit):
+        """True when ``text`` is at most ``limit`` bytes and its row fits a statement."""
+        if _escaped_size(text) + 4096 <= min(limit, self._statement_bytes):
+            return True                     # the quick bound says so
+        size = len(text.encode("utf-8"))
+        return size <= limit and 2 * size + 4096 <= self._statement_bytes
 
     def _checkout(self):
         """A pooled connection.  At most ``_pool_size`` are out at once: a
@@ -462,12 +555,16 @@ class _SQLStore(Store):
             conn.close()
         self._slots.release()
 
-    def _lost(self, conn, error):
-        """A driver error: the connection is closed (its slot freed), a 503 returned."""
+    def _drop(self, conn):
+        """Close ``conn`` instead of pooling it (its state is unknown); free its slot."""
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
             self._slots.release()
+
+    def _lost(self, conn, error):
+        """A driver error: the connection is dropped, a 503 returned."""
+        self._drop(conn)
         log.warning("comet: store %s unavailable: %s", self.url, error)
         return _unavailable("the store is unavailable")
 
@@ -478,8 +575,11 @@ class _SQLStore(Store):
             yield conn
         except self._errors as error:
             raise self._lost(conn, error) from error
+        except Exception:
+            self._checkin(conn)             # the statement failed whole: the connection is sound
+            raise
         except BaseException:
-            self._checkin(conn)             # a hook failed: the transaction was rolled back
+            self._drop(conn)                # interrupted mid-call (gevent.Timeout, say)
             raise
         self._checkin(conn)
 
@@ -501,7 +601,10 @@ class _SQLStore(Store):
         package (the positions taken in one statement) and commits once for all.  A part that fails is rolled
         back alone: to its savepoint, or the whole transaction when it is the
         first.  Every part waits for the commit before it returns, and all
-        of them fail if the commit does.
+        of them fail if the commit does.  A ``BaseException`` (gevent.Timeout,
+        GreenletExit) in a part, the flush or the commit may have cut a driver
+        call short: the connection is dropped, every part fails with a 503, and
+        the interruption goes on in its own thread.
         """
         batch = self._join()
         self._local.batch = batch
@@ -514,9 +617,12 @@ class _SQLStore(Store):
                     yield tx
             except self._errors as error:
                 raise self._break(batch, error) from error
-            except BaseException:
+            except Exception:
                 if first:
                     self._rollback(batch)
+                raise
+            except BaseException as error:  # interrupted, maybe inside a driver call
+                self._break(batch, error)
                 raise
             batch.kept += 1
         finally:
@@ -543,14 +649,30 @@ class _SQLStore(Store):
             batch.parts += 1
             if batch.parts >= self._batch_parts:
                 self._open.remove(batch)    # full: later transactions go elsewhere
-        if not batch.turn.acquire(timeout=10):
+        try:
+            turn = batch.turn.acquire(timeout=10)
+        except BaseException:               # interrupted while waiting: leave the queue
+            self._withdraw(batch)
+            raise
+        if not turn:
             with self._batching:
-                if not batch.turn.acquire(blocking=False):
+                turn = batch.turn.acquire(blocking=False)
+                if not turn:
                     batch.queued -= 1
-                    raise _unavailable("the store is busy")
+            if not turn:
+                raise _unavailable("the store is busy")
         with self._batching:
             batch.queued -= 1
         return batch
+
+    def _withdraw(self, batch):
+        """Leave ``batch``'s queue without taking a turn; a turn handed over
+        meanwhile is passed on, so the parts behind (or the commit) still come."""
+        with self._batching:
+            batch.queued -= 1
+            handed = batch.turn.acquire(blocking=False)
+        if handed:
+            self._pass(batch)
 
     def _begin_part(self, batch):
         if batch.error is not None:
@@ -572,6 +694,9 @@ class _SQLStore(Store):
         except CometError as error:
             self._fail(batch, error)
             raise
+        except BaseException as error:
+            self._break(batch, error)
+            raise
 
     def _rollback(self, batch):
         """Undo the whole open transaction (only its first part ran in it)."""
@@ -580,14 +705,25 @@ class _SQLStore(Store):
         except self._errors as error:
             self._break(batch, error)
             return
+        except BaseException as error:
+            self._break(batch, error)
+            raise
         batch.begun = False
         batch.pending.clear()
         batch.stamps.clear()
         batch.claims.clear()
 
     def _break(self, batch, error):
-        """The connection failed: every part of the batch fails with a 503."""
-        self._fail(batch, self._lost(batch.conn, error))
+        """The connection failed, or a part was interrupted (a ``BaseException``)
+        with the transaction in an unknown state: the connection is dropped, never
+        pooled, and every part of the batch fails with a 503."""
+        if isinstance(error, self._errors):
+            self._fail(batch, self._lost(batch.conn, error))
+        else:
+            log.error("comet: a transaction on %s was interrupted by %r; its batch fails",
+                      self.url, error)
+            self._drop(batch.conn)
+            self._fail(batch, _unavailable("the transaction was interrupted; try again"))
         batch.conn = batch.cur = None
         batch.begun = False
         return _unavailable(batch.error.message)
@@ -608,33 +744,45 @@ class _SQLStore(Store):
             if batch in self._open:
                 self._open.remove(batch)
         try:
-            if batch.begun and batch.error is None:
-                appended = self._flush(batch)
-                batch.conn.commit()
-                # Every part's packages at once, in position order, while the
-                # writer lock still keeps the next commit out of the window.
-                self._committed(appended)
-        except self._errors as error:
-            self._break(batch, error)
-        except Exception:                   # a refusal, e.g. a value too long for its column
-            log.exception("comet: store %s refused a commit", self.url)
-            batch.error = _unavailable("the store refused the commit; try again")
-            with contextlib.suppress(Exception):
-                batch.conn.rollback()
+            # Every part's packages at once, in position order, while the
+            # writer lock still keeps the next commit out of the window.
+            self._committed(self._commit(batch))
         finally:
-            if batch.conn is not None:
-                self._checkin(batch.conn)
-                batch.conn = batch.cur = None
             if batch.writing:
                 self._writer.release()
             batch.done.set()
 
+    def _commit(self, batch):
+        """Write and commit the batch's packages; returns what was appended, as
+        ``on_commit`` takes it ([] when the batch failed: ``batch.error`` says why).
+        The connection is pooled again only with no transaction open on it."""
+        appended, clean = [], False
+        try:
+            if batch.begun and batch.error is None:
+                appended = self._flush(batch)
+                batch.conn.commit()
+            clean = batch.error is None or not batch.begun
+        except self._errors as error:
+            self._break(batch, error)
+        except Exception:                   # the parts were checked: nothing should be left
+            log.exception("comet: store %s refused a commit", self.url)
+            self._fail(batch, _unavailable("the store refused the commit; try again"))
+        except BaseException as error:
+            self._break(batch, error)
+            raise
+        finally:
+            if batch.conn is not None:
+                (self._checkin if clean else self._drop)(batch.conn)
+                batch.conn = batch.cur = None
+        return appended if clean else []
+
     def _flush(self, batch):
         """Write the batch's packages: positions taken last, then two inserts.
         Returns what was appended, as ``on_commit`` takes it."""
-        if batch.claims:
+        for start in range(0, len(batch.claims), self._max_variables):
+            claims = batch.claims[start:start + self._max_variables]
             self._execute(batch.cur, "DELETE FROM comet_packages WHERE pos IN ("
-                          + ", ".join(["?"] * len(batch.claims)) + ")", batch.claims)
+                          + ", ".join(["?"] * len(claims)) + ")", claims)
         if not batch.pending:
             return []
         last = self._take_positions(batch.cur, len(batch.pending))
@@ -769,7 +917,7 @@ class _SQLTransaction:
         self._run(f"SAVEPOINT {name}")
         try:
             yield
-        except BaseException:
+        except Exception:                   # (an interruption fails the whole batch instead)
             self._run(f"ROLLBACK TO SAVEPOINT {name}")
             self._run(f"RELEASE SAVEPOINT {name}")
             batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[0]:])
@@ -796,6 +944,10 @@ class _SQLTransaction:
         batch = self._batch
         if stamp in batch.stamps:
             raise _Duplicate(stamp)
+        # Checked now, in this package's part, not at the flush that writes every part's.
+        if not all(self._store._fits(text, self._store._max_text) for text in itertools.chain(
+                [body], (tailored for _, tailored in deliveries if tailored is not None))):
+            raise CometError(413, "too_large", "the package is too large for the store")
         batch.pending.append((stamp, ts, body, deliveries))
         batch.stamps.add(stamp)
 
@@ -808,6 +960,10 @@ class _SQLTransaction:
                          (channel, client)).fetchone() is not None
 
     def add_member(self, channel, client, sender, ts):
+        if not self._store._fits(sender, self._store._max_sender):
+            log.error("comet: a sender of %d characters is too large for %s",
+                      len(sender), self._store.url)
+            raise CometError(500, "internal", "the sender is too large for the store")
         self._run("REPLACE INTO comet_members (channel, client, sender, joined)"
                   " VALUES (?, ?, ?, ?)", (channel, client, sender, ts))
 
@@ -846,6 +1002,9 @@ class SQLiteStore(_SQLStore):
     )
 
     def __init__(self, path):
+        if sqlite3.sqlite_version_info < (3, 8, 2):        # WITHOUT ROWID tables
+            raise RuntimeError(f"comet: the sqlite store needs SQLite 3.8.2 or later;"
+                               f" this Python has {sqlite3.sqlite_version}")
         self.path = path
         self.url = "sqlite:///" + path
         super().__init__()
@@ -861,7 +1020,8 @@ class SQLiteStore(_SQLStore):
         cur.execute("BEGIN IMMEDIATE")
 
     def _take_positions(self, cur, n):
-        return cur.execute("UPDATE comet_meta SET head = head + ? RETURNING head", (n,)).fetchone()[0]
+        cur.execute("UPDATE comet_meta SET head = head + ?", (n,))    # (RETURNING needs 3.35)
+        return cur.execute("SELECT head FROM comet_meta").fetchone()[0]
 
 
 class MySQLStore(_SQLStore):
@@ -876,6 +1036,9 @@ class MySQLStore(_SQLStore):
 
     _placeholder = "%s"
     _insert_ignore = "INSERT IGNORE"
+    _max_variables = 65535                  # PyMySQL writes the values into the text itself
+    _max_text = 16_777_215                  # a MEDIUMTEXT body
+    _max_sender = 65_535                    # a TEXT sender
     _batches = 4                            # a slow hook holds up a few pushes, not all
     _schema = (
         "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id VARCHAR(16) NOT NULL,"
@@ -911,6 +1074,8 @@ class MySQLStore(_SQLStore):
             database=parts.path.lstrip("/"))
         self.url = "mysql://{user}@{host}:{port}/{database}".format(**self._params)
         super().__init__()
+        # A statement longer than the server's max_allowed_packet fails whole.
+        self._statement_bytes = self._query("SELECT @@max_allowed_packet")[0][0] - 65536
 
     def _connect(self):
         conn = self._pymysql.connect(
@@ -947,10 +1112,11 @@ def open_store(url):
 class _Waiter:
     """One parked poll: ``wait`` blocks on a held lock until ``wake`` releases it."""
 
-    __slots__ = ("client", "after", "_lock")
+    __slots__ = ("client", "address", "after", "_lock")
 
-    def __init__(self, client, after):
+    def __init__(self, client, address, after):
         self.client = client
+        self.address = address
         self.after = after
         self._lock = threading.Lock()       # cheaper than an Event: one lock, no Condition
         self._lock.acquire()
@@ -964,16 +1130,19 @@ class _Waiter:
 
 
 class _Parking:
-    """The polls held now, by client, and the limits on how many."""
+    """The polls held now, by client, and the limits on how many: per client,
+    per remote address (a client can shed its cookie, not its address) and in all."""
 
-    def __init__(self, per_client, total):
+    def __init__(self, per_client, per_address, total):
         self.per_client = per_client
+        self.per_address = per_address
         self.total = total
         self.count = 0
         self._waiters = {}                  # client -> [_Waiter]
+        self._addresses = collections.Counter()     # address -> polls parked
         self._lock = threading.Lock()
 
-    def park(self, client, after):
+    def park(self, client, address, after):
         with self._lock:
             if self.count >= self.total:
                 raise _unavailable("too many polls are parked: try again")
@@ -981,8 +1150,13 @@ class _Parking:
             if len(waiters) >= self.per_client:
                 raise CometError(429, "rate_limited", "too many polls at once for this client",
                                  retry_after=1)
-            waiter = _Waiter(client, after)
+            if address is not None and self._addresses[address] >= self.per_address:
+                raise CometError(429, "rate_limited", "too many polls at once from this address",
+                                 retry_after=1)
+            waiter = _Waiter(client, address, after)
             self._waiters[client] = waiters + [waiter]
+            if address is not None:
+                self._addresses[address] += 1
             self.count += 1
             return waiter
 
@@ -993,6 +1167,10 @@ class _Parking:
                 self._waiters[waiter.client] = waiters
             else:
                 del self._waiters[waiter.client]
+            if waiter.address is not None:
+                self._addresses[waiter.address] -= 1
+                if not self._addresses[waiter.address]:
+                    del self._addresses[waiter.address]
             self.count -= 1
 
     def wake(self, positions):
@@ -1090,24 +1268,25 @@ class _Window:
 
 
 class _RateLimit:
-    """A token bucket per client: ``rate`` requests a second, bursts of ``burst``."""
+    """A token bucket per key (a client, an address): ``rate`` requests a second,
+    bursts of ``burst``."""
 
     def __init__(self, rate, burst):
         self.rate = rate
         self.burst = burst
-        self._buckets = {}                  # client -> (tokens, when)
+        self._buckets = {}                  # key -> (tokens, when)
         self._lock = threading.Lock()
 
-    def wait(self, client):
+    def wait(self, key):
         """0 if a request may go now, else the seconds until it may."""
         now = time.monotonic()
         with self._lock:
-            tokens, when = self._buckets.get(client, (self.burst, now))
+            tokens, when = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - when) * self.rate)
             if tokens < 1:
-                self._buckets[client] = (tokens, now)
+                self._buckets[key] = (tokens, now)
                 return (1 - tokens) / self.rate
-            self._buckets[client] = (tokens - 1, now)
+            self._buckets[key] = (tokens - 1, now)
             return 0
 
     def forget_idle(self):
@@ -1211,22 +1390,25 @@ def _status_line(status):
 
 
 def _read_body(environ, limit):
-    """The request body, refused with 413 before reading when it is too large."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise CometError(400, "bad_json", "bad Content-Length") from None
-    if length > limit:
-        raise CometError(413, "too_large", f"the body is over {limit} bytes")
+    """The request body.  It needs a ``Content-Length`` of ASCII digits no larger
+    than ``limit``, checked before a byte is read (missing: 411, not digits:
+    400, too large: 413); a chunked body the server ends for us
+    (``wsgi.input_terminated``) is read up to ``limit``."""
+    too_large = CometError(413, "too_large", f"the body is over {limit} bytes")
     stream = environ["wsgi.input"]
-    if length:
-        return stream.read(length)
-    if environ.get("wsgi.input_terminated"):         # chunked: read one byte past the limit
-        body = stream.read(limit + 1)
+    length = environ.get("CONTENT_LENGTH", "")
+    if not length:
+        if not environ.get("wsgi.input_terminated"):
+            raise CometError(411, "length_required", "a push needs a Content-Length")
+        body = stream.read(limit + 1)               # one byte past the limit tells
         if len(body) > limit:
-            raise CometError(413, "too_large", f"the body is over {limit} bytes")
+            raise too_large
         return body
-    return b""
+    if not _LENGTH.fullmatch(length):
+        raise CometError(400, "bad_json", "Content-Length is not a number of bytes")
+    if len(length.lstrip("0")) > len(str(limit)) or int(length) > limit:
+        raise too_large                             # (int() refuses past 4,300 digits)
+    return stream.read(int(length))
 
 
 def _cursor_text(store_id, position):
@@ -1236,7 +1418,10 @@ def _cursor_text(store_id, position):
 def _same_origin(origin, environ):
     host = environ.get("HTTP_HOST") or "{}:{}".format(environ.get("SERVER_NAME", ""),
                                                      environ.get("SERVER_PORT", ""))
-    return urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+    try:
+        return urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:                              # "http://[::1", say: no origin at all
+        return False
 
 
 # --------------------------------------------------------------------------
@@ -1272,13 +1457,26 @@ class Comet:
     - limits: ``max_body`` bytes, ``max_batch`` packages a request,
       ``max_listeners`` a package, ``max_polls_per_client`` and ``max_polls``
       parked at once, ``rate=(steady, burst)`` push requests a second a client.
+      A push body needs a ``Content-Length`` (411 without, 400 when it is not
+      digits, 413 over ``max_body``, all before reading); its JSON is 400
+      ``bad_json`` when a package nests more than 100 arrays and objects or
+      holds a lone UTF-16 surrogate.
+    - limits a client cannot shed with its cookie, per remote address:
+      ``max_polls_per_address`` parked at once and ``address_rate=(steady,
+      burst)`` push requests a second (429).  The defaults leave a busy office
+      behind one address alone and stop a script that drops its cookie.
+    - ``client_address``: ``fn(environ) -> str or None``, the address those
+      limits are kept by (None: no address limit for the request).  By default
+      ``REMOTE_ADDR``, an IPv6 one by its /64.  Behind a proxy, read the
+      header it sets, e.g. the last ``X-Forwarded-For`` entry.
     """
 
     def __init__(self, app=None, store="memory:", id=None, sender=None, emit_filter=None,
                  prefix="/comet", script_path="/scripts/comet.js", poll_timeout=25.0,
                  retention=3600.0, tail_interval=0.1, presence_timeout=60.0,
                  allowed_origins=(), max_body=65536, max_batch=100, max_listeners=100,
-                 max_polls_per_client=8, max_polls=10000, rate=(20, 40)):
+                 max_polls_per_client=8, max_polls=10000, rate=(20, 40),
+                 max_polls_per_address=1000, address_rate=(100, 200), client_address=None):
         self.app = app
         self.store = store if isinstance(store, Store) else open_store(store)
         self.store.on_commit = self._delivered
@@ -1294,6 +1492,7 @@ class Comet:
         self.max_body = max_body
         self.max_batch = max_batch
         self.max_listeners = max_listeners
+        self.client_address = client_address
         self._routes = {
             self.prefix + "/poll": ("GET", self._serve_poll),
             self.prefix + "/push": ("POST", self._serve_push),
@@ -1305,9 +1504,10 @@ class Comet:
         self._channels = {}
         self._namespaces = []               # longest prefix first
         self._actions = {}
-        self._parking = _Parking(max_polls_per_client, max_polls)
+        self._parking = _Parking(max_polls_per_client, max_polls_per_address, max_polls)
         self._window = _Window(100_000) if self.store.shared else None
         self._rate = _RateLimit(*rate)
+        self._address_rate = _RateLimit(*address_rate)
         self._script = None
         self._seen = set()                  # clients that polled since the last presence touch
         self._counts = {"accepted": 0, "delivered": 0}
@@ -1372,7 +1572,12 @@ class Comet:
         (hooks included, ``environ=None``); returns its stamp or raises ``CometError``.
 
         Called from a hook, the package joins the hook's transaction: it is
-        stored with the package being accepted, or not at all."""
+        stored with the package being accepted, or not at all.  A package that
+        is not JSON, nests more than 100 levels or holds a lone surrogate is
+        400 ``bad_package``."""
+        if _nested_over(package, _MAX_DEPTH) or not _encodable(package):
+            raise _bad_package(f"a package must be JSON nested at most {_MAX_DEPTH} levels,"
+                               " its text Unicode (no lone surrogate)")
         self._start()
         return self._accept([package], None, None, sender, private)[0]
 
@@ -1381,7 +1586,7 @@ class Comet:
         says, or the one of the ``comet_sid`` cookie; None when it has none yet."""
         if self.id is not None:
             client = self._call(self.id, environ)
-            return None if client is None else str(client)
+            return None if client is None else self._call(str, client)
         match = _SID.search(environ.get("HTTP_COOKIE", ""))
         return _public_id(match.group(1)) if match else None
 
@@ -1434,6 +1639,10 @@ class Comet:
             accepted = [duplicate.args[0]]
         except CometError as error:                 # the store failed, or a batch of one did
             failure, accepted = (error, 0), []
+        except BaseException as error:              # gevent.Timeout, GreenletExit...: the store
+            log.error("comet: a push was interrupted by %r", error, exc_info=True)
+            self._count_error("internal")           # failed the batch; the interruption goes on
+            raise
         self._count("accepted", len(accepted))
         if failure:
             error, index = failure
@@ -1489,17 +1698,23 @@ class Comet:
                 if may_join is not None and not self._call(may_join, environ, tx.db, channel):
                     raise Reject(f"you may not join {channel}")
                 tx.add_member(channel, client, self._json(package["sender"]), package["_ts"])
+        recipients = self._recipients(tx, package, environ)
+        # Encoded here, in this package's own part of the transaction: what cannot
+        # be stored fails this package, never the commit it shares with others.
+        body = self._json(package)
         deliveries = []
-        for recipient in self._recipients(tx, package, environ):
+        for recipient in recipients:
             delivered = package
             if action and action.emit:
-                delivered = self._call(action.emit, copy.deepcopy(package), recipient, private, tx.db)
+                copied = self._call(copy.deepcopy, package)     # may run out of stack
+                delivered = self._call(action.emit, copied, recipient, private, tx.db)
                 if delivered is None:
                     continue
             if self.emit_filter and not self._call(self.emit_filter, delivered, recipient, tx.db):
                 continue
-            deliveries.append((recipient, None if delivered is package else self._json(delivered)))
-        tx.append(stamp, package["_ts"], self._json(package), deliveries)
+            tailored = None if delivered is package else self._json(delivered)
+            deliveries.append((recipient, None if tailored == body else tailored))
+        tx.append(stamp, package["_ts"], body, deliveries)
         if client is not None and kind == "leave":
             for channel in channels:
                 tx.remove_member(channel, client)
@@ -1524,9 +1739,9 @@ class Comet:
                     channels.append(name)
                 elif name not in self._listeners:
                     raise CometError(400, "unknown_listener", f"no listener named {name!r}")
-        elif isinstance(listeners, bool) or not (
-                isinstance(listeners, int) or isinstance(listeners, str) and 0 < len(listeners) <= _MAX_ID):
-            raise _bad_package("listeners must be a list of names, a client id or an integer")
+        elif _single_recipient(listeners) is None:
+            raise _bad_package(f"listeners must be a list of names, a client id or an integer"
+                               f" of 1 to {_MAX_ID} characters")
         package = dict(package)
         package.pop("private", None)
         return package, list(dict.fromkeys(channels))
@@ -1543,7 +1758,7 @@ class Comet:
     def _recipients(self, tx, package, environ):
         listeners = package["listeners"]
         if not isinstance(listeners, list):
-            return [str(listeners)]
+            return [_single_recipient(listeners)]
         recipients = {}                     # a dict keeps the order and each recipient once
         for name in listeners:
             if self._channel(name) is not None:
@@ -1551,9 +1766,10 @@ class Comet:
             else:
                 found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
             recipients.update(dict.fromkeys(map(str, found)))
-        if any(len(recipient) > _MAX_ID for recipient in recipients):
-            log.error("comet: a listener of %r returned a client id over %d characters", listeners, _MAX_ID)
-            raise CometError(500, "internal", "a listener returned a client id that is too long")
+        if not all(len(recipient) <= _MAX_ID and _unicode(recipient) for recipient in recipients):
+            log.error("comet: a listener of %r returned a client id over %d characters or"
+                      " with a lone surrogate", listeners, _MAX_ID)
+            raise CometError(500, "internal", "a listener returned a client id that cannot be one")
         return recipients
 
     def _call(self, hook, *args):
@@ -1567,24 +1783,31 @@ class Comet:
             raise CometError(500, "internal", "a server hook failed") from None
 
     def _json(self, value):
+        """The JSON text of a package (or a sender) as the store will write it.
+        Client input was checked when it was parsed, so what fails here is a
+        hook's making: not JSON, nested too deep, or text with a lone surrogate."""
         try:
-            return _dumps(value)
-        except (TypeError, ValueError):
-            log.exception("comet: a hook made a package that is not JSON")
-            raise CometError(500, "internal", "a server hook made a package that is not JSON") from None
+            text = _dumps(value)
+            if not text.isascii():
+                text.encode("utf-8")
+            return text
+        except (TypeError, ValueError, RecursionError):
+            log.exception("comet: a hook made a package that cannot be stored as JSON")
+            raise CometError(500, "internal",
+                             "a server hook made a package that cannot be stored as JSON") from None
 
     # -- polling: read after the cursor, else park until woken
 
-    def _poll(self, client, cursor):
+    def _poll(self, client, cursor, address=None):
         """The poll answer (JSON bytes) for ``client`` after ``cursor``."""
         self._seen.add(client)
         if cursor is None:
             return self._answer(self.store.head())
-        store_id, _, position = cursor.partition(".")
-        if store_id != self.store.id or not position.isdigit():
-            return self._answer(self.store.head(), reset=True)
-        after = int(position)
-        waiter = self._parking.park(client, after)
+        match = _CURSOR.fullmatch(cursor)
+        if not match or match[1] != self.store.id or int(match[2]) > _MAX_POSITION:
+            return self._answer(self.store.head(), reset=True)     # not one we issued
+        after = int(match[2])
+        waiter = self._parking.park(client, address, after)
         try:
             deadline = time.monotonic() + self.poll_timeout
             while True:
@@ -1651,6 +1874,7 @@ class Comet:
                     next_purge = now + purge_every
                     self.store.purge(_now_ms() - int(self.retention * 1000))
                     self._rate.forget_idle()
+                    self._address_rate.forget_idle()
             except CometError:
                 pass                        # the store said why, and it is retried next turn
             except Exception:
@@ -1705,6 +1929,10 @@ class Comet:
         with self._lock:
             self._counts[name] += n
 
+    def _count_error(self, code):
+        with self._lock:
+            self._errors[code] = self._errors.get(code, 0) + 1
+
     # -- WSGI
 
     def __call__(self, environ, start_response):
@@ -1725,16 +1953,15 @@ class Comet:
             status, extra, body = serve(environ)
             headers = extra
         except CometError as error:
-            status, body = error.status, _dumps(error.body()).encode()
+            # ASCII: a message may quote text that is not Unicode (a Reject's, say).
+            status, body = error.status, json.dumps(error.body(), separators=(",", ":")).encode()
             if error.retry_after is not None:
                 headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))
-            with self._lock:
-                self._errors[error.code] = self._errors.get(error.code, 0) + 1
+            self._count_error(error.code)
         except Exception:
             log.exception("comet: internal error answering %s", path)
             status, body = 500, b'{"error":"internal","message":"internal server error"}'
-            with self._lock:
-                self._errors["internal"] = self._errors.get("internal", 0) + 1
+            self._count_error("internal")
         if "comet.set_cookie" in environ:
             headers.append(("Set-Cookie", environ["comet.set_cookie"]))
         headers.append(("Content-Length", str(len(body))))
@@ -1751,16 +1978,29 @@ class Comet:
             client = _public_id(sid)
         if client is None:
             raise CometError(403, "forbidden", "this request has no client identity")
-        if not 0 < len(client) <= _MAX_ID:
-            raise CometError(403, "forbidden", f"a client id is 1 to {_MAX_ID} characters")
+        if not (0 < len(client) <= _MAX_ID and _unicode(client)):
+            raise CometError(403, "forbidden", f"a client id is 1 to {_MAX_ID} characters"
+                                               " of Unicode text")
         environ["comet.id"] = client
         return client
+
+    def _address(self, environ):
+        """What the per-address limits are kept by (None: none for this request)."""
+        if self.client_address is not None:
+            return self._call(self.client_address, environ)
+        address = environ.get("REMOTE_ADDR")
+        if address and ":" in address:      # IPv6: a host has a /64 to pick addresses from
+            with contextlib.suppress(ValueError):
+                ip = ipaddress.IPv6Address(address)
+                return str(ip.ipv4_mapped or ipaddress.IPv6Network((ip, 64), strict=False))
+        return address
 
     def _serve_poll(self, environ):
         client = self._identify(environ)
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        cursor = query.get("cursor", [None])[0]
-        return 200, [_JSON, _NO_STORE], self._poll(client, cursor).encode()
+        cursors = query.get("cursor", [None])
+        cursor = cursors[0] if len(cursors) == 1 else ""    # several: none is one we issued
+        return 200, [_JSON, _NO_STORE], self._poll(client, cursor, self._address(environ)).encode()
 
     def _serve_push(self, environ):
         content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
@@ -1771,13 +2011,12 @@ class Comet:
                 and not _same_origin(origin, environ):
             raise CometError(403, "bad_origin", f"pushes from {origin} are not allowed")
         client = self._identify(environ)
-        wait = self._rate.wait(client)
+        address = self._address(environ)
+        wait = self._address_rate.wait(address) if address is not None else 0
+        wait = wait or self._rate.wait(client)
         if wait:
             raise CometError(429, "rate_limited", "too many pushes: slow down", retry_after=wait)
-        try:
-            packages = _loads(_read_body(environ, self.max_body))
-        except (ValueError, RecursionError):
-            raise CometError(400, "bad_json", "the body is not UTF-8 JSON") from None
+        packages = _loads(_read_body(environ, self.max_body))
         if not isinstance(packages, list):
             packages = [packages]
         elif len(packages) > self.max_batch:

@@ -1068,7 +1068,8 @@ def test_the_library_never_prints():
 
 @pytest.fixture
 def server(store_url):
-    app = make_app(store=store_url, poll_timeout=5, rate=(10_000, 10_000))
+    app = make_app(store=store_url, poll_timeout=5, rate=(10_000, 10_000),
+                   address_rate=(10_000, 10_000))    # every client is on 127.0.0.1
     with ThreadedServer(app) as server:
         server.app = app
         yield server

@@ -133,7 +133,8 @@ def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT):
         return client
 
     app = comet.Comet(None, store=store, id=identify, poll_timeout=poll_timeout,
-                      tail_interval=tail_interval, rate=(1e6, 1e6), max_polls=50000)
+                      tail_interval=tail_interval, rate=(1e6, 1e6), max_polls=50000,
+                      address_rate=(1e6, 1e6), max_polls_per_address=50000)
 
     @app.listener("room")
     def room(environ, package, db):

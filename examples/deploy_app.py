@@ -37,7 +37,8 @@ def stats(environ, start_response):
 comet = Comet(stats, store=os.environ["COMET_STORE"],
               id=lambda environ: environ.get("HTTP_X_CLIENT"),
               poll_timeout=float(os.environ.get("COMET_POLL_TIMEOUT", "25")),
-              rate=(10000, 10000))
+              rate=(10000, 10000), address_rate=(10000, 10000),
+              max_polls_per_address=100_000)        # the tests poll from one address
 
 
 @comet.listener("to")

@@ -593,7 +593,7 @@ def main():
     args = parser.parse_args()
     app = make_app(store=args.store, poll_timeout=args.poll_timeout,
                    tail_interval=args.tail_interval, presence_timeout=args.presence_timeout,
-                   rate=(10000, 10000))
+                   rate=(10000, 10000), address_rate=(10000, 10000))
     httpd = make_server("127.0.0.1", args.port, app, server_class=_ThreadingServer,
                         handler_class=_QuietHandler)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))

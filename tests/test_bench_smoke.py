@@ -12,7 +12,7 @@ import run  # noqa: E402
 
 
 def test_fanout_to_20_polls_on_wsgiref_with_the_memory_store_delivers_to_all():
-    with run.Server("wsgiref", "comet", "memory:") as server:
+    with run.Server("wsgiref", "comet", "memory:", env=run.served_env()) as server:   # this comet.py
         result = asyncio.run(load.fanout(server.target(), 20, rounds=1, time_limit=30))
     assert "failed" not in result, result
     assert result["rounds"] == 1

@@ -498,7 +498,8 @@ def test_every_push_answered_200_around_a_store_outage_is_delivered(outage):
 def test_concurrent_pushers_on_one_store_never_make_a_cursor_skip(mariadb, mysql_url):
     clients = new_ids(*(f"c{i}" for i in range(6)))
     packages = plan_packages(clients, 480, seed=1)
-    app = make_app(store=mysql_url, poll_timeout=0.5, rate=(10000, 10000))
+    app = make_app(store=mysql_url, poll_timeout=0.5, rate=(10000, 10000),
+                   address_rate=(10000, 10000))
     try:
         with ThreadedServer(app) as server:
             traffic = run_traffic([server.url], [server.url], clients, packages,
