@@ -1639,9 +1639,10 @@ class Comet:
             accepted = [duplicate.args[0]]
         except CometError as error:                 # the store failed, or a batch of one did
             failure, accepted = (error, 0), []
-        except BaseException as error:              # gevent.Timeout, GreenletExit...: the store
-            log.error("comet: a push was interrupted by %r", error, exc_info=True)
-            self._count_error("internal")           # failed the batch; the interruption goes on
+        except BaseException as error:
+            if not isinstance(error, Exception):    # gevent.Timeout, GreenletExit: the store
+                log.error("comet: a push was interrupted by %r", error, exc_info=True)
+                self._count_error("internal")       # failed the batch; it goes on up
             raise
         self._count("accepted", len(accepted))
         if failure:
@@ -1762,14 +1763,16 @@ class Comet:
         recipients = {}                     # a dict keeps the order and each recipient once
         for name in listeners:
             if self._channel(name) is not None:
-                found = tx.member_ids(name)
-            else:
-                found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
-            recipients.update(dict.fromkeys(map(str, found)))
-        if not all(len(recipient) <= _MAX_ID and _unicode(recipient) for recipient in recipients):
-            log.error("comet: a listener of %r returned a client id over %d characters or"
-                      " with a lone surrogate", listeners, _MAX_ID)
-            raise CometError(500, "internal", "a listener returned a client id that cannot be one")
+                recipients.update(dict.fromkeys(tx.member_ids(name)))
+                continue
+            found = self._call(lambda: [r if isinstance(r, int) else str(r) for r in
+                                        self._listeners[name](environ, package, tx.db) or ()])
+            ids = [_single_recipient(recipient) for recipient in found]
+            if None in ids:                 # often the package's own data, passed on: its 400
+                log.warning("comet: listener %r named a recipient that is no client id", name)
+                raise _bad_package(f"listener {name!r} named a recipient that is no client id"
+                                   f" (1 to {_MAX_ID} characters of Unicode text)")
+            recipients.update(dict.fromkeys(ids))
         return recipients
 
     def _call(self, hook, *args):

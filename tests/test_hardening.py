@@ -156,7 +156,7 @@ def test_a_lone_surrogate_in_a_server_push_is_400_bad_package(app):
     assert inbox(app, "bob") == []
 
 
-@pytest.mark.parametrize("where", ["on_submit", "on_emit", "key", "listener"])
+@pytest.mark.parametrize("where", ["on_submit", "on_emit", "key"])
 def test_a_lone_surrogate_a_hook_makes_is_that_packages_500_and_fails_nothing_else(group, where):
     action = group.app.action("note")
     if where == "on_emit":
@@ -172,11 +172,7 @@ def test_a_lone_surrogate_a_hook_makes_is_that_packages_500_and_fails_nothing_el
         def wrapped(package, private, db, environ):
             submit(package, private, db, environ)
             if package["text"] == "bad":
-                if where == "listener":
-                    package["listeners"] = ["to"]
-                    package["to"] = ["\udc00"]
-                else:
-                    package["\ud83d" if where == "key" else "text"] = "\ud83d"
+                package["\ud83d" if where == "key" else "text"] = "\ud83d"
     results = queue_behind(group, note(group, "kept"), note(group, "bad"), note(group, "also"))
     assert results[2] == 500
     assert all(isinstance(stamp, str) for stamp in (results[0], results[1], results[3]))
@@ -264,6 +260,17 @@ def test_a_hook_setting_a_listener_that_is_no_client_id_is_400_not_500(app, list
         package["listeners"] = listeners
     status, _, body = wsgi(app, b'{"type": "x", "listeners": "bob"}')
     assert (status, body["error"]) == (400, "bad_package")
+
+
+@pytest.mark.parametrize("recipient", ["x" * 257, "", "\udc00", 10 ** 5000, True],
+                         ids=["too-long", "empty", "surrogate", "over-4300-digits", "bool"])
+def test_a_listener_naming_a_recipient_that_is_no_client_id_is_that_packages_400(group,
+                                                                                 recipient):
+    group.app.listener("named")(lambda environ, package, db: ["bob", recipient])
+    bad = lambda: group.app.push({"type": "note", "listeners": ["named"], "text": "bad"})  # noqa: E731
+    results = queue_behind(group, note(group, "kept"), bad, note(group, "also"))
+    assert results[2] == 400
+    assert sorted(group.delivered()) == ["also", "hold", "kept"]
 
 
 # --------------------------------------------------------------------------
