@@ -1358,7 +1358,7 @@ class Namespace:
 
     def __contains__(self, name):
         return (isinstance(name, str) and name.startswith(self.prefix)
-                and len(self.prefix) < len(name) <= _MAX_ID)
+                and len(self.prefix) < len(name) <= _MAX_ID and _unicode(name))
 
     def __getitem__(self, name):
         if name not in self:
@@ -1543,8 +1543,8 @@ class Comet:
         """
         if name in self._listeners:
             raise ValueError(f"{name!r} is a listener")
-        if not 0 < len(name) <= _MAX_ID:
-            raise ValueError(f"a channel name is 1 to {_MAX_ID} characters")
+        if not (isinstance(name, str) and 0 < len(name) <= _MAX_ID and _unicode(name)):
+            raise ValueError(f"a channel name is 1 to {_MAX_ID} characters of Unicode text")
         return _same_rules(self._channels.setdefault(name, Channel(self, name, may_join, presence)),
                            may_join, presence)
 
