@@ -98,8 +98,7 @@ def queue_behind(group, *pushes, queued=None):
             results[index] = error.status
         except BaseException as error:      # noqa: B036 -- the interruption under test
             results[index] = error
-    hold = lambda: group.app.push({"type": "note", "listeners": "bob", "text": "hold"})  # noqa: E731
-    threads = [threading.Thread(target=run, args=(0, hold), daemon=True)]
+    threads = [threading.Thread(target=run, args=(0, note(group, "hold")), daemon=True)]
     threads[0].start()
     assert group.held.wait(10)
     for index, push in enumerate(pushes, 1):
@@ -116,8 +115,9 @@ def queue_behind(group, *pushes, queued=None):
     return [results[index] for index in range(len(threads))]
 
 
-def note(group, text, **fields):
-    return lambda: group.app.push({"type": "note", "listeners": "bob", "text": text, **fields})
+def note(group, text):
+    """A push of ``group``'s note ``text`` to bob, to run later."""
+    return lambda: group.app.push({"type": "note", "listeners": "bob", "text": text})
 
 
 def pooled_in_transaction(store):
@@ -177,6 +177,23 @@ def test_a_lone_surrogate_a_hook_makes_is_that_packages_500_and_fails_nothing_el
     assert results[2] == 500
     assert all(isinstance(stamp, str) for stamp in (results[0], results[1], results[3]))
     assert sorted(group.delivered()) == ["also", "hold", "kept"]
+
+
+@pytest.mark.parametrize("second", [{"type": "x", "listeners": ["to"], "to": ["bob"]},
+                                    {"type": "join", "listeners": ["room"]}], ids=["to", "join"])
+def test_a_sender_hook_returning_a_lone_surrogate_is_that_packages_500(store_url, second):
+    app = make_app(store=store_url, poll_timeout=0.2,
+                   sender=lambda environ, db: "\ud83d" if environ["HTTP_X_CLIENT"] == "cut" else "ok")
+    bob = as_client(app, "bob")
+    bob.post_json("/comet/push", {"type": "join", "listeners": ["room"]})
+    cursor = bob.get("/comet/poll").json["cursor"]
+    response = as_client(app, "cut").post_json("/comet/push", second, status=500)
+    error_of(response, 500, "internal")
+    as_client(app, "fine").post_json("/comet/push", {"type": "x", "listeners": "bob"})
+    answer = bob.get("/comet/poll", {"cursor": cursor}).json
+    assert [p["sender"] for p in answer["packages"]] == ["ok"]
+    assert app.channel("room").members() == {"bob": "ok"}
+    app.close()
 
 
 def test_a_reject_message_that_is_not_valid_text_is_still_a_json_answer(app):
@@ -281,6 +298,8 @@ def test_a_listener_naming_a_recipient_that_is_no_client_id_is_that_packages_400
     "\u00b2", "\u0663", "+1", "-1", " 1", "1 ", "9" * 20, "9" * 19, str(2 ** 63), "9" * 5000,
     "", "1.2", ".1", "1\x00", "\x00", "0x1", "1e3", "1_0"])
 def test_a_cursor_this_store_did_not_issue_is_reset_never_500(app, position):
+    for _ in range(5):                                  # position 3, say, was issued
+        app.push({"type": "x", "listeners": "carol"})
     bob = as_client(app, "bob")
     answer = bob.get("/comet/poll", {"cursor": f"{app.store.id}.{position}"}).json
     assert answer["reset"] is True and answer["packages"] == []
@@ -436,33 +455,49 @@ def test_a_base_exception_in_the_flush_or_commit_fails_every_part_and_keeps_noth
     assert group.log() == ["after"]
 
 
-def test_a_push_interrupted_while_waiting_its_turn_leaves_the_batch_going(group):
-    store = group.app.store
+class Turn:
+    """A batch's turn lock whose waiter in the thread named "interrupted" is
+    interrupted: at once, or (``handed``) just as the turn is handed to it."""
 
-    class Turn:
-        """The batch's turn lock; the thread named "interrupted" is interrupted waiting."""
+    def __init__(self, lock, handed):
+        self.lock = lock
+        self.handed = handed
+        self.released = threading.Event()
 
-        def __init__(self, lock):
-            self.lock = lock
+    def acquire(self, blocking=True, timeout=-1):
+        if blocking and threading.current_thread().name == "interrupted":
+            if self.handed:
+                assert self.released.wait(10)
+            raise Interrupt()
+        return self.lock.acquire(blocking, timeout)
 
-        def acquire(self, *args, **kwargs):
-            if threading.current_thread().name == "interrupted":
-                raise Interrupt()
-            return self.lock.acquire(*args, **kwargs)
+    def release(self):
+        self.lock.release()
+        self.released.set()
 
-        def release(self):
-            self.lock.release()
 
-    def interrupted():
+def interrupted_waiting(group, handed):
+    """A push whose wait for its turn in the open batch is interrupted."""
+    def push():
         threading.current_thread().name = "interrupted"
-        batch = store._open[0]
-        if not isinstance(batch.turn, Turn):
-            batch.turn = Turn(batch.turn)
+        batch = group.app.store._open[0]
+        batch.turn = Turn(batch.turn, handed)
         return group.app.push({"type": "note", "listeners": "bob", "text": "interrupted"})
-    results = queue_behind(group, note(group, "kept"), interrupted, note(group, "also"), queued=2)
+    return push
+
+
+def test_a_push_interrupted_while_waiting_its_turn_leaves_the_batch_going(group):
+    results = queue_behind(group, note(group, "kept"), interrupted_waiting(group, False),
+                           note(group, "also"), queued=2)
     assert isinstance(results[2], Interrupt)
     assert all(isinstance(stamp, str) for stamp in (results[0], results[1], results[3]))
     assert sorted(group.delivered()) == ["also", "hold", "kept"]
+
+
+def test_a_push_interrupted_as_its_turn_comes_hands_the_turn_on(group):
+    results = queue_behind(group, interrupted_waiting(group, True))
+    assert isinstance(results[0], str) and isinstance(results[1], Interrupt)
+    assert group.delivered() == ["hold"]
 
 
 # --------------------------------------------------------------------------
