@@ -100,10 +100,11 @@ _SID = re.compile(r"(?:^|;)\s*comet_sid=([A-Za-z0-9_-]{22,64})\s*(?:;|$)")
 _CURSOR = re.compile(r"(.*)\.([0-9]{1,19})", re.DOTALL)    # STOREID.POSITION, ASCII digits
 _LENGTH = re.compile(r"[0-9]+")     # int() would also take "+5", " 5", "1_0" and other scripts' digits
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")    # in a body: faster than bytes.find
 _PAGE = 500                         # packages in one poll answer, at most
 _MAX_ID = 256                       # characters in a client id or a channel name, at most
 _MAX_DEPTH = 100                    # arrays and objects nested in a package, at most
+_CONTAINERS = {dict, list}          # what the JSON parser makes them of
 _MAX_POSITION = 2 ** 63 - 1         # a position no store issues past (SQL's BIGINT)
 
 
@@ -137,10 +138,9 @@ def _loads(data):
                            parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise CometError(400, "bad_json", "the body is not UTF-8 JSON") from None
-    packages = value if isinstance(value, list) else [value]
+    depth = _MAX_DEPTH + isinstance(value, list)     # a batch's array is not a package's level
     # Both checks cost a walk of the body only when a quick scan says they may fail.
-    if data.count(b"[") + data.count(b"{") > _MAX_DEPTH and any(
-            _nested_over(package, _MAX_DEPTH) for package in packages):
+    if data.count(b"[") + data.count(b"{") > depth and _nested_over(value, depth):
         raise CometError(400, "bad_json", f"a package nests deeper than {_MAX_DEPTH} levels")
     if _SURROGATE_ESCAPE.search(data) and not _encodable(value):
         raise CometError(400, "bad_json", "the body holds a lone UTF-16 surrogate: text must be Unicode")
@@ -148,14 +148,15 @@ def _loads(data):
 
 
 def _nested_over(value, limit):
-    """True when ``value`` nests more than ``limit`` arrays and objects (no recursion)."""
-    level = [value]
+    """True when ``value`` nests more than ``limit`` JSON arrays and objects,
+    found level by level (no recursion, no stack to run out of)."""
+    level = [value] if type(value) in _CONTAINERS else []
     for _ in range(limit):
-        level = [child for item in level if isinstance(item, (dict, list))
-                 for child in (item.values() if isinstance(item, dict) else item)]
         if not level:
             return False
-    return any(isinstance(item, (dict, list)) for item in level)
+        level = [child for item in level for child in
+                 (item.values() if type(item) is dict else item) if type(child) in _CONTAINERS]
+    return bool(level)
 
 
 def _encodable(value):
@@ -1394,7 +1395,6 @@ def _read_body(environ, limit):
     than ``limit``, checked before a byte is read (missing: 411, not digits:
     400, too large: 413); a chunked body the server ends for us
     (``wsgi.input_terminated``) is read up to ``limit``."""
-    too_large = CometError(413, "too_large", f"the body is over {limit} bytes")
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH", "")
     if not length:
@@ -1402,13 +1402,17 @@ def _read_body(environ, limit):
             raise CometError(411, "length_required", "a push needs a Content-Length")
         body = stream.read(limit + 1)               # one byte past the limit tells
         if len(body) > limit:
-            raise too_large
+            raise _too_large(limit)
         return body
     if not _LENGTH.fullmatch(length):
         raise CometError(400, "bad_json", "Content-Length is not a number of bytes")
     if len(length.lstrip("0")) > len(str(limit)) or int(length) > limit:
-        raise too_large                             # (int() refuses past 4,300 digits)
+        raise _too_large(limit)                     # (int() refuses past 4,300 digits)
     return stream.read(int(length))
+
+
+def _too_large(limit):
+    return CometError(413, "too_large", f"the body is over {limit} bytes")
 
 
 def _cursor_text(store_id, position):

@@ -409,8 +409,11 @@ class MariaDB:
         return f"mysql://{USER}@{HOST}:{PORT}/{name}"
 
     def drop_databases(self):
-        for name in self.databases:
-            self._run(None, f"DROP DATABASE IF EXISTS `{name}`")
+        with contextlib.closing(_connect()) as conn, conn.cursor() as cur:
+            # A transaction a failed test left open fails the drop, instead of hanging it.
+            cur.execute("SET SESSION lock_wait_timeout = 30")
+            for name in self.databases:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         self.databases = []
 
     def query(self, url, sql, args=()):
