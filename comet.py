@@ -431,8 +431,8 @@ class _MemoryTransaction:
 
 
 def _escaped_size(value):
-    """At least the bytes ``value`` takes in a statement: PyMySQL writes values into
-    its text, escaping quotes and backslashes (twice the UTF-8 at worst)."""
+    """No fewer than the bytes ``value`` takes in a statement: PyMySQL writes values
+    into its text, escaping quotes and backslashes (twice the UTF-8 at worst)."""
     if isinstance(value, str):
         return 2 * (len(value) if value.isascii() else 4 * len(value)) + 8
     return 24
@@ -511,6 +511,7 @@ class _SQLStore(Store):
             self._execute(cur, f"{sql} {values}", [value for row in chunk for value in row])
 
     def _chunks(self, rows, most):
+        """``rows`` in runs of at most ``most`` rows and ``_statement_bytes``."""
         if self._statement_bytes == math.inf:
             return [rows[start:start + most] for start in range(0, len(rows), most)]
         chunks, size = [[]], 0
