@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -106,6 +107,8 @@ _MAX_ID = 256                       # characters in a client id or a channel nam
 _MAX_DEPTH = 100                    # arrays and objects nested in a package, at most
 _CONTAINERS = {dict, list}          # what the JSON parser makes them of
 _MAX_POSITION = 2 ** 63 - 1         # a position no store issues past (SQL's BIGINT)
+_WINDOW_BYTES = 16 << 20            # a process's window of recent deliveries, at most
+_PURGE_ROWS = 2000                  # rows one purge step deletes, at most: a few ms of the writer
 
 
 def _now_ms():
@@ -239,8 +242,13 @@ class Store:
 
     After each commit the store calls ``on_commit`` (set by ``Comet``) with
     what it appended, ``[(position, ts, [(recipient, body)])]`` in position
-    order, each body as that recipient receives it; once per commit, before
-    the transactions in it return.
+    order, each body as that recipient receives it (one string object for
+    every recipient that gets the package as stored); once per commit,
+    before the transactions in it return.
+
+    Times (``ts``, ``before``) are ms since the epoch on the store's clock,
+    ``now()``: the one clock that every process sharing the store compares
+    times by, whatever its own host's clock says.
 
     Outside transactions, each raising ``CometError`` 503 when the database
     cannot be reached:
@@ -261,6 +269,10 @@ class Store:
     def transaction(self):
         raise NotImplementedError
 
+    def now(self):
+        """The store's clock, in ms since the epoch (the host's, unless hosts share the store)."""
+        return _now_ms()
+
     def head(self):
         """The newest committed position."""
         raise NotImplementedError
@@ -268,12 +280,14 @@ class Store:
     def read(self, recipient, after, limit):
         """``(head, rows, lost)``: up to ``limit`` rows ``(position, ts, body)``
         for ``recipient`` after position ``after`` and at or before ``head``;
-        ``lost`` is true when one of its packages after ``after`` was purged."""
+        ``lost`` is true when one of its packages after ``after`` was purged,
+        or when ``after`` is older than the purge marks still kept (see ``purge``)."""
         raise NotImplementedError
 
     def tail(self, after):
-        """``(head, [(position, recipient, ts, body), ...])``: every delivery after
-        position ``after`` and at or before ``head``, in position order."""
+        """``(head, appended)``: every package after position ``after`` and at or
+        before ``head``, shaped as ``on_commit`` gets them (one body object per
+        position, shared by the recipients that get it as stored)."""
         raise NotImplementedError
 
     def members(self, channel):
@@ -281,15 +295,21 @@ class Store:
         raise NotImplementedError
 
     def touch(self, clients, ts):
-        """Record that ``clients`` polled at ``ts`` (ms)."""
+        """Record that ``clients`` polled at ``ts``."""
         raise NotImplementedError
 
     def stale_members(self, before):
-        """``[(channel, client, sender)]`` for members not seen since ``before`` (ms)."""
+        """``[(channel, client, sender)]`` for members not seen since ``before``."""
         raise NotImplementedError
 
     def purge(self, before):
-        """Forget packages stored before ``before`` (ms)."""
+        """One short step of forgetting, in this order: packages stored before
+        ``before`` and their delivery rows (a recipient that loses one keeps a
+        purge mark, so that its older cursor is answered ``reset``); purge marks
+        written before ``before`` (a cursor older than the newest mark forgotten
+        is answered ``reset`` whatever its client lost); clients not seen since
+        ``before`` that are no channel's members.  Each step deletes a bounded
+        number of rows; returns True while there is more to do."""
         raise NotImplementedError
 
     def close(self):
@@ -306,9 +326,10 @@ class MemoryStore(Store):
         self._writer = threading.RLock()    # one transaction at a time, as in SQLite
         self._lock = threading.Lock()       # the committed state below, held briefly
         self._head = 0
-        self._log = []                      # (position, ts, stamp, recipients), oldest first
+        self._log = collections.deque()     # (position, ts, stamp, recipients), oldest first
         self._inbox = {}                    # recipient -> [(position, ts, body)]
-        self._lost = {}                     # recipient -> newest purged position
+        self._lost = {}                     # recipient -> its newest purged position
+        self._purges = collections.deque([(0, 0)])  # (purged through, when); the first is the floor
         self._stamps = set()
         self._members = {}                  # channel -> {client: (sender_json, joined)}
         self._seen = {}                     # client -> ts of the last poll
@@ -328,8 +349,8 @@ class MemoryStore(Store):
         with self._lock:
             inbox = self._inbox.get(recipient, ())
             start = bisect.bisect_right(inbox, after, key=lambda row: row[0])
-            return (self._head, inbox[start:start + limit],
-                    self._lost.get(recipient, 0) > after)
+            lost = self._lost.get(recipient, 0) > after or after < self._purges[0][0]
+            return self._head, inbox[start:start + limit], lost
 
     def members(self, channel):
         with self._lock:
@@ -348,10 +369,11 @@ class MemoryStore(Store):
                     if self._seen.get(client, joined) < before]
 
     def purge(self, before):
-        with self._lock:
-            expired = 0
-            while expired < len(self._log) and self._log[expired][1] < before:
-                position, _, stamp, recipients = self._log[expired]
+        now = self.now()
+        with self._lock:                    # polls wait for this: a bounded step at a time
+            deleted = 0
+            while self._log and self._log[0][1] < before and deleted < _PURGE_ROWS:
+                position, _, stamp, recipients = self._log.popleft()
                 self._stamps.discard(stamp)
                 for recipient in recipients:
                     inbox = self._inbox[recipient]
@@ -359,8 +381,21 @@ class MemoryStore(Store):
                     self._lost[recipient] = position
                     if not inbox:
                         del self._inbox[recipient]
-                expired += 1
-            del self._log[:expired]
+                deleted += 1 + len(recipients)
+            if deleted:
+                self._purges.append((position, now))
+                return True
+            while len(self._purges) > 1 and self._purges[1][1] < before:
+                self._purges.popleft()      # the floor rises before the marks below it go
+            floor = self._purges[0][0]
+            forgotten = [r for r, position in self._lost.items() if position <= floor]
+            members = {client for members in self._members.values() for client in members}
+            gone = [c for c, seen in self._seen.items() if seen < before and c not in members]
+            for recipient in forgotten[:_PURGE_ROWS]:
+                del self._lost[recipient]
+            for client in gone[:_PURGE_ROWS]:
+                del self._seen[client]
+            return len(forgotten) > _PURGE_ROWS or len(gone) > _PURGE_ROWS
 
 
 class _MemoryTransaction:
@@ -448,6 +483,8 @@ class _SQLStore(Store):
     """
 
     shared = True
+    _clock = None                           # SQL for the database's clock in ms, where hosts share it
+    _offset = 0                             # the database's clock minus this host's, in ms
     _placeholder = "?"
     _errors = ()
     _duplicate = ()                         # the driver's unique-key violation
@@ -472,9 +509,12 @@ class _SQLStore(Store):
                 cur.execute(statement)
             self._execute(cur, f"{self._insert_ignore} INTO comet_meta (one, id, head, purged)"
                                " VALUES (1, ?, 0, 0)", (secrets.token_hex(4),))
+            self._execute(cur, f"{self._insert_ignore} INTO comet_purge_log (pos, ts)"
+                               " VALUES (0, 0)")
             self._execute(cur, "SELECT id FROM comet_meta")
             self.id = cur.fetchone()[0]
             conn.commit()
+            self._sync_clock(cur, "SELECT 0")
 
     def _forked(self):
         """Fresh pool and locks in a new process: the parent's sockets are not ours."""
@@ -810,6 +850,20 @@ class _SQLStore(Store):
 
     # -- the protocol
 
+    def now(self):
+        return _now_ms() + self._offset
+
+    def _sync_clock(self, cur, sql):
+        """Run ``sql`` (its row first) with the database's clock read beside it, and
+        learn how far this host's clock is from it (to half a round trip)."""
+        if self._clock is None:
+            return self._execute(cur, sql).fetchone()
+        sent = time.time()
+        row = self._execute(cur, sql.replace("SELECT ", f"SELECT {self._clock}, ", 1)).fetchone()
+        received = time.time()
+        self._offset = int(row[0] - (sent + received) * 500)
+        return row[1:]
+
     def head(self):
         return self._query("SELECT head FROM comet_meta")[0][0]
 
@@ -817,25 +871,36 @@ class _SQLStore(Store):
         # One statement is one snapshot: the head, the rows up to it and any purge agree.
         rows = self._query(
             "SELECT m.head, (SELECT pos FROM comet_purged WHERE recipient = ?),"
-            " d.pos, p.ts, COALESCE(d.body, p.body) FROM comet_meta m"
+            " (SELECT MIN(pos) FROM comet_purge_log), d.pos, p.ts, COALESCE(d.body, p.body)"
+            " FROM comet_meta m"
             " LEFT JOIN comet_deliveries d ON d.recipient = ? AND d.pos > ? AND d.pos <= m.head"
             " LEFT JOIN comet_packages p ON p.pos = d.pos"
             " ORDER BY d.pos LIMIT ?", (recipient, recipient, after, limit))
-        head, lost = rows[0][0], rows[0][1]
-        return head, [row[2:] for row in rows if row[2] is not None], bool(lost and lost > after)
+        head, mark, floor = rows[0][:3]
+        lost = bool(mark and mark > after) or after < floor
+        return head, [row[3:] for row in rows if row[3] is not None], lost
 
     def tail(self, after):
         with self._connection() as conn:
             cur = conn.cursor()
-            head = self._execute(cur, "SELECT head FROM comet_meta").fetchone()[0]
+            # The tail runs every tail_interval: it measures the clock too, for free.
+            head, = self._sync_clock(cur, "SELECT head FROM comet_meta")
             if head <= after:
                 return head, []
-            rows = self._execute(
-                cur, "SELECT d.pos, d.recipient, p.ts, COALESCE(d.body, p.body)"
-                     " FROM comet_deliveries d JOIN comet_packages p ON p.pos = d.pos"
-                     " WHERE d.pos > ? AND d.pos <= ? ORDER BY d.pos", (after, head)).fetchall()
-            return head, [(position, _text(recipient), ts, body)
-                          for position, recipient, ts, body in rows]
+            # Each body once: the package's, and a delivery's own only where on_emit made one.
+            packages = self._execute(
+                cur, "SELECT pos, ts, body FROM comet_packages WHERE pos > ? AND pos <= ?"
+                     " ORDER BY pos", (after, head)).fetchall()
+            deliveries = self._execute(
+                cur, "SELECT pos, recipient, body FROM comet_deliveries WHERE pos > ? AND pos <= ?"
+                     " ORDER BY pos", (after, head)).fetchall()
+        appended = {position: (position, ts, body, []) for position, ts, body in packages}
+        for position, recipient, tailored in deliveries:
+            package = appended.get(position)
+            if package is not None:         # else purged between the two reads
+                package[3].append((_text(recipient), package[2] if tailored is None else tailored))
+        return head, [(position, ts, delivered)
+                      for position, ts, _, delivered in appended.values()]
 
     def members(self, channel):
         rows = self._query("SELECT client, sender FROM comet_members WHERE channel = ?",
@@ -858,25 +923,81 @@ class _SQLStore(Store):
                 for channel, client, sender in rows]
 
     def purge(self, before):
-        # In slices, so that pushes wait for one short transaction at most.
-        while True:
+        # Each step: what to delete is found by reads, then deleted by keys in one write
+        # transaction of at most _PURGE_ROWS rows, so that pushes wait a few ms at most.
+        return (self._purge_packages(before) or self._forget_marks(before)
+                or self._forget_clients(before))
+
+    def _purge_packages(self, before):
+        """Packages stored before ``before`` and their deliveries, in position order, a
+        slice of rows at a time; each recipient that loses one keeps a purge mark."""
+        purged, upto = self._query(
+            "SELECT purged, (SELECT MAX(pos) FROM comet_packages WHERE pos > m.purged"
+            " AND pos <= ? + m.purged AND ts < ?) FROM comet_meta m", (_PURGE_ROWS, before))[0]
+        if upto is None:
+            return False
+        # The slice ends at the _PURGE_ROWS-th delivery row, in (pos, recipient) order:
+        # a package with more recipients than that is purged in several steps.
+        last = self._query(
+            "SELECT pos, recipient FROM comet_deliveries WHERE pos > ? AND pos <= ?"
+            " ORDER BY pos, recipient LIMIT 1 OFFSET ?", (purged, upto, _PURGE_ROWS - 1))
+        ranges = [(purged, upto, None)]     # (after, through, recipients through or None)
+        if last:
+            position, recipient = last[0]
+            ranges = [(purged, position - 1, None), (position - 1, position, recipient)]
+            upto = position - 1
+        with self.transaction() as tx:
+            for after, through, recipient in ranges:
+                rows = "pos > ? AND pos <= ?" + (" AND recipient <= ?" if recipient else "")
+                args = (after, through) + ((recipient,) if recipient else ())
+                if through > after:         # marks first: they come from the rows deleted next
+                    tx._run("REPLACE INTO comet_purged (recipient, pos) SELECT recipient, MAX(pos)"
+                            f" FROM comet_deliveries WHERE {rows} GROUP BY recipient", args)
+                    tx._run(f"DELETE FROM comet_deliveries WHERE {rows}", args)
+            if upto > purged:
+                # A stamp claim (pos < 0) of this batch stays.
+                tx._run("DELETE FROM comet_packages WHERE pos > ? AND pos <= ?", (purged, upto))
+                # Another process purging the same slice at the same time: one of the two
+                # commits it, the other rolls back (no mark is ever lowered).
+                if tx._run("UPDATE comet_meta SET purged = ? WHERE purged = ?",
+                           (upto, purged)).rowcount != 1:
+                    raise _unavailable("another process is purging")
+                tx._run(f"{self._insert_ignore} INTO comet_purge_log (pos, ts) VALUES (?, ?)",
+                        (upto, self.now()))
+        return True
+
+    def _forget_marks(self, before):
+        """Purge marks written before ``before``: first the floor rises over them (the
+        oldest row of comet_purge_log, below which every cursor is answered reset),
+        then they go."""
+        floor, risen = self._query(
+            "SELECT MIN(pos), (SELECT MAX(pos) FROM comet_purge_log WHERE ts < ?)"
+            " FROM comet_purge_log", (before,))[0]
+        if risen is not None and risen > floor:
             with self.transaction() as tx:
-                cur = tx.cur
-                purged = self._execute(cur, "SELECT purged FROM comet_meta").fetchone()[0]
-                newest = self._execute(cur, "SELECT MAX(pos) FROM comet_packages"
-                                            " WHERE ts < ? AND pos > 0", (before,)).fetchone()[0]
-                if newest is None or newest <= purged:
-                    self._execute(cur, "DELETE FROM comet_clients WHERE seen < ? AND client"
-                                       " NOT IN (SELECT client FROM comet_members)", (before,))
-                    return
-                upto = min(newest, purged + 5000)
-                self._execute(cur, "REPLACE INTO comet_purged (recipient, pos)"
-                                   " SELECT recipient, MAX(pos) FROM comet_deliveries"
-                                   " WHERE pos <= ? GROUP BY recipient", (upto,))
-                self._execute(cur, "DELETE FROM comet_deliveries WHERE pos <= ?", (upto,))
-                self._execute(cur, "DELETE FROM comet_packages WHERE pos BETWEEN 1 AND ?",
-                              (upto,))    # a claim (pos < 0) in this batch stays
-                self._execute(cur, "UPDATE comet_meta SET purged = ?", (upto,))
+                tx._run("DELETE FROM comet_purge_log WHERE pos < ?", (risen,))
+            floor = risen
+        marks = [row[0] for row in self._query(
+            "SELECT recipient FROM comet_purged WHERE pos <= ? LIMIT ?", (floor, _PURGE_ROWS))]
+        if not marks:
+            return False
+        with self.transaction() as tx:
+            tx._run("DELETE FROM comet_purged WHERE pos <= ? AND recipient IN ("
+                    + ", ".join(["?"] * len(marks)) + ")", [floor] + marks)
+        return True
+
+    def _forget_clients(self, before):
+        """Clients not seen since ``before`` that are no channel's members."""
+        clients = [row[0] for row in self._query(
+            "SELECT client FROM comet_clients WHERE seen < ? AND client NOT IN"
+            " (SELECT client FROM comet_members) LIMIT ?", (before, _PURGE_ROWS))]
+        if not clients:
+            return False
+        with self.transaction() as tx:
+            tx._run("DELETE FROM comet_clients WHERE seen < ? AND client IN ("
+                    + ", ".join(["?"] * len(clients)) + ") AND client NOT IN"
+                    " (SELECT client FROM comet_members)", [before] + clients)
+        return True
 
 
 class _Batch:
@@ -997,6 +1118,8 @@ class SQLiteStore(_SQLStore):
         "CREATE INDEX IF NOT EXISTS comet_deliveries_pos ON comet_deliveries (pos)",
         "CREATE TABLE IF NOT EXISTS comet_purged (recipient TEXT PRIMARY KEY,"
         " pos INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS comet_purge_log (pos INTEGER PRIMARY KEY,"
+        " ts INTEGER NOT NULL)",
         "CREATE TABLE IF NOT EXISTS comet_members (channel TEXT NOT NULL, client TEXT NOT NULL,"
         " sender TEXT NOT NULL, joined INTEGER NOT NULL, PRIMARY KEY (channel, client))",
         "CREATE TABLE IF NOT EXISTS comet_clients (client TEXT PRIMARY KEY,"
@@ -1033,7 +1156,9 @@ class MySQLStore(_SQLStore):
     transaction: its row lock makes writers commit in position order, so a reader that
     sees position p has every smaller position already.  Client ids, channel
     names and stamps are VARBINARY, compared byte for byte as in SQLite (a
-    text collation would make "bob", "Bob" and "bob " one client).
+    text collation would make "bob", "Bob" and "bob " one client).  Times
+    compared across hosts (retention, presence) are on the database's clock:
+    each process measures its own clock's distance from it at every tail read.
     """
 
     _placeholder = "%s"
@@ -1041,6 +1166,8 @@ class MySQLStore(_SQLStore):
     _max_variables = 65535                  # PyMySQL writes the values into the text itself
     _max_text = 16_777_215                  # a MEDIUMTEXT body
     _max_sender = 65_535                    # a TEXT sender
+    # UTC and arithmetic only: no time zone or daylight-saving rule of the session applies.
+    _clock = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) DIV 1000"
     _batches = 4                            # a slow hook holds up a few pushes, not all
     _schema = (
         "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id VARCHAR(16) NOT NULL,"
@@ -1053,6 +1180,8 @@ class MySQLStore(_SQLStore):
         " INDEX comet_deliveries_pos (pos)) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS comet_purged (recipient VARBINARY(1024) PRIMARY KEY,"
         " pos BIGINT NOT NULL) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_purge_log (pos BIGINT PRIMARY KEY,"
+        " ts BIGINT NOT NULL) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS comet_members (channel VARBINARY(1024) NOT NULL,"
         " client VARBINARY(1024) NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,"
         " PRIMARY KEY (channel, client)) ENGINE=InnoDB",
@@ -1194,15 +1323,19 @@ class _Window:
     It holds every delivery at positions after ``base`` up to ``horizon``, and
     nothing beyond: this process's own commits extend it as soon as they are
     contiguous, the tail fills the gaps other processes' commits leave.
-    Positions at or before ``base`` were let go (too old or too many).
+    Positions at or before ``base`` were let go, oldest first, to keep the
+    window within ``max_bytes``: each body counted once however many
+    recipients share it, and each delivery its bookkeeping.
     """
 
-    def __init__(self, size):
-        self.size = size                    # deliveries kept, at most
+    _DELIVERY = 120                         # bytes a delivery costs besides its body, about
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.base = self.horizon = None     # unknown until ``start``
         self._inbox = {}                    # recipient -> [(position, ts, body)]
-        self._log = collections.deque()     # (position, ts, recipients), oldest first
-        self._count = 0
+        self._log = collections.deque()     # (position, recipients, bytes), oldest first
         self._ahead = {}                    # position -> (ts, delivered): committed here, past a gap
         self._lock = threading.Lock()
 
@@ -1214,7 +1347,7 @@ class _Window:
         """Forget everything: reads go to the store until ``start`` again."""
         with self._lock:
             self.base = self.horizon = None
-            self._inbox, self._log, self._count, self._ahead = {}, collections.deque(), 0, {}
+            self._inbox, self._log, self._ahead, self.bytes = {}, collections.deque(), {}, 0
 
     def add(self, appended):
         """This process's commits: ``[(position, ts, [(recipient, body)])]``."""
@@ -1227,34 +1360,34 @@ class _Window:
             while self.horizon + 1 in self._ahead:
                 self._keep(self.horizon + 1, *self._ahead.pop(self.horizon + 1))
 
-    def fill(self, head, rows):
-        """What the tail read: every delivery after the horizon up to ``head``."""
+    def fill(self, head, appended):
+        """What the tail read: every package after the horizon up to ``head``,
+        shaped as ``add`` takes them."""
         with self._lock:
             if self.horizon is None:
                 return
-            by_position = {}
-            for position, recipient, ts, body in rows:
+            for position, ts, delivered in appended:
                 if position > self.horizon:
-                    by_position.setdefault(position, (ts, []))[1].append((recipient, body))
-            for position in sorted(by_position):
-                self._keep(position, *by_position[position])
+                    self._keep(position, ts, delivered)
             self.horizon = max(self.horizon, head)
             self._ahead = {p: entry for p, entry in self._ahead.items() if p > self.horizon}
 
     def _keep(self, position, ts, delivered):
+        bodies = {id(body): sys.getsizeof(body) for _, body in delivered}
+        size = sum(bodies.values()) + self._DELIVERY * len(delivered)
         for recipient, body in delivered:
             self._inbox.setdefault(recipient, []).append((position, ts, body))
-        self._log.append((position, ts, [recipient for recipient, _ in delivered]))
-        self._count += len(delivered)
+        self._log.append((position, [recipient for recipient, _ in delivered], size))
+        self.bytes += size
         self.horizon = position
-        while self._count > self.size:
-            oldest, _, recipients = self._log.popleft()
+        while self.bytes > self.max_bytes:
+            oldest, recipients, size = self._log.popleft()
             for recipient in recipients:
                 inbox = self._inbox[recipient]
                 del inbox[0]
                 if not inbox:
                     del self._inbox[recipient]
-            self._count -= len(recipients)
+            self.bytes -= size
             self.base = oldest
 
     def read(self, recipient, after, limit):
@@ -1510,7 +1643,7 @@ class Comet:
         self._namespaces = []               # longest prefix first
         self._actions = {}
         self._parking = _Parking(max_polls_per_client, max_polls_per_address, max_polls)
-        self._window = _Window(100_000) if self.store.shared else None
+        self._window = _Window(_WINDOW_BYTES) if self.store.shared else None
         self._rate = _RateLimit(*rate)
         self._address_rate = _RateLimit(*address_rate)
         self._script = None
@@ -1688,6 +1821,7 @@ class Comet:
         if sender is _HOOK:
             sender = self._call(self.sender, environ, tx.db) if self.sender else client
         package.update(sender=sender, _stamp=stamp, _ts=_now_ms())
+        stored = self.store.now()           # what retention and presence compare: the store's clock
         kind = package["type"]
         if client is not None and kind != "join":
             for channel in channels:
@@ -1703,7 +1837,7 @@ class Comet:
                 may_join = self._channel(channel).may_join
                 if may_join is not None and not self._call(may_join, environ, tx.db, channel):
                     raise Reject(f"you may not join {channel}")
-                tx.add_member(channel, client, self._json(package["sender"]), package["_ts"])
+                tx.add_member(channel, client, self._json(package["sender"]), stored)
         recipients = self._recipients(tx, package, environ)
         # Encoded here, in this package's own part of the transaction: what cannot
         # be stored fails this package, never the commit it shares with others.
@@ -1720,7 +1854,7 @@ class Comet:
                 continue
             tailored = None if delivered is package else self._json(delivered)
             deliveries.append((recipient, None if tailored == body else tailored))
-        tx.append(stamp, package["_ts"], body, deliveries)
+        tx.append(stamp, stored, body, deliveries)
         if client is not None and kind == "leave":
             for channel in channels:
                 tx.remove_member(channel, client)
@@ -1820,7 +1954,7 @@ class Comet:
             deadline = time.monotonic() + self.poll_timeout
             while True:
                 head, rows, lost = self._read(client, after)
-                if after > head or lost or rows and rows[0][1] < _now_ms() - self.retention * 1000:
+                if after > head or lost or rows and rows[0][1] < self.store.now() - self.retention * 1000:
                     return self._answer(head, reset=True)
                 if rows:
                     self._count("delivered", len(rows))
@@ -1847,7 +1981,7 @@ class Comet:
     # -- housekeeping: tailing other processes, presence, retention
 
     def _start(self):
-        """Run the housekeeping thread in this process (again after a fork)."""
+        """Run the housekeeping threads in this process (again after a fork)."""
         if self._pid == os.getpid():
             return
         with self._lock:
@@ -1855,38 +1989,56 @@ class Comet:
                 return
             self._pid = os.getpid()
             self._stop = threading.Event()
+            # The tail has a thread of its own: a purge or a sweep never delays it.
+            if self.store.shared:
+                threading.Thread(target=self._tailing, args=(self._stop,),
+                                 name="comet-tail", daemon=True).start()
             threading.Thread(target=self._housekeeping, args=(self._stop,),
                              name="comet-housekeeping", daemon=True).start()
 
+    def _tailing(self, stop):
+        while not stop.wait(self.tail_interval):
+            try:
+                self._tail()
+            except CometError:
+                self._window.stop()         # trusted only while the tail reaches the store
+            except Exception:
+                log.exception("comet: tailing failed; it goes on")
+
     def _housekeeping(self, stop):
+        """Presence sweeps and purges, one short step at a time.  Between two purge
+        steps it waits as long as the step took, so the store's writer stays free
+        for pushes at least half the time."""
         presence_every = max(self.presence_timeout / 4, 0.05)
         purge_every = min(max(self.retention / 10, 0.05), 60.0)
-        wait = self.tail_interval if self.store.shared else min(presence_every, purge_every)
-        next_presence = next_purge = None
         started = time.monotonic()
+        next_presence = next_purge = started
+        purging = None                      # the cutoff of the purge under way
+        wait = 0
         while not stop.wait(wait):
             now = time.monotonic()
             try:
-                if self.store.shared:
-                    try:
-                        self._tail()
-                    except CometError:
-                        self._window.stop()     # trusted only while the tail reaches the store
-                        raise
-                if next_presence is None or now >= next_presence:
+                if now >= next_presence:
                     next_presence = now + presence_every
                     # Sweep only once clients had presence_timeout to poll this process:
                     # a restart after an outage must not drop everyone at once.
                     self._sweep_presence(sweep=now - started >= self.presence_timeout)
-                if next_purge is None or now >= next_purge:
+                if purging is None and now >= next_purge:
                     next_purge = now + purge_every
-                    self.store.purge(_now_ms() - int(self.retention * 1000))
+                    purging = self.store.now() - int(self.retention * 1000)
                     self._rate.forget_idle()
                     self._address_rate.forget_idle()
+                if purging is not None and not self.store.purge(purging):
+                    purging = None
             except CometError:
-                pass                        # the store said why, and it is retried next turn
+                purging = None              # the store said why; the next turn tries again
             except Exception:
+                purging = None
                 log.exception("comet: housekeeping failed; it goes on")
+            if purging is not None:
+                wait = time.monotonic() - now
+            else:
+                wait = max(0, min(next_presence, next_purge) - time.monotonic())
 
     def _tail(self):
         """Read what other processes stored into the window; wake their recipients.
@@ -1896,12 +2048,13 @@ class Comet:
             self._window.start(self.store.head())
             self._parking.wake(dict.fromkeys(self._parking.clients(), math.inf))
             return
-        head, rows = self.store.tail(self._window.horizon)
-        self._window.fill(head, rows)
-        self._parking.wake({recipient: position for position, recipient, _, _ in rows})
+        head, appended = self.store.tail(self._window.horizon)
+        self._window.fill(head, appended)
+        self._parking.wake({recipient: position for position, _, delivered in appended
+                            for recipient, _ in delivered})
 
     def _sweep_presence(self, sweep=True):
-        now = _now_ms()
+        now = self.store.now()
         seen, self._seen = self._seen, set()
         self.store.touch(seen.union(self._parking.clients()), now)
         if not sweep:

@@ -1116,19 +1116,20 @@ def test_a_woken_poll_on_a_shared_store_is_answered_without_a_query(tmp_path, mo
 
 
 def test_the_window_never_answers_past_a_gap():
-    window = comet._Window(size=100)
+    window = comet._Window(max_bytes=1 << 20)
     window.start(10)
     window.add([(12, 0, [("bob", '{"n":12}')])])           # 11 was committed elsewhere
     assert window.read("bob", 10, 500) is None              # ask the store instead
     assert window.read("carol", 10, 500) == (10, [])
-    window.fill(12, [(11, "carol", 0, '{"n":11}'), (12, "bob", 0, '{"n":12}')])
+    window.fill(12, [(11, 0, [("carol", '{"n":11}')]), (12, 0, [("bob", '{"n":12}')])])
     assert window.read("bob", 10, 500) == (12, [(12, 0, '{"n":12}')])
     assert window.read("carol", 10, 500) == (12, [(11, 0, '{"n":11}')])
     assert window.read("bob", 9, 500) is None               # before the window
 
 
 def test_the_window_lets_the_oldest_go_past_its_size():
-    window = comet._Window(size=2)
+    one = comet._Window._DELIVERY + sys.getsizeof("1")     # a delivery of a one-byte body
+    window = comet._Window(max_bytes=2 * one)
     window.start(0)
     window.add([(n, 0, [("bob", str(n))]) for n in (1, 2, 3)])
     assert window.base == 1 and window.read("bob", 0, 500) is None
