@@ -1324,8 +1324,9 @@ class _Window:
     nothing beyond: this process's own commits extend it as soon as they are
     contiguous, the tail fills the gaps other processes' commits leave.
     Positions at or before ``base`` were let go, oldest first, to keep the
-    window within ``max_bytes``: each body counted once however many
-    recipients share it, and each delivery its bookkeeping.
+    window within ``max_bytes`` (each body counted once however many
+    recipients share it, and each delivery its bookkeeping) and within
+    retention.
     """
 
     _DELIVERY = 120                         # bytes a delivery costs besides its body, about
@@ -1335,7 +1336,7 @@ class _Window:
         self.bytes = 0
         self.base = self.horizon = None     # unknown until ``start``
         self._inbox = {}                    # recipient -> [(position, ts, body)]
-        self._log = collections.deque()     # (position, recipients, bytes), oldest first
+        self._log = collections.deque()     # (position, ts, recipients, bytes), oldest first
         self._ahead = {}                    # position -> (ts, delivered): committed here, past a gap
         self._lock = threading.Lock()
 
@@ -1377,18 +1378,27 @@ class _Window:
         size = sum(bodies.values()) + self._DELIVERY * len(delivered)
         for recipient, body in delivered:
             self._inbox.setdefault(recipient, []).append((position, ts, body))
-        self._log.append((position, [recipient for recipient, _ in delivered], size))
+        self._log.append((position, ts, [recipient for recipient, _ in delivered], size))
         self.bytes += size
         self.horizon = position
         while self.bytes > self.max_bytes:
-            oldest, recipients, size = self._log.popleft()
-            for recipient in recipients:
-                inbox = self._inbox[recipient]
-                del inbox[0]
-                if not inbox:
-                    del self._inbox[recipient]
-            self.bytes -= size
-            self.base = oldest
+            self._let_go()
+
+    def _let_go(self):
+        oldest, _, recipients, size = self._log.popleft()
+        for recipient in recipients:
+            inbox = self._inbox[recipient]
+            del inbox[0]
+            if not inbox:
+                del self._inbox[recipient]
+        self.bytes -= size
+        self.base = oldest
+
+    def forget(self, before):
+        """Let go of packages stored before ``before``: the store purges them too."""
+        with self._lock:
+            while self._log and self._log[0][1] < before:
+                self._let_go()
 
     def read(self, recipient, after, limit):
         """``(horizon, rows)`` like ``Store.read``, or None when the window cannot
@@ -2026,6 +2036,8 @@ class Comet:
                 if purging is None and now >= next_purge:
                     next_purge = now + purge_every
                     purging = self.store.now() - int(self.retention * 1000)
+                    if self._window is not None:
+                        self._window.forget(purging)
                     self._rate.forget_idle()
                     self._address_rate.forget_idle()
                 if purging is not None and not self.store.purge(purging):
