@@ -108,7 +108,7 @@ _MAX_DEPTH = 100                    # arrays and objects nested in a package, at
 _CONTAINERS = {dict, list}          # what the JSON parser makes them of
 _MAX_POSITION = 2 ** 63 - 1         # a position no store issues past (SQL's BIGINT)
 _WINDOW_BYTES = 16 << 20            # a process's window of recent deliveries, at most
-_PURGE_ROWS = 2000                  # rows one purge step deletes, at most: a few ms of the writer
+_PURGE_ROWS = 1000                  # rows one purge step deletes, at most: a few ms of the writer
 
 
 def _now_ms():
@@ -858,10 +858,9 @@ class _SQLStore(Store):
         learn how far this host's clock is from it (to half a round trip)."""
         if self._clock is None:
             return self._execute(cur, sql).fetchone()
-        sent = time.time()
+        sent = _now_ms()
         row = self._execute(cur, sql.replace("SELECT ", f"SELECT {self._clock}, ", 1)).fetchone()
-        received = time.time()
-        self._offset = int(row[0] - (sent + received) * 500)
+        self._offset = int(row[0]) - (sent + _now_ms()) // 2
         return row[1:]
 
     def head(self):
@@ -931,29 +930,31 @@ class _SQLStore(Store):
     def _purge_packages(self, before):
         """Packages stored before ``before`` and their deliveries, in position order, a
         slice of rows at a time; each recipient that loses one keeps a purge mark."""
-        purged, upto = self._query(
-            "SELECT purged, (SELECT MAX(pos) FROM comet_packages WHERE pos > m.purged"
-            " AND pos <= ? + m.purged AND ts < ?) FROM comet_meta m", (_PURGE_ROWS, before))[0]
-        if upto is None:
+        # Up to the first package still retained: none goes before its time.
+        purged, kept, last = self._query(
+            "SELECT purged, (SELECT MIN(pos) FROM comet_packages WHERE pos > m.purged"
+            " AND pos <= ? + m.purged AND ts >= ?), (SELECT MAX(pos) FROM comet_packages"
+            " WHERE pos > m.purged AND pos <= ? + m.purged) FROM comet_meta m",
+            (_PURGE_ROWS, before, _PURGE_ROWS))[0]
+        upto = last if kept is None else kept - 1
+        if upto is None or upto <= purged:
             return False
         # The slice ends at the _PURGE_ROWS-th delivery row, in (pos, recipient) order:
         # a package with more recipients than that is purged in several steps.
         last = self._query(
             "SELECT pos, recipient FROM comet_deliveries WHERE pos > ? AND pos <= ?"
             " ORDER BY pos, recipient LIMIT 1 OFFSET ?", (purged, upto, _PURGE_ROWS - 1))
-        ranges = [(purged, upto, None)]     # (after, through, recipients through or None)
-        if last:
+        slices = [("pos > ? AND pos <= ?", (purged, upto))]
+        if last:                            # whole positions before it, then part of its own
             position, recipient = last[0]
-            ranges = [(purged, position - 1, None), (position - 1, position, recipient)]
             upto = position - 1
+            slices = [("pos > ? AND pos <= ?", (purged, upto)),
+                      ("pos = ? AND recipient <= ?", (position, recipient))]
         with self.transaction() as tx:
-            for after, through, recipient in ranges:
-                rows = "pos > ? AND pos <= ?" + (" AND recipient <= ?" if recipient else "")
-                args = (after, through) + ((recipient,) if recipient else ())
-                if through > after:         # marks first: they come from the rows deleted next
-                    tx._run("REPLACE INTO comet_purged (recipient, pos) SELECT recipient, MAX(pos)"
-                            f" FROM comet_deliveries WHERE {rows} GROUP BY recipient", args)
-                    tx._run(f"DELETE FROM comet_deliveries WHERE {rows}", args)
+            for rows, args in slices:       # marks first: they come from the rows deleted next
+                tx._run("REPLACE INTO comet_purged (recipient, pos) SELECT recipient, MAX(pos)"
+                        f" FROM comet_deliveries WHERE {rows} GROUP BY recipient", args)
+                tx._run(f"DELETE FROM comet_deliveries WHERE {rows}", args)
             if upto > purged:
                 # A stamp claim (pos < 0) of this batch stays.
                 tx._run("DELETE FROM comet_packages WHERE pos > ? AND pos <= ?", (purged, upto))
