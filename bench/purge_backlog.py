@@ -118,10 +118,13 @@ def main():
     parser.add_argument("--recipients", type=int, default=200)
     parser.add_argument("--limit", type=float, default=300, help="seconds, at most")
     parser.add_argument("--seconds", type=float, default=0, help="seconds of pushing, at least")
+    parser.add_argument("--step", type=int, help="rows a purge step deletes (comet._PURGE_ROWS)")
     parser.add_argument("--comet", default=os.path.dirname(HERE), help="the directory of comet.py")
     args = parser.parse_args()
     sys.path.insert(0, args.comet)
     import comet
+    if args.step:
+        comet._PURGE_ROWS = args.step
     with tempfile.TemporaryDirectory() as tmp:
         if args.store == "sqlite":
             url = f"sqlite:///{tmp}/backlog.db"
@@ -139,6 +142,7 @@ def main():
                 with contextlib.closing(server), server.cursor() as cur:
                     cur.execute("DROP DATABASE IF EXISTS comet_bench_purge")
     result["comet"] = os.path.abspath(os.path.join(args.comet, "comet.py"))
+    result["step"] = getattr(comet, "_PURGE_ROWS", None)
     print(json.dumps(result))
 
 

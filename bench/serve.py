@@ -70,7 +70,8 @@ def build(args, async_mode):
     return app
 
 
-def serve_wsgiref(args):
+def wsgiref_server(port, app):
+    """The stdlib's wsgiref with a thread per request, on 127.0.0.1, logging nothing."""
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     class Server(socketserver.ThreadingMixIn, WSGIServer):
@@ -81,9 +82,11 @@ def serve_wsgiref(args):
         def log_message(self, *a):
             pass
 
-    httpd = make_server("127.0.0.1", args.port, build(args, "threading"),
-                        server_class=Server, handler_class=Quiet)
-    httpd.serve_forever(poll_interval=0.5)
+    return make_server("127.0.0.1", port, app, server_class=Server, handler_class=Quiet)
+
+
+def serve_wsgiref(args):
+    wsgiref_server(args.port, build(args, "threading")).serve_forever(poll_interval=0.5)
 
 
 def serve_cheroot(args):

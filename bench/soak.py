@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,16 +45,6 @@ TABLES = ["comet_packages", "comet_deliveries", "comet_purged", "comet_purge_log
 # --------------------------------------------------------------------------
 # The server process
 # --------------------------------------------------------------------------
-
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    request_queue_size = 1024
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args):
-        pass
-
 
 def serve(port, path, retention, presence_timeout, poll_timeout):
     sys.path.insert(0, ROOT)
@@ -77,8 +66,9 @@ def serve(port, path, retention, presence_timeout, poll_timeout):
                                   ("Content-Length", str(len(body)))])
         return [body]
 
-    httpd = make_server("127.0.0.1", port, app, server_class=_Server, handler_class=_Quiet)
-    httpd.serve_forever(poll_interval=0.2)
+    sys.path.insert(0, HERE)
+    from serve import wsgiref_server
+    wsgiref_server(port, app).serve_forever(poll_interval=0.2)
 
 
 # --------------------------------------------------------------------------
@@ -298,7 +288,7 @@ def summary(samples, minutes=5):
     lines = [f"{'':24} {'minutes 2-' + str(2 + minutes):>14} {'last ' + str(minutes):>14}"]
     rows = [("RSS (MiB)", lambda s: s["rss_kib"] / 1024)]
     rows += [(table, lambda s, t=table: s["rows"][t]) for table in TABLES]
-    rows += [(f"window (KiB)", lambda s: s["maps"]["window_bytes"] / 1024),
+    rows += [("window (KiB)", lambda s: s["maps"]["window_bytes"] / 1024),
              ("clients seen", lambda s: s["maps"]["seen"]),
              ("rate buckets", lambda s: s["maps"]["rate_buckets"])]
     for name, get in rows:

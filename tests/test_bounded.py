@@ -6,9 +6,7 @@ The 600,000-row purge, and a soak of visitors coming and going, are in bench/
 (``purge_backlog.py``, ``soak.py``); here the same purge runs on 100,000 rows.
 """
 
-import contextlib
 import os
-import sqlite3
 import sys
 import threading
 import time
