@@ -632,7 +632,7 @@ class _SQLStore(Store):
     # -- write transactions, committed in batches
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, alone=False):
         """This thread's part of a write transaction (group commit).
 
         A transaction opened while another runs in this process joins it and
@@ -646,9 +646,11 @@ class _SQLStore(Store):
         of them fail if the commit does.  A ``BaseException`` (gevent.Timeout,
         GreenletExit) in a part, the flush or the commit may have cut a driver
         call short: the connection is dropped, every part fails with a 503, and
-        the interruption goes on in its own thread.
+        the interruption goes on in its own thread.  ``alone``: a transaction
+        that no other joins, nor it another (housekeeping's: a purge step never
+        holds up a push's commit, though on SQLite the two still take turns).
         """
-        batch = self._join()
+        batch = self._join(alone)
         self._local.batch = batch
         try:
             self._begin_part(batch)
@@ -674,18 +676,19 @@ class _SQLStore(Store):
         if batch.error is not None:
             raise _unavailable(batch.error.message)
 
-    def _join(self):
+    def _join(self, alone=False):
         """The batch this transaction is a part of, once it is this part's turn."""
         self._forked()
         if getattr(self._local, "batch", None) is not None:
             raise RuntimeError("a store transaction is open in this thread already"
                                " (a hook cannot open another)")
         with self._batching:
-            batch = min(self._open, key=lambda open: open.queued, default=None)
+            batch = None if alone else min(self._open, key=lambda open: open.queued, default=None)
             if batch is None or (batch.queued >= self._batch_queue
                                  and len(self._open) < self._batches):
                 batch = _Batch()            # its first part has the turn
-                self._open.append(batch)
+                if not alone:
+                    self._open.append(batch)
                 return batch
             batch.queued += 1
             batch.parts += 1
@@ -909,7 +912,7 @@ class _SQLStore(Store):
     def touch(self, clients, ts):
         if not clients:
             return
-        with self.transaction() as tx:
+        with self.transaction(alone=True) as tx:
             self._insert(tx.cur, "REPLACE INTO comet_clients (client, seen) VALUES",
                          [(client, ts) for client in clients])
 
@@ -950,7 +953,7 @@ class _SQLStore(Store):
             upto = position - 1
             slices = [("pos > ? AND pos <= ?", (purged, upto)),
                       ("pos = ? AND recipient <= ?", (position, recipient))]
-        with self.transaction() as tx:
+        with self.transaction(alone=True) as tx:
             for rows, args in slices:       # marks first: they come from the rows deleted next
                 tx._run("REPLACE INTO comet_purged (recipient, pos) SELECT recipient, MAX(pos)"
                         f" FROM comet_deliveries WHERE {rows} GROUP BY recipient", args)
@@ -975,14 +978,14 @@ class _SQLStore(Store):
             "SELECT MIN(pos), (SELECT MAX(pos) FROM comet_purge_log WHERE ts < ?)"
             " FROM comet_purge_log", (before,))[0]
         if risen is not None and risen > floor:
-            with self.transaction() as tx:
+            with self.transaction(alone=True) as tx:
                 tx._run("DELETE FROM comet_purge_log WHERE pos < ?", (risen,))
             floor = risen
         marks = [row[0] for row in self._query(
             "SELECT recipient FROM comet_purged WHERE pos <= ? LIMIT ?", (floor, _PURGE_ROWS))]
         if not marks:
             return False
-        with self.transaction() as tx:
+        with self.transaction(alone=True) as tx:
             tx._run("DELETE FROM comet_purged WHERE pos <= ? AND recipient IN ("
                     + ", ".join(["?"] * len(marks)) + ")", [floor] + marks)
         return True
@@ -994,7 +997,7 @@ class _SQLStore(Store):
             " (SELECT client FROM comet_members) LIMIT ?", (before, _PURGE_ROWS))]
         if not clients:
             return False
-        with self.transaction() as tx:
+        with self.transaction(alone=True) as tx:
             tx._run("DELETE FROM comet_clients WHERE seen < ? AND client IN ("
                     + ", ".join(["?"] * len(clients)) + ") AND client NOT IN"
                     " (SELECT client FROM comet_members)", [before] + clients)

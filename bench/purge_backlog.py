@@ -141,6 +141,7 @@ def main():
             if args.store == "mysql":
                 with contextlib.closing(server), server.cursor() as cur:
                     cur.execute("DROP DATABASE IF EXISTS comet_bench_purge")
+    result["load_average"] = round(os.getloadavg()[0], 1)     # the machine's, at the end
     result["comet"] = os.path.abspath(os.path.join(args.comet, "comet.py"))
     result["step"] = getattr(comet, "_PURGE_ROWS", None)
     print(json.dumps(result))
