@@ -959,15 +959,15 @@ class _SQLStore(Store):
                         f" FROM comet_deliveries WHERE {rows} GROUP BY recipient", args)
                 tx._run(f"DELETE FROM comet_deliveries WHERE {rows}", args)
             if upto > purged:
-                # A stamp claim (pos < 0) of this batch stays.
                 tx._run("DELETE FROM comet_packages WHERE pos > ? AND pos <= ?", (purged, upto))
+                tx._run(f"{self._insert_ignore} INTO comet_purge_log (pos, ts) VALUES (?, ?)",
+                        (upto, self.now()))
                 # Another process purging the same slice at the same time: one of the two
-                # commits it, the other rolls back (no mark is ever lowered).
+                # commits it, the other rolls back (no mark is ever lowered).  Last, as
+                # pushes take their positions from this row too.
                 if tx._run("UPDATE comet_meta SET purged = ? WHERE purged = ?",
                            (upto, purged)).rowcount != 1:
                     raise _unavailable("another process is purging")
-                tx._run(f"{self._insert_ignore} INTO comet_purge_log (pos, ts) VALUES (?, ?)",
-                        (upto, self.now()))
         return True
 
     def _forget_marks(self, before):

@@ -6,6 +6,7 @@ The 600,000-row purge, and a soak of visitors coming and going, are in bench/
 (``purge_backlog.py``, ``soak.py``); here the same purge runs on 100,000 rows.
 """
 
+import contextlib
 import os
 import sys
 import threading
@@ -141,6 +142,28 @@ def test_a_purge_in_steps_resets_exactly_the_recipients_that_lost_a_package(any_
     assert steps >= 2
     assert all(poll(app, client, cursors[client])["reset"] for client in many + ["solo"])
     assert poll(app, "carol", cursors["carol"])["reset"] is False
+
+
+def test_two_processes_purging_at_once_leave_each_mark_at_its_newest_position(sql_store):
+    stores = [comet.open_store(sql_store) for _ in range(2)]
+    last = backlog(stores[0], rows=20_000, recipients=200, ts=comet._now_ms() - HOUR)
+    before = stores[0].now()
+
+    def purging(store):
+        with contextlib.suppress(comet.CometError):     # the other one took the slice
+            purge_all(store, before)
+    threads = [threading.Thread(target=purging, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    purge_all(stores[0], before)                        # whatever a refused slice left
+
+    marks = {comet._text(r): p for r, p in stores[0]._query("SELECT recipient, pos FROM comet_purged")}
+    assert len(marks) == 200 and set(marks.values()) == {last}
+    assert count(stores[0], "comet_deliveries") == 0
+    for store in stores:
+        store.close()
 
 
 # --------------------------------------------------------------------------
