@@ -238,7 +238,8 @@ def plot(jsonl, out):
     axes[0].set_title("comet.py soak on SQLite, retention 60 s: server RSS")
     for name, values in series[1:1 + len(TABLES)]:
         axes[1].plot(minutes, values, label=name)
-    axes[1].set_ylabel("rows")
+    axes[1].set_yscale("symlog", linthresh=10)      # the small tables show beside the large
+    axes[1].set_ylabel("rows (log)")
     axes[1].set_title("rows per table")
     axes[1].legend(loc="upper left", fontsize=8)
     for name, values in series[1 + len(TABLES):]:
