@@ -970,6 +970,10 @@ class _SQLStore(Store):
                     raise _unavailable("another process is purging")
         return True
 
+    def _keys(self):
+        """How many keys one step deletes by: a step's rows, and one value to spare."""
+        return min(_PURGE_ROWS, self._max_variables - 1)
+
     def _forget_marks(self, before):
         """Purge marks written before ``before``: first the floor rises over them (the
         oldest row of comet_purge_log, below which every cursor is answered reset),
@@ -982,7 +986,7 @@ class _SQLStore(Store):
                 tx._run("DELETE FROM comet_purge_log WHERE pos < ?", (risen,))
             floor = risen
         marks = [row[0] for row in self._query(
-            "SELECT recipient FROM comet_purged WHERE pos <= ? LIMIT ?", (floor, _PURGE_ROWS))]
+            "SELECT recipient FROM comet_purged WHERE pos <= ? LIMIT ?", (floor, self._keys()))]
         if not marks:
             return False
         with self.transaction(alone=True) as tx:
@@ -994,7 +998,7 @@ class _SQLStore(Store):
         """Clients not seen since ``before`` that are no channel's members."""
         clients = [row[0] for row in self._query(
             "SELECT client FROM comet_clients WHERE seen < ? AND client NOT IN"
-            " (SELECT client FROM comet_members) LIMIT ?", (before, _PURGE_ROWS))]
+            " (SELECT client FROM comet_members) LIMIT ?", (before, self._keys()))]
         if not clients:
             return False
         with self.transaction(alone=True) as tx:
