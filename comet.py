@@ -109,6 +109,7 @@ _CONTAINERS = {dict, list}          # what the JSON parser makes them of
 _MAX_POSITION = 2 ** 63 - 1         # a position no store issues past (SQL's BIGINT)
 _WINDOW_BYTES = 16 << 20            # a process's window of recent deliveries, at most
 _PURGE_ROWS = 1000                  # rows one purge step deletes, at most: a few ms of the writer
+_MARKS_KEPT = 300_000               # ms a purge mark is kept at least, however short retention is
 
 
 def _now_ms():
@@ -306,8 +307,9 @@ class Store:
         """One short step of forgetting, in this order: packages stored before
         ``before`` and their delivery rows (a recipient that loses one keeps a
         purge mark, so that its older cursor is answered ``reset``); purge marks
-        written before ``before`` (a cursor older than the newest mark forgotten
-        is answered ``reset`` whatever its client lost); clients not seen since
+        written before ``before``, and at least ``_MARKS_KEPT`` ago (a cursor older
+        than the newest mark forgotten is answered ``reset`` whatever its client
+        lost); clients not seen since
         ``before`` that are no channel's members.  Each step deletes a bounded
         number of rows; returns True while there is more to do."""
         raise NotImplementedError
@@ -385,7 +387,7 @@ class MemoryStore(Store):
             if deleted:
                 self._purges.append((position, now))
                 return True
-            while len(self._purges) > 1 and self._purges[1][1] < before:
+            while len(self._purges) > 1 and self._purges[1][1] < min(before, now - _MARKS_KEPT):
                 self._purges.popleft()      # the floor rises before the marks below it go
             floor = self._purges[0][0]
             forgotten = [r for r, position in self._lost.items() if position <= floor]
@@ -927,7 +929,8 @@ class _SQLStore(Store):
     def purge(self, before):
         # Each step: what to delete is found by reads, then deleted by keys in one write
         # transaction of at most _PURGE_ROWS rows, so that pushes wait a few ms at most.
-        return (self._purge_packages(before) or self._forget_marks(before)
+        return (self._purge_packages(before)
+                or self._forget_marks(min(before, self.now() - _MARKS_KEPT))
                 or self._forget_clients(before))
 
     def _purge_packages(self, before):

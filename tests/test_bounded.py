@@ -220,7 +220,9 @@ def test_the_window_lets_go_of_what_retention_expired():
 # Nothing kept per client after the client is gone
 # --------------------------------------------------------------------------
 
-def test_purge_marks_are_forgotten_retention_after_the_purge_and_old_cursors_still_reset(any_store, new_app):
+def test_purge_marks_are_forgotten_retention_after_the_purge_and_old_cursors_still_reset(
+        any_store, new_app, monkeypatch):
+    monkeypatch.setattr(comet, "_MARKS_KEPT", 0)     # no floor: a retention is enough
     app = new_app(store=any_store, retention=3600, poll_timeout=0.05)
     cursors = {client: cursor_of(app, client) for client in ("bob", "carol")}
     app.push({"type": "old", "listeners": "bob"})
@@ -238,6 +240,18 @@ def test_purge_marks_are_forgotten_retention_after_the_purge_and_old_cursors_sti
     assert poll(app, "bob", cursors["bob"])["reset"] is True
     assert poll(app, "carol", cursors["carol"])["reset"] is True
     assert poll(app, "carol", cursor_of(app, "carol"))["reset"] is False
+
+
+def test_purge_marks_outlive_a_short_retention_by_minutes(any_store, new_app):
+    app = new_app(store=any_store, retention=3600, poll_timeout=0.05)
+    cursors = {client: cursor_of(app, client) for client in ("bob", "carol")}
+    app.push({"type": "old", "listeners": "bob"})
+    purge_everything(app)                     # bob lost a package: a mark says so
+
+    purge_everything(app)                     # a retention later, but not minutes later
+
+    assert poll(app, "bob", cursors["bob"])["reset"] is True
+    assert poll(app, "carol", cursors["carol"])["reset"] is False
 
 
 def test_clients_gone_longer_than_retention_are_forgotten_unless_they_are_members(any_store, new_app):
