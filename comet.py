@@ -2,7 +2,8 @@
 
 One file, standard library only.  Wrap a WSGI application and its pages can
 push packages to named listeners, channels with presence, or single clients,
-and receive them exactly once, through a database (memory, SQLite or MySQL)
+and receive them exactly once, through a database (memory, SQLite, MySQL or
+PostgreSQL)
 that every process and host shares::
 
     from comet import Comet
@@ -49,7 +50,7 @@ import urllib.parse
 
 __version__ = "0.6.0"
 __all__ = ["Comet", "CometError", "Reject", "Store", "MemoryStore",
-           "SQLiteStore", "MySQLStore", "open_store"]
+           "SQLiteStore", "MySQLStore", "PostgreSQLStore", "open_store"]
 
 log = logging.getLogger("comet")
 
@@ -314,6 +315,12 @@ class Store:
         number of rows; returns True while there is more to do."""
         raise NotImplementedError
 
+    def listen(self, callback):
+        """Call ``callback(head)`` from a thread of the store's soon after another
+        process commits through position ``head`` (None: commits may have been
+        missed, as when the store reconnects).  Stores that cannot do nothing, and
+        ``Comet`` finds other processes' commits by tailing every ``tail_interval``."""
+
     def close(self):
         """Release connections."""
 
@@ -476,12 +483,13 @@ def _escaped_size(value):
 
 
 class _SQLStore(Store):
-    """What SQLite and MySQL share: the tables, the queries, a connection pool.
+    """What SQLite, MySQL and PostgreSQL share: the tables, the queries, a connection pool.
 
     Queries are written with ``?`` placeholders; a subclass with another
     paramstyle sets ``_placeholder``.  Subclasses supply ``_connect``,
     ``_schema``, ``_begin``, ``_take_positions`` and ``_errors`` (driver
-    exceptions meaning the database is unavailable).
+    exceptions meaning the database is unavailable), and ``_upsert`` where
+    ``REPLACE`` is not SQL the database speaks.
     """
 
     shared = True
@@ -489,7 +497,6 @@ class _SQLStore(Store):
     _offset = 0                             # the database's clock minus this host's, in ms
     _placeholder = "?"
     _errors = ()
-    _duplicate = ()                         # the driver's unique-key violation
     _insert_ignore = "INSERT OR IGNORE"
     _max_variables = 999                    # values bound in one statement (SQLite before 3.32)
     _statement_bytes = math.inf             # the text of one statement, at most (MySQL: a packet)
@@ -500,6 +507,7 @@ class _SQLStore(Store):
     _batches = 1                            # batches open at once in a process
     _batch_queue = 4                        # parts waiting in each before another opens
     _one_writer = False                     # SQLite: this process's batches queue on a lock
+    _transaction_type = None                # _SQLTransaction, once it is defined below
 
     def __init__(self):
         self._pool_lock = threading.Lock()
@@ -509,10 +517,11 @@ class _SQLStore(Store):
             cur = conn.cursor()
             for statement in self._schema:
                 cur.execute(statement)
-            self._execute(cur, f"{self._insert_ignore} INTO comet_meta (one, id, head, purged)"
-                               " VALUES (1, ?, 0, 0)", (secrets.token_hex(4),))
-            self._execute(cur, f"{self._insert_ignore} INTO comet_purge_log (pos, ts)"
-                               " VALUES (0, 0)")
+            into, conflict = self._upsert("comet_meta", ("one", "id", "head", "purged"), ("one",),
+                                          replace=False)
+            self._execute(cur, f"{into} VALUES (1, ?, 0, 0){conflict}", (secrets.token_hex(4),))
+            into, conflict = self._upsert("comet_purge_log", ("pos", "ts"), ("pos",), replace=False)
+            self._execute(cur, f"{into} VALUES (0, 0){conflict}")
             self._execute(cur, "SELECT id FROM comet_meta")
             self.id = cur.fetchone()[0]
             conn.commit()
@@ -541,16 +550,18 @@ class _SQLStore(Store):
         cur.execute(sql, args)
         return cur
 
-    def _insert(self, cur, sql, rows):
-        """``sql`` ending in ``VALUES``, for ``rows``: one statement per chunk of
-        at most 500 rows, ``_max_variables`` values and ``_statement_bytes``.
+    def _insert(self, cur, sql, rows, conflict=""):
+        """``sql`` ending in ``VALUES``, for ``rows`` (then ``conflict``, as ``_upsert``
+        makes it): one statement per chunk of at most 500 rows, ``_max_variables``
+        values and ``_statement_bytes``.
 
         Not ``executemany``: SQLite would step (and release the GIL) once a
         row, and under load each step waits its turn to get it back.
         """
         for chunk in self._chunks(rows, min(500, self._max_variables // len(rows[0]))):
             values = ", ".join(["(" + ", ".join(["?"] * len(chunk[0])) + ")"] * len(chunk))
-            self._execute(cur, f"{sql} {values}", [value for row in chunk for value in row])
+            self._execute(cur, f"{sql} {values}{conflict}",
+                          [value for row in chunk for value in row])
 
     def _chunks(self, rows, most):
         """``rows`` in runs of at most ``most`` rows and ``_statement_bytes``."""
@@ -572,6 +583,14 @@ class _SQLStore(Store):
             return True                     # the quick bound says so
         size = len(text.encode("utf-8"))
         return size <= limit and 2 * size + 4096 <= self._statement_bytes
+
+    def _upsert(self, table, columns, key, replace=True):
+        """``(into, conflict)``: the statement ``into`` + its rows (``VALUES ...`` or a
+        ``SELECT``) + ``conflict`` inserts ``columns`` into ``table``; a row whose
+        ``key`` is taken already replaces the one there, or with ``replace=False``
+        is left out."""
+        verb = "REPLACE" if replace else self._insert_ignore
+        return f"{verb} INTO {table} ({', '.join(columns)})", ""
 
     def _checkout(self):
         """A pooled connection.  At most ``_pool_size`` are out at once: a
@@ -656,7 +675,7 @@ class _SQLStore(Store):
         self._local.batch = batch
         try:
             self._begin_part(batch)
-            tx = _SQLTransaction(self, batch)
+            tx = self._transaction_type(self, batch)
             first = not batch.kept
             try:
                 with contextlib.nullcontext() if first else tx.savepoint():
@@ -914,9 +933,9 @@ class _SQLStore(Store):
     def touch(self, clients, ts):
         if not clients:
             return
+        into, conflict = self._upsert("comet_clients", ("client", "seen"), ("client",))
         with self.transaction(alone=True) as tx:
-            self._insert(tx.cur, "REPLACE INTO comet_clients (client, seen) VALUES",
-                         [(client, ts) for client in clients])
+            self._insert(tx.cur, f"{into} VALUES", [(client, ts) for client in clients], conflict)
 
     def stale_members(self, before):
         rows = self._query(
@@ -956,15 +975,16 @@ class _SQLStore(Store):
             upto = position - 1
             slices = [("pos > ? AND pos <= ?", (purged, upto)),
                       ("pos = ? AND recipient <= ?", (position, recipient))]
+        marks, marked = self._upsert("comet_purged", ("recipient", "pos"), ("recipient",))
+        logged, conflict = self._upsert("comet_purge_log", ("pos", "ts"), ("pos",), replace=False)
         with self.transaction(alone=True) as tx:
             for rows, args in slices:       # marks first: they come from the rows deleted next
-                tx._run("REPLACE INTO comet_purged (recipient, pos) SELECT recipient, MAX(pos)"
-                        f" FROM comet_deliveries WHERE {rows} GROUP BY recipient", args)
+                tx._run(f"{marks} SELECT recipient, MAX(pos) FROM comet_deliveries WHERE {rows}"
+                        f" GROUP BY recipient{marked}", args)
                 tx._run(f"DELETE FROM comet_deliveries WHERE {rows}", args)
             if upto > purged:
                 tx._run("DELETE FROM comet_packages WHERE pos > ? AND pos <= ?", (purged, upto))
-                tx._run(f"{self._insert_ignore} INTO comet_purge_log (pos, ts) VALUES (?, ?)",
-                        (upto, self.now()))
+                tx._run(f"{logged} VALUES (?, ?){conflict}", (upto, self.now()))
                 # Another process purging the same slice at the same time: one of the two
                 # commits it, the other rolls back (no mark is ever lowered).  Last, as
                 # pushes take their positions from this row too.
@@ -1066,11 +1086,10 @@ class _SQLTransaction:
         if stamp in self._batch.stamps:
             return True
         claim = -1 - secrets.randbits(62)
-        try:
-            self._run("INSERT INTO comet_packages (pos, stamp, ts, body) VALUES (?, ?, 0, '')",
-                      (claim, stamp))
-        except self._store._duplicate:
-            return True
+        into, conflict = self._store._upsert("comet_packages", ("pos", "stamp", "ts", "body"),
+                                             ("stamp",), replace=False)
+        if self._run(f"{into} VALUES (?, ?, 0, ''){conflict}", (claim, stamp)).rowcount == 0:
+            return True                     # taken, by a transaction that committed since
         self._batch.claims.append(claim)
         return False
 
@@ -1098,12 +1117,16 @@ class _SQLTransaction:
             log.error("comet: a sender of %d characters is too large for %s",
                       len(sender), self._store.url)
             raise CometError(500, "internal", "the sender is too large for the store")
-        self._run("REPLACE INTO comet_members (channel, client, sender, joined)"
-                  " VALUES (?, ?, ?, ?)", (channel, client, sender, ts))
+        into, conflict = self._store._upsert(
+            "comet_members", ("channel", "client", "sender", "joined"), ("channel", "client"))
+        self._run(f"{into} VALUES (?, ?, ?, ?){conflict}", (channel, client, sender, ts))
 
     def remove_member(self, channel, client):
         return self._run("DELETE FROM comet_members WHERE channel = ? AND client = ?",
                          (channel, client)).rowcount == 1
+
+
+_SQLStore._transaction_type = _SQLTransaction
 
 
 class SQLiteStore(_SQLStore):
@@ -1116,7 +1139,6 @@ class SQLiteStore(_SQLStore):
     """
 
     _errors = (sqlite3.OperationalError,)
-    _duplicate = (sqlite3.IntegrityError,)
     _one_writer = True
     _schema = (
         "CREATE TABLE IF NOT EXISTS comet_meta (one INTEGER PRIMARY KEY, id TEXT NOT NULL,"
@@ -1207,7 +1229,6 @@ class MySQLStore(_SQLStore):
             raise ImportError("a mysql:// store needs PyMySQL: pip install pymysql") from None
         self._pymysql = pymysql
         self._errors = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
-        self._duplicate = (pymysql.err.IntegrityError,)
         parts = urllib.parse.urlsplit(url)
         self._params = dict(
             host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
@@ -1236,15 +1257,148 @@ class MySQLStore(_SQLStore):
         return cur.lastrowid
 
 
+class _PostgreSQLTransaction(_SQLTransaction):
+
+    def append(self, stamp, ts, body, deliveries):
+        # Refused here, in this package's own part: at the commit it would fail the batch.
+        if any("\x00" in recipient for recipient, _ in deliveries):
+            raise _bad_package("a client id holding U+0000 cannot be stored in PostgreSQL")
+        super().append(stamp, ts, body, deliveries)
+
+
+class PostgreSQLStore(_SQLStore):
+    """A PostgreSQL database through psycopg 3: shared by processes and hosts,
+    which wake each other's polls at commit by ``LISTEN``/``NOTIFY``.
+
+    Positions come from one counter row updated at the end of each
+    transaction, as in MySQL: its row lock makes writers commit in position
+    order.  The same statement NOTIFYs the new head on the channel ``comet``
+    (once a commit, a whole group-commit batch included; PostgreSQL sends it
+    at the commit, and not at all on a rollback), and each process keeps one
+    connection LISTENing on a thread of its own, so that it tails at once
+    rather than at its next ``tail_interval``.  ``notify=False`` leaves both
+    out (every NOTIFY takes a lock of the whole cluster for a moment at
+    commit): processes then find each other's commits by tailing alone.
+
+    Client ids, channel names and stamps are ``text COLLATE "C"``: compared and
+    indexed byte for byte whatever the database's locale, as in SQLite.
+
+    The URL is libpq's (``?sslmode=require``, ``?host=/run/postgresql``...);
+    unless it says otherwise, a connection attempt gives up after 3 s and a
+    connection to a host that went away fails within about 8 s.
+    """
+
+    _placeholder = "%s"
+    _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    _batches = 4                            # as MySQL: a slow hook holds up a few pushes
+    _pool_size = 16                         # each process: 16 connections at most, and one LISTENing
+    _transaction_type = _PostgreSQLTransaction
+    _schema = (
+        # In one transaction under a lock: processes starting at once would
+        # otherwise race to create the same table, and one of them fail.
+        "BEGIN",
+        "SELECT pg_advisory_xact_lock(6909, 1)",
+        "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id TEXT NOT NULL,"
+        " head BIGINT NOT NULL, purged BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS comet_packages (pos BIGINT PRIMARY KEY,"
+        ' stamp TEXT COLLATE "C" NOT NULL UNIQUE, ts BIGINT NOT NULL, body TEXT NOT NULL)',
+        "CREATE INDEX IF NOT EXISTS comet_packages_ts ON comet_packages (ts)",
+        'CREATE TABLE IF NOT EXISTS comet_deliveries (recipient TEXT COLLATE "C" NOT NULL,'
+        " pos BIGINT NOT NULL, body TEXT, PRIMARY KEY (recipient, pos))",
+        "CREATE INDEX IF NOT EXISTS comet_deliveries_pos ON comet_deliveries (pos)",
+        'CREATE TABLE IF NOT EXISTS comet_purged (recipient TEXT COLLATE "C" PRIMARY KEY,'
+        " pos BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS comet_purge_log (pos BIGINT PRIMARY KEY, ts BIGINT NOT NULL)",
+        'CREATE TABLE IF NOT EXISTS comet_members (channel TEXT COLLATE "C" NOT NULL,'
+        ' client TEXT COLLATE "C" NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,'
+        " PRIMARY KEY (channel, client))",
+        'CREATE TABLE IF NOT EXISTS comet_clients (client TEXT COLLATE "C" PRIMARY KEY,'
+        " seen BIGINT NOT NULL)",
+    )
+
+    def __init__(self, url, notify=True):
+        try:
+            import psycopg
+        except ImportError:
+            raise ImportError('a postgresql:// store needs psycopg:'
+                              ' pip install "comet-py[postgresql]"') from None
+        self._psycopg = psycopg
+        self._errors = (psycopg.OperationalError, psycopg.InterfaceError)
+        self.notify = notify
+        # keepalives: a connection whose host is gone fails in 5 + 3 x 1 s, not hours.
+        self._params = dict(connect_timeout=3, keepalives=1, keepalives_idle=5,
+                            keepalives_interval=1, keepalives_count=3, tcp_user_timeout=8000,
+                            application_name="comet")
+        self._params.update(psycopg.conninfo.conninfo_to_dict(url))
+        self.url = "postgresql://{}@{}:{}/{}".format(*(self._params.get(name, "") for name in (
+            "user", "host", "port", "dbname")))
+        self._closed = threading.Event()
+        self._listening = None              # the process whose listening thread runs
+        super().__init__()
+
+    def _connect(self):
+        # Every write transaction is opened by _begin; every read is one statement.
+        return self._psycopg.connect(**self._params, autocommit=True)
+
+    def _begin(self, cur):
+        # Each statement sees what is committed now, whatever the database's default.
+        cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+
+    def _take_positions(self, cur, n):
+        notify = ", pg_notify('comet', head::text)" if self.notify else ""
+        return cur.execute(f"UPDATE comet_meta SET head = head + %s RETURNING head{notify}",
+                           (n,)).fetchone()[0]
+
+    def _upsert(self, table, columns, key, replace=True):
+        updates = ", ".join(f"{column} = EXCLUDED.{column}" for column in columns
+                            if column not in key)
+        action = "UPDATE SET " + updates if replace else "NOTHING"
+        return (f"INSERT INTO {table} ({', '.join(columns)})",
+                f" ON CONFLICT ({', '.join(key)}) DO {action}")
+
+    def listen(self, callback):
+        with self._pool_lock:
+            if not self.notify or self._listening == os.getpid() or self._closed.is_set():
+                return
+            self._listening = os.getpid()
+        threading.Thread(target=self._listen, args=(callback,), name="comet-listen",
+                         daemon=True).start()
+
+    def _listen(self, callback):
+        """LISTEN on a connection of its own, calling back at each NOTIFY, and with
+        None each time it is (re)connected, for what it may have missed."""
+        while not self._closed.is_set():
+            try:
+                with contextlib.closing(self._connect()) as conn:
+                    conn.execute("LISTEN comet")
+                    callback(None)
+                    while not self._closed.is_set():
+                        for notify in conn.notifies(timeout=1.0):
+                            callback(int(notify.payload) if notify.payload.isdigit() else None)
+            except self._errors as error:
+                log.warning("comet: listening to %s failed: %s; again in 1 s", self.url, error)
+            except Exception:
+                log.exception("comet: listening to %s failed; again in 1 s", self.url)
+            self._closed.wait(1.0)
+
+    def close(self):
+        self._closed.set()
+        super().close()
+
+
 def open_store(url):
-    """A store from its URL: ``memory:``, ``sqlite:///PATH`` or ``mysql://USER:PASS@HOST:PORT/DB``."""
+    """A store from its URL: ``memory:``, ``sqlite:///PATH``, ``mysql://USER:PASS@HOST:PORT/DB``
+    or ``postgresql://USER:PASS@HOST:PORT/DB`` (``postgres://`` too)."""
     if url == "memory:":
         return MemoryStore()
     if url.startswith("sqlite:///"):
         return SQLiteStore(url[len("sqlite:///"):])
     if url.startswith("mysql://"):
         return MySQLStore(url)
-    raise ValueError(f"unknown store URL {url!r}: use memory:, sqlite:///PATH or mysql://...")
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgreSQLStore(url)
+    raise ValueError(f"unknown store URL {url!r}: use memory:, sqlite:///PATH, mysql://..."
+                     " or postgresql://...")
 
 
 # --------------------------------------------------------------------------
@@ -1598,8 +1752,8 @@ class Comet:
     else WSGI: ``app = Comet(app, ...)``.
 
     - ``app``: the WSGI application for every other path (None: 404).
-    - ``store``: ``"memory:"``, ``"sqlite:///PATH"``, ``"mysql://USER:PASS@HOST:PORT/DB"``
-      or a ``Store``.
+    - ``store``: ``"memory:"``, ``"sqlite:///PATH"``, ``"mysql://USER:PASS@HOST:PORT/DB"``,
+      ``"postgresql://USER:PASS@HOST:PORT/DB"`` or a ``Store``.
     - ``id``: ``fn(environ) -> str or None``, the client id; None answers 403.
       By default a hash of an HttpOnly cookie ``comet_sid`` of 144 random bits.
     - ``sender``: ``fn(environ, db) -> JSON value`` for ``package["sender"]``;
@@ -1610,7 +1764,8 @@ class Comet:
     - ``script_path``: another path serving the client script, or None.
     - ``poll_timeout``: seconds a poll is held before answering empty.
     - ``retention``: seconds a package stays retrievable.
-    - ``tail_interval``: seconds between reads of other processes' pushes.
+    - ``tail_interval``: seconds between reads of other processes' pushes (on
+      PostgreSQL they are read at once when notified; this is the safety net).
     - ``presence_timeout``: seconds without a poll before a member is dropped.
     - ``allowed_origins``: origins allowed to push besides the request's Host.
     - limits: ``max_body`` bytes, ``max_batch`` packages a request,
@@ -1675,6 +1830,7 @@ class Comet:
         self._local = threading.local()     # .tx: the transaction this thread's hooks run in
         self._pid = None                    # the process whose housekeeping thread runs
         self._stop = threading.Event()
+        self._notified = threading.Event()  # another process committed: tail now
 
     # -- registration: listeners, actions, channels
 
@@ -1763,6 +1919,7 @@ class Comet:
     def close(self):
         """Stop the housekeeping thread and close the store."""
         self._stop.set()
+        self._notified.set()
         self.store.close()
 
     # -- accepting packages: validate, hooks, recipients, one transaction
@@ -2010,15 +2167,21 @@ class Comet:
                 return
             self._pid = os.getpid()
             self._stop = threading.Event()
+            self._notified = threading.Event()
             # The tail has a thread of its own: a purge or a sweep never delays it.
             if self.store.shared:
-                threading.Thread(target=self._tailing, args=(self._stop,),
+                threading.Thread(target=self._tailing, args=(self._stop, self._notified),
                                  name="comet-tail", daemon=True).start()
+                self.store.listen(self._committed_elsewhere)
             threading.Thread(target=self._housekeeping, args=(self._stop,),
                              name="comet-housekeeping", daemon=True).start()
 
-    def _tailing(self, stop):
-        while not stop.wait(self.tail_interval):
+    def _tailing(self, stop, notified):
+        while True:
+            notified.wait(self.tail_interval)   # or less: another process's commit was notified
+            notified.clear()                # before the tail: a later commit sets it again
+            if stop.is_set():
+                return
             try:
                 self._tail()
             except CometError:
@@ -2075,6 +2238,13 @@ class Comet:
         self._window.fill(head, appended)
         self._parking.wake({recipient: position for position, _, delivered in appended
                             for recipient, _ in delivered})
+
+    def _committed_elsewhere(self, head):
+        """The store's word that another process committed through ``head`` (None:
+        unknown): tail now, unless this process's window holds it already."""
+        horizon = self._window.horizon
+        if head is None or horizon is None or head > horizon:
+            self._notified.set()
 
     def _sweep_presence(self, sweep=True):
         now = self.store.now()
