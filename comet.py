@@ -1291,7 +1291,7 @@ class PostgreSQLStore(_SQLStore):
     _placeholder = "%s"
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
-    _pool_size = 16                         # each process: 16 connections at most, and one LISTENing
+    _pool_size = 16                         # connections of a process, besides the LISTEN one
     _transaction_type = _PostgreSQLTransaction
     _schema = (
         # In one transaction under a lock: processes starting at once would
@@ -1366,19 +1366,25 @@ class PostgreSQLStore(_SQLStore):
 
     def _listen(self, callback):
         """LISTEN on a connection of its own, calling back at each NOTIFY, and with
-        None each time it is (re)connected, for what it may have missed."""
+        None each time it is connected again, for what it may have missed."""
+        again = False
         while not self._closed.is_set():
             try:
                 with contextlib.closing(self._connect()) as conn:
                     conn.execute("LISTEN comet")
-                    callback(None)
+                    if again:
+                        callback(None)
+                    again = True
                     while not self._closed.is_set():
                         for notify in conn.notifies(timeout=1.0):
                             callback(int(notify.payload) if notify.payload.isdigit() else None)
-            except self._errors as error:
-                log.warning("comet: listening to %s failed: %s; again in 1 s", self.url, error)
-            except Exception:
-                log.exception("comet: listening to %s failed; again in 1 s", self.url)
+            except Exception as error:
+                if self._closed.is_set():
+                    return                  # closed while it listened
+                if isinstance(error, self._errors):
+                    log.warning("comet: listening to %s failed: %s; again in 1 s", self.url, error)
+                else:
+                    log.exception("comet: listening to %s failed; again in 1 s", self.url)
             self._closed.wait(1.0)
 
     def close(self):

@@ -23,16 +23,17 @@ import webtest
 
 import comet
 from comet import Comet, CometError, Reject
-from support import (Client, ServerProcess, ThreadedServer, free_port,
+from support import (Client, ServerProcess, ThreadedServer, free_port, fresh_store,
                      hooked_traffic, make_app, wait_until)
-from support import group, mariadb  # noqa: F401  (fixtures)
+from support import close_apps, group, mariadb, postgres  # noqa: F401  (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "mysql", "postgresql"])
 def store_url(request, tmp_path):
-    return "memory:" if request.param == "memory" else f"sqlite:///{tmp_path}/comet.db"
+    """A new, empty store of each kind (a database of its own on MariaDB and PostgreSQL)."""
+    return fresh_store(request.param, request, tmp_path)
 
 
 def as_client(app, client_id):
@@ -195,7 +196,18 @@ def test_a_listener_hook_gets_environ_package_and_db(app, alice):
     push(alice, {"type": "x", "listeners": ["spy"]})
     client, kind, db = seen[0]
     assert (client, kind) == ("alice", "x")
-    assert db is None if app.store.url == "memory:" else isinstance(db, sqlite3.Connection)
+    assert isinstance(db, connection_type(app.store))
+
+
+def connection_type(store):
+    """What a store hands its hooks as ``db``: its driver's connection (None for memory)."""
+    if isinstance(store, comet.MySQLStore):
+        import pymysql
+        return pymysql.connections.Connection
+    if isinstance(store, comet.PostgreSQLStore):
+        import psycopg
+        return psycopg.Connection
+    return sqlite3.Connection if isinstance(store, comet.SQLiteStore) else type(None)
 
 
 # --------------------------------------------------------------------------
@@ -1224,7 +1236,8 @@ def stamp_positions(store):
     """{stamp: position} read back from the store itself."""
     if isinstance(store, comet.MemoryStore):
         return {stamp: pos for pos, _, stamp, _ in store._log}
-    return dict(store._query("SELECT stamp, pos FROM comet_packages"))
+    rows = store._query("SELECT stamp, pos FROM comet_packages")
+    return {comet._text(stamp): pos for stamp, pos in rows}     # MySQL: stamps as bytes
 
 
 def test_kill_9_after_a_200_loses_nothing_on_sqlite(tmp_path):

@@ -13,7 +13,7 @@ tests).  The standard application:
 - ``GET /members?channel=room:NAME``: that channel's members, as this process reads them.
 
 Also here: ``GroupCommit`` (pushes queued behind a held transaction) and the
-MariaDB helpers.  The fixtures defined here are registered for the modules
+MariaDB and PostgreSQL helpers.  The fixtures defined here are registered for the modules
 under tests/ by tests/conftest.py, and for test_comet.py by its own import.
 """
 
@@ -120,15 +120,32 @@ def make_app(**options):
     return app
 
 
+@pytest.fixture(autouse=True)
+def close_apps(monkeypatch):
+    """Close every ``Comet`` the test made (its threads, connections and LISTEN), so
+    that none goes on working against a database dropped after the test."""
+    made = []
+    init = comet.Comet.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(comet.Comet, "__init__", recorded)
+    yield
+    for app in made:
+        app.close()
+
+
 class GroupCommit:
-    """Pushes queued behind one held in its hook, on a durable store (SQLite or MySQL).
+    """Pushes queued behind one held in its hook, on a durable store (SQLite, MySQL
+    or PostgreSQL).
 
     The application has an action ``note`` whose submit hook writes the
     package's ``text`` into the table ``log`` through ``db`` (``mark`` is the
     driver's placeholder), holds the push whose text is ``hold`` until
     ``release()``, and refuses the text ``refused``.  ``flushes`` lists how
-    many packages each commit wrote, ``commits`` the positions each call of
-    the store's ``on_commit`` named.
+    many packages each commit wrote (those that wrote none left out), ``commits``
+    the positions each call of the store's ``on_commit`` named.
     """
 
     def __init__(self, url, mark):
@@ -141,7 +158,8 @@ class GroupCommit:
         flush = store._flush
 
         def counted(batch):
-            self.flushes.append(len(batch.pending))
+            if batch.pending:               # not the housekeeping's own transactions
+                self.flushes.append(len(batch.pending))
             return flush(batch)
         store._flush = counted
         self.commits = []                   # the positions each on_commit call named
@@ -191,8 +209,9 @@ class GroupCommit:
 
 
 def open_group(kind, request, tmp_path):
-    """A ``GroupCommit`` on a fresh SQLite file or MariaDB database, with its ``log``
-    table, ``log()`` (its texts, sorted) and ``driver_error`` (one meaning "unavailable")."""
+    """A ``GroupCommit`` on a fresh SQLite file, MariaDB or PostgreSQL database, with its
+    ``log`` table, ``log()`` (its texts, sorted) and ``driver_error`` (one meaning
+    "unavailable")."""
     if kind == "sqlite":
         path = f"{tmp_path}/comet.db"
         group = GroupCommit(f"sqlite:///{path}", "?")
@@ -203,6 +222,16 @@ def open_group(kind, request, tmp_path):
             with contextlib.closing(sqlite3.connect(path)) as db:
                 return sorted(row[0] for row in db.execute("SELECT text FROM log"))
         group.driver_error = sqlite3.OperationalError("disk I/O error")
+    elif kind == "postgresql":
+        import psycopg
+        postgres = request.getfixturevalue("postgres")
+        url = postgres.create_database()
+        postgres.query(url, "CREATE TABLE log (text VARCHAR(64))")
+        group = GroupCommit(url, "%s")
+
+        def log():
+            return sorted(row[0] for row in postgres.query(url, "SELECT text FROM log"))
+        group.driver_error = psycopg.OperationalError("server closed the connection unexpectedly")
     else:
         import pymysql
         mariadb = request.getfixturevalue("mariadb")
@@ -218,7 +247,7 @@ def open_group(kind, request, tmp_path):
     return group
 
 
-@pytest.fixture(params=["sqlite", "mysql"])
+@pytest.fixture(params=["sqlite", "mysql", "postgresql"])
 def group(request, tmp_path):
     group = open_group(request.param, request, tmp_path)
     yield group
@@ -462,13 +491,104 @@ def mysql_url(mariadb):
 
 
 def positions_in_store(url, mariadb=None):
-    """``{stamp: position}`` of every package in the store at ``url`` (sqlite or mysql)."""
+    """``{stamp: position}`` of every package in the store at ``url`` (sqlite, mysql
+    or postgresql)."""
     if url.startswith("sqlite:///"):
         with contextlib.closing(sqlite3.connect(url[len("sqlite:///"):])) as conn:
             rows = conn.execute("SELECT pos, stamp FROM comet_packages").fetchall()
+    elif url.startswith("postgresql://"):
+        rows = PostgreSQL().query(url, "SELECT pos, stamp FROM comet_packages")
     else:
-        rows = mariadb.query(url, "SELECT pos, stamp FROM comet_packages")
+        rows = (mariadb or MariaDB()).query(url, "SELECT pos, stamp FROM comet_packages")
     return {comet._text(stamp): pos for pos, stamp in rows}    # MySQL keeps stamps as bytes
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL (test_postgresql.py, and the fixtures over every durable store)
+# --------------------------------------------------------------------------
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+
+
+class PostgreSQL:
+    """The local PostgreSQL as postgres: throwaway databases, queries, a stop and a start."""
+
+    def __init__(self):
+        self.databases = []
+
+    @staticmethod
+    def _connect(database="postgres"):
+        import psycopg
+        return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=database,
+                               autocommit=True, connect_timeout=2)
+
+    @classmethod
+    def reachable(cls):
+        try:
+            cls._connect().close()
+        except Exception:
+            return False
+        return True
+
+    def create_database(self):
+        """A fresh empty database; returns its ``postgresql://`` store URL."""
+        name = "comet_test_" + secrets.token_hex(6)
+        self._run("postgres", f'CREATE DATABASE "{name}"')
+        self.databases.append(name)
+        return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+    def drop_databases(self):
+        for name in self.databases:
+            self._run("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.databases = []
+
+    def query(self, url, sql, args=()):
+        """Rows of ``sql`` run in the database of store ``url`` ([] when it returns none)."""
+        return self._run(urllib.parse.urlsplit(url).path.lstrip("/"), sql, args)
+
+    def _run(self, database, sql, args=()):
+        with contextlib.closing(self._connect(database)) as conn:
+            cur = conn.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+
+    # Stopping the server: pg_ctlcluster, the cluster named in /etc/postgresql.
+
+    @staticmethod
+    def _cluster():
+        versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+        return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"] if versions else None
+
+    def can_restart(self):
+        return os.geteuid() == 0 and bool(shutil.which("pg_ctlcluster")) and bool(self._cluster())
+
+    def stop(self, mode="immediate"):
+        """Stop the server (``immediate``: as a crash would, recovered from the WAL at start)."""
+        subprocess.run(self._cluster() + ["stop", "--mode", mode], check=True, timeout=60)
+
+    def start(self):
+        """Start the server and wait until it accepts connections."""
+        if not self.reachable():
+            subprocess.run(self._cluster() + ["start"], check=True, timeout=60)
+        wait_until(self.reachable, timeout=60, interval=0.05)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if not PostgreSQL.reachable():
+        need(False, "PostgreSQL not reachable on 127.0.0.1:5432 as postgres"
+                    " (pg_ctlcluster --skip-systemctl-redirect 15 main start; pip install psycopg)")
+    server = PostgreSQL()
+    yield server
+    server.drop_databases()
+
+
+def fresh_store(kind, request, tmp_path):
+    """The URL of a new, empty store: ``memory``, ``sqlite``, ``mysql`` or ``postgresql``."""
+    if kind == "memory":
+        return "memory:"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/comet.db"
+    return request.getfixturevalue("mariadb" if kind == "mysql" else "postgres").create_database()
 
 
 def cursor_position(cursor):
