@@ -1,3 +1,3 @@
 """The shared fixtures of tests/support.py, for every module under tests/."""
 
-from support import group, mariadb, mysql_url, postgres  # noqa: F401  (fixtures)
+from support import group, mariadb, postgres  # noqa: F401  (fixtures)

@@ -404,7 +404,7 @@ class ServerProcess:
 
 
 # --------------------------------------------------------------------------
-# MariaDB (test_mysql.py, test_multiprocess.py)
+# MariaDB (test_sql_servers.py, and the fixtures over every durable store)
 # --------------------------------------------------------------------------
 
 HOST, PORT, USER = "127.0.0.1", 3306, "root"
@@ -418,6 +418,9 @@ def _connect(database=None):
 
 class MariaDB:
     """The local MariaDB as root: throwaway databases, queries, a stop and a start."""
+
+    kind = "mysql"
+    restart_needs = "root, start-stop-daemon and /usr/sbin/mariadbd"
 
     def __init__(self):
         self.databases = []
@@ -454,6 +457,19 @@ class MariaDB:
             cur.execute(sql, args)
             return cur.fetchall()
 
+    def tables(self, url):
+        return {row[0] for row in self.query(url, "SHOW TABLES")}
+
+    def lock_waits(self, url):
+        """Transactions waiting for a lock now."""
+        return self.query(url, "SELECT COUNT(*) FROM information_schema.INNODB_TRX"
+                               " WHERE trx_state = 'LOCK WAIT'")[0][0]
+
+    @staticmethod
+    def connection_type():
+        import pymysql
+        return pymysql.connections.Connection
+
     # Stopping the server: by the pid in its own pid file, never by name.
 
     def can_restart(self):
@@ -484,12 +500,6 @@ def mariadb():
     server.drop_databases()
 
 
-@pytest.fixture(scope="module")
-def mysql_url(mariadb):
-    """This module's database: created now, dropped with the module."""
-    return mariadb.create_database()
-
-
 def positions_in_store(url, mariadb=None):
     """``{stamp: position}`` of every package in the store at ``url`` (sqlite, mysql
     or postgresql)."""
@@ -511,7 +521,11 @@ PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
 
 class PostgreSQL:
-    """The local PostgreSQL as postgres: throwaway databases, queries, a stop and a start."""
+    """The local PostgreSQL as postgres: throwaway databases, queries, a stop and a
+    start; the methods of ``MariaDB``."""
+
+    kind = "postgresql"
+    restart_needs = "root and pg_ctlcluster"
 
     def __init__(self):
         self.databases = []
@@ -551,12 +565,31 @@ class PostgreSQL:
             cur = conn.execute(sql, args)
             return cur.fetchall() if cur.description else []
 
+    def tables(self, url):
+        return {row[0] for row in self.query(
+            url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+
+    def lock_waits(self, url):
+        """Sessions of the store's database waiting for a lock now."""
+        return self.query(url, "SELECT COUNT(*) FROM pg_stat_activity WHERE"
+                               " datname = current_database() AND wait_event_type = 'Lock'")[0][0]
+
+    @staticmethod
+    def connection_type():
+        import psycopg
+        return psycopg.Connection
+
     # Stopping the server: pg_ctlcluster, the cluster named in /etc/postgresql.
 
     @staticmethod
     def _cluster():
-        versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-        return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"] if versions else None
+        """pg_ctlcluster's command line for the newest cluster ``main``, or None."""
+        if not os.path.isdir("/etc/postgresql"):
+            return None
+        versions = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(n) for n in v.split(".")])
+        if not versions:
+            return None
+        return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"]
 
     def can_restart(self):
         return os.geteuid() == 0 and bool(shutil.which("pg_ctlcluster")) and bool(self._cluster())
