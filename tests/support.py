@@ -586,7 +586,7 @@ class PostgreSQL:
         """pg_ctlcluster's command line for the newest cluster ``main``, or None."""
         if not os.path.isdir("/etc/postgresql"):
             return None
-        versions = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(n) for n in v.split(".")])
+        versions = sorted(os.listdir("/etc/postgresql"), key=float)     # "9.6", "15"
         if not versions:
             return None
         return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"]
