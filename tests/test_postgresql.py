@@ -1,0 +1,302 @@
+"""What only the PostgreSQL store does, against the real PostgreSQL on 127.0.0.1:5432:
+NOTIFY at each commit, a LISTEN connection per process, psycopg under gevent.
+
+What every SQL server store does (byte-for-byte ids, hooks in the transaction,
+the outage) is in test_sql_servers.py, run on MariaDB and PostgreSQL alike;
+two processes on one database in test_multiprocess.py.  Each test makes its
+own database; without a reachable PostgreSQL the module skips loudly (and
+fails under CI=true).
+"""
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import comet
+from support import (ROOT, Client, ThreadedServer, close_apps, make_app,  # noqa: F401
+                     need, new_ids, open_group, wait_until)
+
+
+@pytest.fixture
+def url(postgres):
+    return postgres.create_database()
+
+
+class Listener:
+    """A LISTEN on the store's channel from a connection of the test's own."""
+
+    def __init__(self, url):
+        import psycopg
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.conn.execute("LISTEN comet")
+
+    def heard(self, quiet=0.3):
+        """The payloads notified so far, once ``quiet`` seconds passed without one."""
+        return [n.payload for n in self.conn.notifies(timeout=quiet)]
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def listen():
+    """``listen(url)``: a ``Listener`` on that store's database, closed after the test."""
+    listeners = []
+
+    def open_listener(url):
+        listeners.append(Listener(url))
+        return listeners[-1]
+    yield open_listener
+    for listener in listeners:
+        listener.close()
+
+
+# --------------------------------------------------------------------------
+# Opening the store
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_both_url_schemes_open_a_postgresql_store_whose_url_hides_the_password(url, scheme):
+    with_password = url.replace("postgresql://postgres@", f"{scheme}://postgres:secret@")
+
+    store = comet.open_store(with_password)
+    store.close()
+
+    assert isinstance(store, comet.PostgreSQLStore)
+    assert "secret" not in store.url and store.url.startswith("postgresql://postgres@")
+
+
+def test_without_psycopg_opening_the_store_says_what_to_install(url, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)       # import psycopg fails
+
+    with pytest.raises(ImportError, match=r'pip install "comet-py\[postgresql\]"'):
+        comet.open_store(url)
+
+
+def test_processes_opening_a_new_database_at_once_create_the_tables_once(url):
+    start, errors, stores = threading.Barrier(6), [], []
+
+    def open_at_once():
+        start.wait(10)
+        try:
+            stores.append(comet.PostgreSQLStore(url))
+        except Exception as error:
+            errors.append(error)
+    threads = [threading.Thread(target=open_at_once) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for store in stores:
+        store.close()
+
+    assert errors == [] and len(stores) == 6
+    assert len({store.id for store in stores}) == 1
+
+
+# --------------------------------------------------------------------------
+# Ids PostgreSQL cannot hold
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def group(request, postgres, tmp_path):
+    group = open_group("postgresql", request, tmp_path)
+    yield group
+    group.app.close()
+
+
+def test_a_package_for_an_id_holding_nul_is_400_and_its_batch_commits_without_it(group):
+    failed = {}
+
+    def push_nul():
+        try:
+            group.app.push({"type": "note", "listeners": "bob\x00", "text": "nul"})
+        except comet.CometError as error:
+            failed["status"], failed["code"] = error.status, error.code
+    threads = [group.push("hold")]
+    assert group.held.wait(10)
+    threads += [threading.Thread(target=push_nul), group.push("kept")]
+    threads[1].start()
+    store = group.app.store
+    wait_until(lambda: sum(batch.queued for batch in store._open) == 2)
+    group.released.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert failed == {"status": 400, "code": "bad_package"}
+    assert isinstance(group.results["hold"], str) and isinstance(group.results["kept"], str)
+    assert group.flushes == [2] and sorted(group.delivered()) == ["hold", "kept"]
+    assert group.log() == ["hold", "kept"]                  # the refused one's write undone
+
+
+# --------------------------------------------------------------------------
+# NOTIFY: one per commit, the new head, nothing on a rollback
+# --------------------------------------------------------------------------
+
+def test_each_commit_notifies_its_new_head_once(url, listen):
+    listener = listen(url)
+    app = make_app(store=url)
+
+    app.push({"type": "m", "listeners": "bob"})
+    app.push({"type": "m", "listeners": "bob"})
+
+    assert listener.heard() == ["1", "2"]
+
+
+def test_a_batch_of_the_group_commit_notifies_once(group, listen):
+    listener = listen(group.url)
+    results = group.run("hold", "kept", "also kept")
+
+    assert all(isinstance(stamp, str) for stamp in results.values())
+    assert group.flushes == [3] and listener.heard() == ["3"]
+
+
+def test_a_rolled_back_push_notifies_nothing(group, listen):
+    listener = listen(group.url)
+
+    with pytest.raises(comet.Reject):
+        group.app.push({"type": "note", "listeners": "bob", "text": "refused"})
+
+    assert listener.heard() == [] and group.app.store.head() == 0
+
+
+def test_notify_false_neither_notifies_nor_listens(url, listen, postgres):
+    listener = listen(url)
+    app = make_app(store=comet.PostgreSQLStore(url, notify=False))
+
+    app.push({"type": "m", "listeners": "bob"})
+
+    assert listener.heard() == []
+    assert listening_sessions(postgres, url) == 1           # the test's own
+    assert app.store.head() == 1
+
+
+def listening_sessions(postgres, url):
+    return postgres.query(url, "SELECT COUNT(*) FROM pg_stat_activity WHERE"
+                               " datname = current_database() AND query = 'LISTEN comet'")[0][0]
+
+
+# --------------------------------------------------------------------------
+# The listener: wakes this process's polls, reconnects, catches up
+# --------------------------------------------------------------------------
+
+def deliver_across(a, b, before_push=lambda: None):
+    """Seconds from ``b``'s 200 for a push to the answer of a poll parked on ``a``
+    for it; ``before_push()`` runs once the poll is parked."""
+    receiver, sender = new_ids("receiver", "sender")
+    cursor = Client(a.url, receiver).poll()["cursor"]
+    answered, result = threading.Event(), {}
+
+    def park():
+        result["answer"] = Client(a.url, receiver).poll(cursor=cursor, timeout=20)
+        result["at"] = time.monotonic()
+        answered.set()
+    threading.Thread(target=park, daemon=True).start()
+    wait_until(lambda: a.app.stats()["parked"] == 1)
+    before_push()
+    status, _, body = Client(b.url, sender).push({"type": "m", "listeners": ["to"],
+                                                  "to": [receiver]})
+    pushed = time.monotonic()
+    assert status == 200, body
+    assert answered.wait(15), "the poll on A did not answer"
+    assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
+    return result["at"] - pushed
+
+
+@pytest.fixture
+def two(url, postgres):
+    """Two apps on one database, each on a server of its own, tailing only every
+    10 s: what reaches the other sooner went by NOTIFY."""
+    apps = [make_app(store=url, poll_timeout=15, tail_interval=10) for _ in range(2)]
+    with ThreadedServer(apps[0]) as a, ThreadedServer(apps[1]) as b:
+        a.app, b.app = apps
+        Client(a.url, "warm").poll(), Client(b.url, "warm").poll()     # each starts listening
+        wait_until(lambda: listening_sessions(postgres, url) == 2)
+        yield a, b
+
+
+def terminate_listeners(postgres, url):
+    """The server ends every LISTEN session of the store's database (and waits until
+    they are gone); returns how many."""
+    return len(postgres.query(url, "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                                   " WHERE datname = current_database()"
+                                   " AND query = 'LISTEN comet'"))
+
+
+def test_a_poll_parked_on_one_process_is_woken_by_a_commit_of_the_other_at_once(two):
+    a, b = two
+
+    seconds = [deliver_across(a, b) for _ in range(3)]
+
+    assert max(seconds) < 1, seconds        # the tail would take up to 10 s
+
+
+def test_listeners_killed_by_the_server_reconnect_and_wake_polls_again(two, postgres, url):
+    a, b = two
+    assert terminate_listeners(postgres, url) == 2
+    wait_until(lambda: listening_sessions(postgres, url) == 2, timeout=10)
+
+    seconds = deliver_across(a, b)
+
+    assert seconds < 1
+
+
+def test_a_commit_made_while_the_listeners_were_away_wakes_the_poll_when_they_are_back(
+        two, postgres, url):
+    a, b = two
+    missed = []
+
+    def away():
+        assert terminate_listeners(postgres, url) == 2
+        missed.append(listening_sessions(postgres, url))
+
+    seconds = deliver_across(a, b, before_push=away)
+
+    assert missed == [0]                    # nobody heard this commit's NOTIFY
+    assert seconds < 5                      # caught up at reconnection (1 s), not by tailing (10 s)
+
+
+# --------------------------------------------------------------------------
+# gevent: psycopg waits on the hub, the listener is a greenlet
+# --------------------------------------------------------------------------
+
+GEVENT_CHECK = """
+from gevent import monkey
+monkey.patch_all()
+import sys, time, threading
+import gevent
+sys.path.insert(0, sys.argv[2])
+import comet
+
+store = comet.open_store(sys.argv[1])
+ticks = []
+ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+heard = threading.Event()
+store.listen(lambda head: heard.set())
+gevent.sleep(0.2)                                   # the listener greenlet connects
+before = len(ticks)
+store._query("SELECT pg_sleep(0.5)")                # 0.5 s in the server
+during = len(ticks) - before
+with store.transaction() as tx:                     # a commit NOTIFYs; the listener hears it
+    tx.append("gevent-check-1", 0, "{}", [("bob", None)])
+print(during, heard.wait(5))
+ticker.kill()
+store.close()
+"""
+
+
+def test_under_gevent_a_query_and_the_listener_leave_the_hub_running(url):
+    need(importlib.util.find_spec("gevent") is not None,
+         "gevent is not installed (pip install '.[test]')")
+
+    out = subprocess.run([sys.executable, "-c", GEVENT_CHECK, url, ROOT], capture_output=True,
+                         text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    ticks, heard = out.stdout.split()
+    assert int(ticks) >= 20, out.stdout     # 10 ms ticks went on while the query waited 0.5 s
+    assert heard == "True", out.stdout
