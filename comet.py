@@ -626,7 +626,13 @@ class _SQLStore(Store):
             self._slots.release()
 
     def _lost(self, conn, error):
-        """A driver error: the connection is dropped, a 503 returned."""
+        """A driver error: the connection is dropped, and so are the idle ones (a
+        server that went away took them all), a 503 returned."""
+        with self._pool_lock:
+            idle, self._pool = self._pool, []
+        for each in idle:
+            with contextlib.suppress(Exception):
+                each.close()
         self._drop(conn)
         log.warning("comet: store %s unavailable: %s", self.url, error)
         return _unavailable("the store is unavailable")

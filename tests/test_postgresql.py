@@ -300,3 +300,30 @@ def test_under_gevent_a_query_and_the_listener_leave_the_hub_running(url):
     ticks, heard = out.stdout.split()
     assert int(ticks) >= 20, out.stdout     # 10 ms ticks went on while the query waited 0.5 s
     assert heard == "True", out.stdout
+
+
+# --------------------------------------------------------------------------
+# An outage: the listeners come back with the server (the rest of the outage
+# is test_sql_servers.py's, on MariaDB and PostgreSQL)
+# --------------------------------------------------------------------------
+
+def answers(server, status):
+    """Whether a push to nobody through ``server`` is answered ``status`` now."""
+    return Client(server.url, "probe").push({"type": "probe", "listeners": "nobody"})[0] == status
+
+
+@pytest.mark.outage
+def test_after_the_server_is_back_notify_wakes_polls_again_without_a_restart(two, postgres, url):
+    need(postgres.can_restart(), f"cannot stop and start PostgreSQL here ({postgres.restart_needs})")
+    a, b = two
+    try:
+        postgres.stop()
+        wait_until(lambda: answers(a, 503) and answers(b, 503), timeout=10)
+    finally:
+        postgres.start()
+    wait_until(lambda: answers(a, 200) and answers(b, 200), timeout=30)
+    wait_until(lambda: listening_sessions(postgres, url) == 2, timeout=15)
+
+    seconds = [deliver_across(a, b), deliver_across(b, a)]
+
+    assert max(seconds) < 1, seconds        # NOTIFY, not the tail (10 s)
