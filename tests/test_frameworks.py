@@ -11,7 +11,11 @@ middleware stays on: it guards Django's POST routes, while comet's push, a
 separate WSGI path in front of Django, has its own checks.  Last, two headless
 Chromium pages chat through each example's own page.
 
-Without a framework (or Chromium) the tests skip loudly, and fail under CI=true.
+The Django example also runs on PostgreSQL, its own tables and comet's in one
+database, served by ``manage.py runserver`` in a process of its own.
+
+Without a framework (or Chromium, or PostgreSQL) the tests skip loudly, and
+fail under CI=true.
 """
 import concurrent.futures
 import contextlib
@@ -20,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -29,7 +34,7 @@ import urllib.request
 
 import pytest
 
-from support import ThreadedServer, chromium, need, wait_until
+from support import ThreadedServer, chromium, free_port, need, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -369,6 +374,55 @@ def test_comets_push_has_its_own_guards_in_front_of_django(django_site):
     assert (status, answer["error"]) == (403, "bad_origin")
     status, answer = person.push(package, content_type="application/x-www-form-urlencoded")
     assert (status, answer["error"]) == (415, "content_type")   # what a cross-site form sends
+
+
+# --------------------------------------------------------------------------
+# Django on PostgreSQL: Django's tables and comet's in one database
+# --------------------------------------------------------------------------
+
+DJANGO_USERS = """
+from django.contrib.auth.models import User
+for login in ("alice", "bob"):
+    User.objects.create_user(login, password=login)
+"""
+
+
+def test_the_django_example_runs_on_postgresql_with_its_tables_beside_comets(postgres):
+    need(importlib.util.find_spec("django") is not None, "django is not installed")
+    url = postgres.create_database()
+    project = os.path.join(EXAMPLES, "django_project")
+    env = dict(os.environ, COMET_STORE=url, PYTHONPATH=ROOT)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    for command in (["migrate", "-v", "0"], ["shell", "-c", DJANGO_USERS]):
+        subprocess.run([sys.executable, "manage.py", *command], cwd=project, env=env,
+                       check=True, timeout=120)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}",
+                               "--noreload"], cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        alice, bob = Person(f"http://127.0.0.1:{port}"), Person(f"http://127.0.0.1:{port}")
+        wait_until(lambda: answers(alice), timeout=30)
+        alice.log_in("django", "alice"), bob.log_in("django", "bob")    # users of PostgreSQL
+        bob.poll()
+        assert alice.push({"type": "join", "listeners": ["chat"]})[0] == 200
+        assert bob.push({"type": "join", "listeners": ["chat"]})[0] == 200
+        status, answer = alice.push({"type": "message", "listeners": ["chat"], "text": "hi"})
+        assert status == 200
+        messages = of_type("message", bob.poll_until(lambda got: of_type("message", got)))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    assert [m["_stamp"] for m in messages] == answer["accepted"]
+    assert {"auth_user", "django_session", "comet_packages", "comet_members"} <= postgres.tables(url)
+
+
+def answers(person):
+    try:
+        return person.request("GET", "/hello", timeout=2)[0] == 200
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------

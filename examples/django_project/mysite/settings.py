@@ -5,6 +5,7 @@ Django (see wsgi.py), so its push never reaches CsrfViewMiddleware; it has
 checks of its own (Content-Type: application/json, and the Origin).
 """
 import os
+import urllib.parse
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -39,4 +40,11 @@ WSGI_APPLICATION = "mysite.wsgi.application"      # runserver serves it, comet.p
 
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
                          "NAME": os.environ.get("DJANGO_DB", BASE_DIR / "db.sqlite3")}}
+
+# COMET_STORE=postgresql://USER:PASS@HOST:PORT/DB puts Django's own tables in that database too.
+_store = urllib.parse.urlsplit(os.environ.get("COMET_STORE", ""))
+if _store.scheme in ("postgresql", "postgres"):
+    DATABASES["default"] = {"ENGINE": "django.db.backends.postgresql", "NAME": _store.path[1:],
+                            "USER": _store.username, "PASSWORD": _store.password,
+                            "HOST": _store.hostname, "PORT": _store.port}
 USE_TZ = True
