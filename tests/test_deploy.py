@@ -1,18 +1,20 @@
 """Real deployments on 127.0.0.1 (gunicorn, gevent, nginx), and the package as pip installs it.
 
 - gunicorn ``-k gthread``, 3 workers sharing one SQLite file, then one MySQL
-  database: 10 clients, 500 packages pushed while they poll, every request on
-  a new connection so the workers take turns (no sticky sessions); every
-  client receives exactly its packages, once each, in the store's one order.
-- gunicorn ``-k gevent``: 2,000 polls parked at once in one worker, then one
-  push answers all of them; the time and the worker's RSS are reported.
+  and one PostgreSQL database: 10 clients, 500 packages pushed while they
+  poll, every request on a new connection so the workers take turns (no
+  sticky sessions); every client receives exactly its packages, once each, in
+  the store's one order.
+- gunicorn ``-k gevent``, on SQLite, MySQL and PostgreSQL: 2,000 polls parked
+  at once in one worker, then one push answers all of them; the time and the
+  worker's RSS are reported.
 - nginx in front of gunicorn: the same delivery, through the proxy.
 - a fresh venv: the wheel and ``pip install`` of the repository serve
   ``/scripts/comet.js`` from the installed package.
 
 The application is examples/deploy_app.py (the standard test app's
 conventions, so support's ``Client`` speaks to it).  Missing gunicorn, gevent,
-nginx or MariaDB skip loudly, and fail under CI=true.
+nginx, MariaDB or PostgreSQL skip loudly, and fail under CI=true.
 """
 import contextlib
 import hashlib
@@ -25,7 +27,6 @@ import secrets
 import selectors
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,12 +36,11 @@ import zipfile
 
 import pytest
 
-from support import Client, free_port, need, wait_until
+from support import Client, free_port, fresh_store, need, positions_in_store, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 EXAMPLES = os.path.join(ROOT, "examples")
 NGINX = "/usr/sbin/nginx"
-MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="")
 POLL_TIMEOUT = 5.0                  # what deploy_app holds a poll for in the delivery tests
 
 
@@ -229,35 +229,10 @@ def gthread_sqlite(sqlite_store, tmp_path_factory):
 
 
 @pytest.fixture
-def mysql_store():
-    """A database of its own on the local MariaDB, dropped after the test."""
-    need(importlib.util.find_spec("pymysql") is not None, "pymysql is not installed")
-    import pymysql
-    try:
-        admin = pymysql.connect(**MYSQL, autocommit=True, connect_timeout=2)
-    except pymysql.err.OperationalError as error:
-        need(False, f"MariaDB is not reachable on 127.0.0.1:3306 ({error})")
-    name = "comet_deploy_" + secrets.token_hex(6)
-    with contextlib.closing(admin), admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-        try:
-            yield f"mysql://root@127.0.0.1:3306/{name}"
-        finally:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-
-
-def positions(store):
-    """``{stamp: position}`` of every package in the store."""
-    if store.startswith("sqlite:///"):
-        with contextlib.closing(sqlite3.connect(store[len("sqlite:///"):])) as conn:
-            return dict(conn.execute("SELECT stamp, pos FROM comet_packages"))
-    import pymysql
-    with contextlib.closing(pymysql.connect(**MYSQL, database=store.rpartition("/")[2])) as conn, \
-            conn.cursor() as cur:
-        cur.execute("SELECT stamp, pos FROM comet_packages")
-        # VARBINARY in MySQL: stamps come back as bytes.
-        return {stamp.decode() if isinstance(stamp, bytes) else stamp: pos
-                for stamp, pos in cur.fetchall()}
+def store(request, tmp_path):
+    """A new store of the kind the test is parametrized with (a database of its own
+    on MariaDB and PostgreSQL, dropped with the module)."""
+    return fresh_store(request.param, request, tmp_path)
 
 
 # --------------------------------------------------------------------------
@@ -351,7 +326,7 @@ def assert_delivered(run, store):
     every answer held only packages after its cursor and at or before the next."""
     assert not run.errors, run.errors
     assert not run.refused, run.refused[:5]
-    position = positions(store)
+    position = positions_in_store(store)
     for client in run.clients:
         got = run.received[client]
         assert got and got[-1].startswith("last-") and got.count(got[-1]) == 1, \
@@ -374,13 +349,15 @@ def test_gthread_workers_on_one_sqlite_file_deliver_each_package_once_in_order(
     report.append(f"gthread x3 on SQLite: 500 packages to 10 clients in {run.seconds:.1f} s")
 
 
-def test_gthread_workers_on_mysql_deliver_each_package_once_in_order(
-        mysql_store, tmp_path, report):
-    with Gunicorn(str(tmp_path), mysql_store, "gthread", 3, "--threads", "32") as server:
+@pytest.mark.parametrize("store", ["mysql", "postgresql"], indirect=True)
+def test_gthread_workers_on_a_database_server_deliver_each_package_once_in_order(
+        store, tmp_path, report):
+    with Gunicorn(str(tmp_path), store, "gthread", 3, "--threads", "32") as server:
         run = deliver(server.url)
-    assert_delivered(run, mysql_store)
+    assert_delivered(run, store)
     assert len(run.workers["push"]) == len(run.workers["poll"]) == 3, run.workers
-    report.append(f"gthread x3 on MySQL: 500 packages to 10 clients in {run.seconds:.1f} s")
+    report.append(f"gthread x3 on {store.partition(':')[0]}: 500 packages to 10 clients"
+                  f" in {run.seconds:.1f} s")
 
 
 def test_nginx_in_front_of_gunicorn_delivers_each_package_once_in_order(
@@ -459,14 +436,15 @@ def read_answers(sockets, timeout):
     return answers
 
 
+@pytest.mark.parametrize("store", ["sqlite", "mysql", "postgresql"], indirect=True)
 def test_one_gevent_worker_holds_2000_parked_polls_and_one_push_answers_all(
-        tmp_path, report):
+        store, tmp_path, report):
     need(importlib.util.find_spec("gevent") is not None,
          "gevent is not installed (pip install '.[test]')")
     raise_fd_limit(2 * PARKED + 1000)
     tag = secrets.token_hex(3)
     ids = [f"g{n}-{tag}" for n in range(PARKED)]
-    with Gunicorn(str(tmp_path), f"sqlite:///{tmp_path}/comet.db", "gevent", 1,
+    with Gunicorn(str(tmp_path), store, "gevent", 1,
                   "--worker-connections", str(PARKED + 1000), poll_timeout=60) as server:
         pid = server.stats()["pid"]
         cursor = Client(server.url, "first").poll()["cursor"]   # the head: a start for anyone
@@ -490,10 +468,11 @@ def test_one_gevent_worker_holds_2000_parked_polls_and_one_push_answers_all(
     assert status == 200, answer
     assert [(s, [p["_stamp"] for p in a["packages"]]) if s == 200 else (s, a) for s, a in answers] \
         == [(200, [f"everyone-{tag}"])] * PARKED
-    report.append(f"gevent, 1 worker: {PARKED} polls parked in {parked_after:.1f} s; one push "
-                  f"answered in {push_took:.2f} s and all {PARKED} polls had it "
+    kind = store.partition(":")[0]
+    report.append(f"gevent, 1 worker, {kind}: {PARKED} polls parked in {parked_after:.1f} s;"
+                  f" one push answered in {push_took:.2f} s and all {PARKED} polls had it "
                   f"{answered_after:.2f} s after it was sent")
-    report.append(f"gevent worker RSS: {baseline:.0f} MiB idle, {parked_rss:.0f} MiB with "
+    report.append(f"gevent worker RSS, {kind}: {baseline:.0f} MiB idle, {parked_rss:.0f} MiB with "
                   f"{PARKED} parked ({(parked_rss - baseline) * 1024 / PARKED:.0f} KiB a poll), "
                   f"peak {peak_rss:.0f} MiB")
 
