@@ -9,6 +9,9 @@
   at connect, and ``POST /push`` makes the server emit to that room.
 - ``comet``: comet.py on a store URL; the listener ``room`` delivers to every
   client that polled with the package's ``room`` (everyone in the room).
+  On PostgreSQL, ``notify=False`` opens the store without NOTIFY/LISTEN (the
+  processes then find each other's pushes by tailing alone), to measure what
+  NOTIFY costs and brings.
 
 ``Bench`` adds ``GET /_bench/stats`` (the serving process's pid and how many
 poll requests are inside the application now, i.e. parked) and nothing else.
@@ -119,9 +122,12 @@ def socketio_app(async_mode):
     return socketio.WSGIApp(sio, push)
 
 
-def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT):
+def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT, notify=True):
     """comet.py with the client id in ``X-Client`` and the listener ``room``."""
     import comet
+
+    if not notify:
+        store = comet.PostgreSQLStore(store, notify=False)
 
     rooms = {}                              # room -> {client: None}, filled by polls
 
@@ -149,7 +155,7 @@ def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT):
     return app, stats
 
 
-def make(name, store=None, async_mode="threading", tail_interval=0.1):
+def make(name, store=None, async_mode="threading", tail_interval=0.1, notify=True):
     """The application ``name``, wrapped in ``Bench``."""
     if name == "hello":
         return Bench(hello, "/comet/poll")
@@ -158,6 +164,6 @@ def make(name, store=None, async_mode="threading", tail_interval=0.1):
     if name == "socketio":
         return Bench(socketio_app(async_mode), "/socket.io")
     if name == "comet":
-        app, stats = comet_app(store, tail_interval)
+        app, stats = comet_app(store, tail_interval, notify=notify)
         return Bench(app, "/comet/poll", stats)
     raise ValueError(f"unknown app {name!r}")

@@ -28,7 +28,8 @@ import run  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="cheroot", choices=["wsgiref", "cheroot", "gthread"])
-    parser.add_argument("--store", default="memory", choices=["memory", "sqlite", "mysql"])
+    parser.add_argument("--store", default="memory",
+                        choices=["memory", "sqlite", "mysql", "postgresql"])
     parser.add_argument("--workload", default="fanout", choices=["fanout", "throughput", "push_latency"])
     parser.add_argument("--n", type=int, default=1000, help="parked polls (fan-out) or subscribers")
     parser.add_argument("--publishers", type=int, default=4)
@@ -60,6 +61,8 @@ def main():
         stores.close()
         if args.store == "mysql":
             run.reset_mysql(drop_only=True)
+        if args.store == "postgresql":
+            run.reset_postgresql(drop_only=True)
     for order in ("tottime", "cumulative"):
         text = io.StringIO()
         pstats.Stats(path, stream=text).strip_dirs().sort_stats(order).print_stats(args.top)

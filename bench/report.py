@@ -7,7 +7,8 @@ same run), then summarised the same way.
 
 import statistics
 
-COMETS = ["comet-memory", "comet-sqlite", "comet-mysql"]
+COMETS = ["comet-memory", "comet-sqlite", "comet-mysql", "comet-postgresql",
+          "comet-postgresql-nonotify"]
 ORDER = ["hello", "floor", "socketio"] + COMETS
 SERVER_ORDER = ["wsgiref", "cheroot", "gevent", "gthread"]
 
@@ -178,14 +179,18 @@ def targets(results):
                 if vals:
                     rows.append((f"idle CPU, {sizes[-1]} parked: < 2 %", s, a,
                                  *_verdict(vals, lambda m: m < 2)))
-            if a in ("comet-sqlite", "comet-mysql"):
+            if a != "comet-memory":
                 limit = 2 if a == "comet-sqlite" else 5
                 vals = list(values(results, "push_latency", s, a, "p50_ms").values())
-                rows.append((f"push latency p50 ≤ {limit} ms", s, a, *_verdict(vals, lambda m: m <= limit)))
+                if vals:
+                    rows.append((f"push latency p50 ≤ {limit} ms", s, a,
+                                 *_verdict(vals, lambda m: m <= limit)))
+                # NOTIFY wakes the other process at the commit; the others wait for its tail.
+                cross = 10 if a == "comet-postgresql" else 120
                 vals = list(values(results, "cross_process", s, a, "p50_ms").values())
                 if vals:
-                    rows.append(("cross-process p50 ≤ 100 + 20 ms", s, a,
-                                 *_verdict(vals, lambda m: m <= 120)))
+                    rows.append((f"cross-process p50 ≤ {cross} ms", s, a,
+                                 *_verdict(vals, lambda m: m <= cross)))
             if _select(results, "hold", s, a):
                 failed = _failed(results, "hold", s, a)
                 vals = ratios(results, "hold", s, a, "floor", "rss_mb")

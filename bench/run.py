@@ -35,8 +35,11 @@ import load  # noqa: E402
 import report  # noqa: E402
 
 SERVERS = ["wsgiref", "cheroot", "gevent", "gthread"]
-APPS = ["hello", "floor", "socketio", "comet-memory", "comet-sqlite", "comet-mysql"]
+APPS = ["hello", "floor", "socketio", "comet-memory", "comet-sqlite", "comet-mysql",
+        "comet-postgresql"]
+DURABLE = ["comet-sqlite", "comet-mysql", "comet-postgresql", "comet-postgresql-nonotify"]
 MYSQL = "mysql://root@127.0.0.1:3306/comet_bench"
+POSTGRESQL = "postgresql://postgres@127.0.0.1:5432/comet_bench"
 
 
 def free_port():
@@ -57,11 +60,21 @@ def reset_mysql(drop_only=False):
         conn.close()
 
 
+def reset_postgresql(drop_only=False):
+    import psycopg
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS comet_bench WITH (FORCE)")
+        if not drop_only:
+            conn.execute("CREATE DATABASE comet_bench")
+
+
 class Server:
     """``bench/serve.py`` in a subprocess; ``pid`` is the process serving requests."""
 
-    def __init__(self, server, app, store=None, env=None, logdir=None, profile=None):
+    def __init__(self, server, app, store=None, env=None, logdir=None, profile=None,
+                 notify=True):
         self.server, self.app, self.store = server, app, store
+        self.notify = notify
         self.port = free_port()
         self.env = env
         self.profile = profile
@@ -78,6 +91,8 @@ class Server:
             args += ["--store", self.store]
         if self.profile:
             args += ["--profile", self.profile]
+        if not self.notify:
+            args += ["--no-notify"]
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -129,7 +144,8 @@ class Server:
 
 
 class Stores:
-    """A fresh store URL for each launch: a new SQLite file, an emptied MySQL database."""
+    """A fresh store URL for each launch: a new SQLite file, an emptied MySQL or
+    PostgreSQL database."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="comet-bench-")
@@ -144,6 +160,9 @@ class Stores:
         if app == "comet-mysql":
             reset_mysql()
             return MYSQL
+        if app.startswith("comet-postgresql"):
+            reset_postgresql()
+            return POSTGRESQL
         return None
 
     def close(self):
@@ -216,11 +235,13 @@ def app_args(app):
 def run_cell(kind, server, app, s, stores, env, logdir, workloads):
     """Launch what one cell needs, run its workloads; a list of result dicts."""
     name, _ = app_args(app)
+    notify = not app.endswith("-nonotify")      # comet-postgresql-nonotify: tailing alone
     if kind == "cross":
         url = stores.url(app)
-        with Server(server, name, url, env, logdir) as a, Server(server, name, url, env, logdir) as b:
+        with Server(server, name, url, env, logdir, notify=notify) as a, \
+                Server(server, name, url, env, logdir, notify=notify) as b:
             return [asyncio.run(timed(load.cross_process(a.target(), b.target(), count=s["cross"])))]
-    with Server(server, name, stores.url(app), env, logdir) as srv:
+    with Server(server, name, stores.url(app), env, logdir, notify=notify) as srv:
         if kind == "hold":
             return [asyncio.run(timed(load.hold(srv.target(), peak=s["hold"], step=s["hold_step"])))]
         return asyncio.run(main_cell(srv.target(), s, workloads))
@@ -247,7 +268,7 @@ def plan(args, rep):
                   and (first or app in ("floor", "socketio", "comet-memory"))]
     if "cross" in args.workloads:
         cells += [("cross", server, app, s) for server in args.cross_servers for app in args.apps
-                  if app in ("comet-sqlite", "comet-mysql")]
+                  if app in DURABLE]
     # Rotate the order each repetition, so no app always follows the same one.
     shift = (rep - 1) % max(1, len(cells))
     return cells[shift:] + cells[:shift]
@@ -324,6 +345,9 @@ def run(args):
             if "comet-mysql" in args.apps:
                 with contextlib.suppress(Exception):
                     reset_mysql(drop_only=True)
+            if any(app.startswith("comet-postgresql") for app in args.apps):
+                with contextlib.suppress(Exception):
+                    reset_postgresql(drop_only=True)
             shutil.rmtree(logdir, ignore_errors=True)
     print(f"matrix done in {time.monotonic() - started:.0f}s", flush=True)
     return results

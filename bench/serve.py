@@ -1,7 +1,7 @@
 """Serve one benchmark application on one WSGI server, in this process (or its worker).
 
     python bench/serve.py --server wsgiref|cheroot|gevent|gthread --app floor|hello|socketio|comet
-                          [--store URL] --port N [--threads 1200] [--profile FILE]
+                          [--store URL [--no-notify]] --port N [--threads 1200] [--profile FILE]
 
 ``gevent`` and ``gthread`` are gunicorn with one worker of that class; the
 worker is a child of this process, and ``GET /_bench/stats`` names its pid.
@@ -63,7 +63,7 @@ class Profiled:
 
 
 def build(args, async_mode):
-    app = apps.make(args.app, args.store, async_mode, args.tail_interval)
+    app = apps.make(args.app, args.store, async_mode, args.tail_interval, notify=not args.no_notify)
     if args.profile:
         app = Profiled(app, args.profile)
         signal.signal(signal.SIGTERM, lambda *a: (app.dump(), os._exit(0)))
@@ -123,6 +123,8 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1200)
     parser.add_argument("--tail-interval", type=float, default=0.1)
+    parser.add_argument("--no-notify", action="store_true",
+                        help="a postgresql:// store without NOTIFY/LISTEN (tailing alone)")
     parser.add_argument("--profile")
     args = parser.parse_args()
     raise_open_files()
