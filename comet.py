@@ -1299,28 +1299,34 @@ class PostgreSQLStore(_SQLStore):
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
     _pool_size = 16                         # connections of a process, besides the LISTEN one
     _transaction_type = _PostgreSQLTransaction
-    _schema = (
-        # In one transaction under a lock: processes starting at once would
-        # otherwise race to create the same table, and one of them fail.
-        "BEGIN",
-        "SELECT pg_advisory_xact_lock(6909, 1)",
-        "CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id TEXT NOT NULL,"
-        " head BIGINT NOT NULL, purged BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS comet_packages (pos BIGINT PRIMARY KEY,"
-        ' stamp TEXT COLLATE "C" NOT NULL UNIQUE, ts BIGINT NOT NULL, body TEXT NOT NULL)',
-        "CREATE INDEX IF NOT EXISTS comet_packages_ts ON comet_packages (ts)",
-        'CREATE TABLE IF NOT EXISTS comet_deliveries (recipient TEXT COLLATE "C" NOT NULL,'
-        " pos BIGINT NOT NULL, body TEXT, PRIMARY KEY (recipient, pos))",
-        "CREATE INDEX IF NOT EXISTS comet_deliveries_pos ON comet_deliveries (pos)",
-        'CREATE TABLE IF NOT EXISTS comet_purged (recipient TEXT COLLATE "C" PRIMARY KEY,'
-        " pos BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS comet_purge_log (pos BIGINT PRIMARY KEY, ts BIGINT NOT NULL)",
-        'CREATE TABLE IF NOT EXISTS comet_members (channel TEXT COLLATE "C" NOT NULL,'
-        ' client TEXT COLLATE "C" NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,'
-        " PRIMARY KEY (channel, client))",
-        'CREATE TABLE IF NOT EXISTS comet_clients (client TEXT COLLATE "C" PRIMARY KEY,'
-        " seen BIGINT NOT NULL)",
-    )
+    # One statement, so one transaction: the tables are made together or not at
+    # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can
+    # fail), and a database that has them all is left alone (CREATE INDEX IF NOT
+    # EXISTS would take a lock that deadlocks with the pushes of other processes).
+    _schema = ("""DO $$ BEGIN
+        PERFORM pg_advisory_xact_lock(6909, 1);
+        IF (SELECT count(to_regclass(name)) FROM unnest(ARRAY['comet_meta', 'comet_packages',
+                'comet_deliveries', 'comet_purged', 'comet_purge_log', 'comet_members',
+                'comet_clients']) AS name) = 7 THEN
+            RETURN;
+        END IF;
+        CREATE TABLE IF NOT EXISTS comet_meta (one INT PRIMARY KEY, id TEXT NOT NULL,
+            head BIGINT NOT NULL, purged BIGINT NOT NULL);
+        CREATE TABLE IF NOT EXISTS comet_packages (pos BIGINT PRIMARY KEY,
+            stamp TEXT COLLATE "C" NOT NULL UNIQUE, ts BIGINT NOT NULL, body TEXT NOT NULL);
+        CREATE INDEX IF NOT EXISTS comet_packages_ts ON comet_packages (ts);
+        CREATE TABLE IF NOT EXISTS comet_deliveries (recipient TEXT COLLATE "C" NOT NULL,
+            pos BIGINT NOT NULL, body TEXT, PRIMARY KEY (recipient, pos));
+        CREATE INDEX IF NOT EXISTS comet_deliveries_pos ON comet_deliveries (pos);
+        CREATE TABLE IF NOT EXISTS comet_purged (recipient TEXT COLLATE "C" PRIMARY KEY,
+            pos BIGINT NOT NULL);
+        CREATE TABLE IF NOT EXISTS comet_purge_log (pos BIGINT PRIMARY KEY, ts BIGINT NOT NULL);
+        CREATE TABLE IF NOT EXISTS comet_members (channel TEXT COLLATE "C" NOT NULL,
+            client TEXT COLLATE "C" NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,
+            PRIMARY KEY (channel, client));
+        CREATE TABLE IF NOT EXISTS comet_clients (client TEXT COLLATE "C" PRIMARY KEY,
+            seen BIGINT NOT NULL);
+    END $$""",)
 
     def __init__(self, url, notify=True):
         try:

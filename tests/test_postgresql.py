@@ -98,6 +98,33 @@ def test_processes_opening_a_new_database_at_once_create_the_tables_once(url):
     assert len({store.id for store in stores}) == 1
 
 
+def test_processes_opening_the_store_while_others_push_neither_wait_nor_deadlock(url):
+    app = make_app(store=url)
+    stop, failed, pushed = threading.Event(), [], []
+
+    def push():
+        while not stop.is_set() and len(pushed) < 5000:
+            try:
+                pushed.append(app.push({"type": "m", "listeners": "bob"}))
+            except comet.CometError as error:
+                failed.append(error.message)
+    pushers = [threading.Thread(target=push) for _ in range(4)]
+    for thread in pushers:
+        thread.start()
+    try:
+        wait_until(lambda: len(pushed) >= 20)
+        stores = []
+        for _ in range(8):                  # one after another, each while the pushes go on
+            stores.append(comet.PostgreSQLStore(url))
+            stores[-1].close()
+    finally:
+        stop.set()
+        for thread in pushers:
+            thread.join(30)
+
+    assert failed == [] and {store.id for store in stores} == {app.store.id}
+
+
 # --------------------------------------------------------------------------
 # Ids PostgreSQL cannot hold
 # --------------------------------------------------------------------------
