@@ -1760,6 +1760,7 @@ def _same_origin(origin, environ):
 # --------------------------------------------------------------------------
 
 _HOOK = object()                            # sender: ask the sender hook
+_GATHER = 0.005                 # seconds between two tails woken by notifications, at least
 
 
 class Comet:
@@ -2195,13 +2196,18 @@ class Comet:
                              name="comet-housekeeping", daemon=True).start()
 
     def _tailing(self, stop, notified):
+        tailed = time.monotonic()
         while True:
             notified.wait(self.tail_interval)   # or less: another process's commit was notified
+            # Commits notified right after a tail gather for the rest of _GATHER: under a
+            # stream of commits a process tails a few hundred times a second, not once a commit.
+            stop.wait(max(0.0, tailed + _GATHER - time.monotonic()))
             notified.clear()                # before the tail: a later commit sets it again
             if stop.is_set():
                 return
             try:
                 self._tail()
+                tailed = time.monotonic()
             except CometError:
                 self._window.stop()         # trusted only while the tail reaches the store
             except Exception:
@@ -2259,9 +2265,10 @@ class Comet:
 
     def _committed_elsewhere(self, head):
         """The store's word that another process committed through ``head`` (None:
-        unknown): tail now, unless this process's window holds it already."""
+        unknown): tail now, unless no poll is parked here to wake (the next tail
+        will do) or this process's window holds it already."""
         horizon = self._window.horizon
-        if head is None or horizon is None or head > horizon:
+        if self._parking.count and (head is None or horizon is None or head > horizon):
             self._notified.set()
 
     def _sweep_presence(self, sweep=True):

@@ -2,13 +2,16 @@
 pushing back to back into one database, with NOTIFY and without, in
 alternating rounds.
 
-    python bench/notify_cost.py [--writers 4] [--threads 4] [--rounds 6] [--seconds 3]
+    python bench/notify_cost.py [--writers 4] [--threads 4] [--rounds 6] [--seconds 3] [--parked]
 
 Each writer is a process of its own with a ``Comet`` on the store
 (``PostgreSQLStore(url, notify=True or False)``) whose threads call
 ``comet.push`` back to back: no HTTP, so what is measured is the part of a
 push that NOTIFY changes (hooks, the transaction, the commit), group commit
-included.  With NOTIFY each process also LISTENs, as a deployment does.
+included.  With NOTIFY each process also LISTENs, as a deployment does, and
+with ``--parked`` holds a parked poll (of a client nobody writes to), so that
+every notification of another process's commit makes it tail, as a web
+process with open pages does (without one it leaves that to its next tail).
 Rounds alternate (with, without, without, with, ...), so that a busy minute
 of the machine hurts both alike; the database ``comet_notify_cost`` on 127.0.0.1:5432 (user
 postgres) is made for the run and dropped after it.
@@ -27,12 +30,14 @@ URL = "postgresql://postgres@127.0.0.1:5432/comet_notify_cost"
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def writer(notify, threads, start, seconds, results):
+def writer(notify, parked, threads, start, seconds, results):
     """One process: ``threads`` threads pushing until ``seconds`` after ``start``."""
     sys.path.insert(0, os.path.dirname(HERE))
     import comet
     app = comet.Comet(None, store=comet.PostgreSQLStore(URL, notify=notify))
     app.push({"type": "warm", "listeners": "nobody"})      # connections open, LISTEN on
+    if parked:
+        app._parking.park("nobody", 0)      # what a poll parks, without its HTTP
     counts = [0] * threads
 
     def push(index):
@@ -51,12 +56,13 @@ def writer(notify, threads, start, seconds, results):
     results.put(sum(counts))
 
 
-def round_(notify, writers, threads, seconds):
+def round_(notify, parked, writers, threads, seconds):
     """Pushes a second, all writers together, in one round."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start = time.time() + 2.0                               # every process ready by then
-    processes = [context.Process(target=writer, args=(notify, threads, start, seconds, results))
+    processes = [context.Process(target=writer,
+                                 args=(notify, parked, threads, start, seconds, results))
                  for _ in range(writers)]
     for process in processes:
         process.start()
@@ -72,6 +78,7 @@ def main():
     parser.add_argument("--threads", type=int, default=4, help="pushing threads a process")
     parser.add_argument("--rounds", type=int, default=6, help="rounds of each, alternating")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--parked", action="store_true", help="a parked poll in every process")
     args = parser.parse_args()
     import psycopg
     with psycopg.connect(ADMIN, autocommit=True) as admin:
@@ -81,7 +88,7 @@ def main():
     try:
         for index in range(2 * args.rounds):
             notify = index % 4 in (0, 3)    # with, without, without, with, ...
-            rate = round_(notify, args.writers, args.threads, args.seconds)
+            rate = round_(notify, args.parked, args.writers, args.threads, args.seconds)
             rates[notify].append(rate)
             print(f"round {index + 1:2}: {'with' if notify else 'without'} NOTIFY"
                   f" {rate:7.0f} pushes/s", flush=True)
@@ -89,7 +96,8 @@ def main():
         with psycopg.connect(ADMIN, autocommit=True) as admin:
             admin.execute("DROP DATABASE IF EXISTS comet_notify_cost WITH (FORCE)")
     with_, without = statistics.median(rates[True]), statistics.median(rates[False])
-    print(f"{args.writers} processes x {args.threads} threads, {args.rounds} rounds of"
+    print(f"{args.writers} processes x {args.threads} threads"
+          f"{', a poll parked in each' if args.parked else ''}, {args.rounds} rounds of"
           f" {args.seconds:g} s each: with NOTIFY {with_:.0f} pushes/s (median;"
           f" {min(rates[True]):.0f}-{max(rates[True]):.0f}), without {without:.0f}"
           f" ({min(rates[False]):.0f}-{max(rates[False]):.0f}): {with_ / without:.2f}x")
