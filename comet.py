@@ -1278,11 +1278,12 @@ class PostgreSQLStore(_SQLStore):
 
     Positions come from one counter row updated at the end of each
     transaction, as in MySQL: its row lock makes writers commit in position
-    order.  The same statement NOTIFYs the new head on the channel ``comet``
-    (once a commit, a whole group-commit batch included; PostgreSQL sends it
-    at the commit, and not at all on a rollback), and each process keeps one
-    connection LISTENing on a thread of its own, so that it tails at once
-    rather than at its next ``tail_interval``.  ``notify=False`` leaves both
+    order.  The same statement NOTIFYs the new head and a token naming the
+    process on the channel ``comet`` (once a commit, a whole group-commit
+    batch included; PostgreSQL sends it at the commit, and not at all on a
+    rollback), and each process keeps one connection LISTENing on a thread of
+    its own, so that it tails at once for the other processes' commits rather
+    than at its next ``tail_interval``.  ``notify=False`` leaves both
     out (every NOTIFY takes a lock of the whole cluster for a moment at
     commit): processes then find each other's commits by tailing alone.
 
@@ -1346,6 +1347,7 @@ class PostgreSQLStore(_SQLStore):
             "user", "host", "port", "dbname")))
         self._closed = threading.Event()
         self._listening = None              # the process whose listening thread runs
+        self._origins = {}                  # pid -> the token its NOTIFYs carry
         super().__init__()
 
     def _connect(self):
@@ -1357,9 +1359,16 @@ class PostgreSQLStore(_SQLStore):
         cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
 
     def _take_positions(self, cur, n):
-        notify = ", pg_notify('comet', head::text)" if self.notify else ""
-        return cur.execute(f"UPDATE comet_meta SET head = head + %s RETURNING head{notify}",
-                           (n,)).fetchone()[0]
+        if not self.notify:
+            return cur.execute("UPDATE comet_meta SET head = head + %s RETURNING head",
+                               (n,)).fetchone()[0]
+        return cur.execute("UPDATE comet_meta SET head = head + %s"
+                           " RETURNING head, pg_notify('comet', head || ' ' || %s)",
+                           (n, self._origin())).fetchone()[0]
+
+    def _origin(self):
+        """The token of this process's NOTIFYs, by which its listener knows its own."""
+        return self._origins.setdefault(os.getpid(), secrets.token_hex(4))
 
     def _upsert(self, table, columns, key, replace=True):
         updates = ", ".join(f"{column} = EXCLUDED.{column}" for column in columns
@@ -1377,8 +1386,9 @@ class PostgreSQLStore(_SQLStore):
                          daemon=True).start()
 
     def _listen(self, callback):
-        """LISTEN on a connection of its own, calling back at each NOTIFY, and with
-        None each time it is connected again, for what it may have missed."""
+        """LISTEN on a connection of its own, calling back at each NOTIFY of another
+        process, and with None each time it is connected again, for what it may
+        have missed."""
         again = False
         while not self._closed.is_set():
             try:
@@ -1389,7 +1399,9 @@ class PostgreSQLStore(_SQLStore):
                     again = True
                     while not self._closed.is_set():
                         for notify in conn.notifies(timeout=1.0):
-                            callback(int(notify.payload) if notify.payload.isdigit() else None)
+                            head, _, origin = notify.payload.partition(" ")
+                            if origin != self._origin():    # this process knows its own
+                                callback(int(head) if head.isdigit() else None)
             except Exception as error:
                 if self._closed.is_set():
                     return                  # closed while it listened

@@ -35,8 +35,8 @@ class Listener:
         self.conn.execute("LISTEN comet")
 
     def heard(self, quiet=0.3):
-        """The payloads notified so far, once ``quiet`` seconds passed without one."""
-        return [n.payload for n in self.conn.notifies(timeout=quiet)]
+        """The heads notified (the first word of each payload) within ``quiet`` seconds."""
+        return [n.payload.split()[0] for n in self.conn.notifies(timeout=quiet)]
 
     def close(self):
         self.conn.close()
@@ -191,6 +191,21 @@ def test_a_rolled_back_push_notifies_nothing(group, listen):
     assert listener.heard() == [] and group.app.store.head() == 0
 
 
+def test_the_listener_calls_back_for_the_other_processes_commits_only(url, postgres):
+    mine, other = comet.PostgreSQLStore(url), comet.PostgreSQLStore(url)
+    heard = []
+    mine.listen(heard.append)
+    wait_until(lambda: listening_sessions(postgres, url) == 1)
+
+    for store in (mine, mine, other):       # other's NOTIFY comes after mine's
+        with store.transaction() as tx:
+            tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+    wait_until(lambda: heard)
+    mine.close(), other.close()
+
+    assert heard == [3]
+
+
 def test_notify_false_neither_notifies_nor_listens(url, listen, postgres):
     listener = listen(url)
     app = make_app(store=comet.PostgreSQLStore(url, notify=False))
@@ -299,7 +314,7 @@ import gevent
 sys.path.insert(0, sys.argv[2])
 import comet
 
-store = comet.open_store(sys.argv[1])
+store, other = comet.open_store(sys.argv[1]), comet.open_store(sys.argv[1])
 ticks = []
 ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
 heard = threading.Event()
@@ -308,11 +323,11 @@ gevent.sleep(0.2)                                   # the listener greenlet conn
 before = len(ticks)
 store._query("SELECT pg_sleep(0.5)")                # 0.5 s in the server
 during = len(ticks) - before
-with store.transaction() as tx:                     # a commit NOTIFYs; the listener hears it
-    tx.append("gevent-check-1", 0, "{}", [("bob", None)])
+with other.transaction() as tx:                     # another store's commit NOTIFYs;
+    tx.append("gevent-check-1", 0, "{}", [("bob", None)])     # the listener hears it
 print(during, heard.wait(5))
 ticker.kill()
-store.close()
+store.close(), other.close()
 """
 
 
