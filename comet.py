@@ -1296,6 +1296,8 @@ class PostgreSQLStore(_SQLStore):
     """
 
     _placeholder = "%s"
+    _max_variables = 65535                  # parameters of one statement in PostgreSQL's protocol
+    # UTC by definition: no time zone of the session applies.
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
     _pool_size = 16                         # connections of a process, besides the LISTEN one
