@@ -3,8 +3,7 @@
 One file, standard library only.  Wrap a WSGI application and its pages can
 push packages to named listeners, channels with presence, or single clients,
 and receive them exactly once, through a database (memory, SQLite, MySQL or
-PostgreSQL)
-that every process and host shares::
+PostgreSQL) that every process and host shares::
 
     from comet import Comet
 
@@ -1774,7 +1773,7 @@ def _same_origin(origin, environ):
 # --------------------------------------------------------------------------
 
 _HOOK = object()                            # sender: ask the sender hook
-_GATHER = 0.005                 # seconds between two tails woken by notifications, at least
+_GATHER = 0.005                             # seconds between tails woken by notifications
 
 
 class Comet:
