@@ -37,7 +37,7 @@ def writer(notify, parked, threads, start, seconds, results):
     app = comet.Comet(None, store=comet.PostgreSQLStore(URL, notify=notify))
     app.push({"type": "warm", "listeners": "nobody"})      # connections open, LISTEN on
     if parked:
-        app._parking.park("nobody", 0)      # what a poll parks, without its HTTP
+        app._parking.park("nobody", "127.0.0.1", 0)     # what a poll parks, without its HTTP
     counts = [0] * threads
 
     def push(index):
