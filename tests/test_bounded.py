@@ -17,7 +17,7 @@ import pytest
 import webtest
 
 import comet
-from support import make_app, wait_until
+from support import fresh_store, make_app, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -26,20 +26,20 @@ from purge_backlog import backlog  # noqa: E402
 HOUR = 3_600_000
 
 
-@pytest.fixture(params=["memory", "sqlite", "mysql"])
+@pytest.fixture(params=["memory", "sqlite", "mysql", "postgresql"])
 def any_store(request, tmp_path):
-    if request.param == "memory":
-        return "memory:"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/comet.db"
-    return request.getfixturevalue("mariadb").create_database()
+    return fresh_store(request.param, request, tmp_path)
 
 
-@pytest.fixture(params=["sqlite", "mysql"])
+@pytest.fixture(params=["sqlite", "mysql", "postgresql"])
 def sql_store(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/comet.db"
-    return request.getfixturevalue("mariadb").create_database()
+    return fresh_store(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["mysql", "postgresql"])
+def server(request):
+    """The local MariaDB, then the local PostgreSQL: stores whose hosts share a clock."""
+    return request.getfixturevalue("mariadb" if request.param == "mysql" else "postgres")
 
 
 @pytest.fixture
@@ -286,8 +286,8 @@ def test_a_client_gone_leaves_nothing_in_the_per_process_maps(tmp_path, new_app)
 # Time across hosts: the database's clock
 # --------------------------------------------------------------------------
 
-def test_a_mysql_store_tells_time_by_the_database_clock(mariadb, monkeypatch):
-    url = mariadb.create_database()
+def test_a_database_server_store_tells_time_by_the_database_clock(server, monkeypatch):
+    url = server.create_database()
     real = comet._now_ms
     monkeypatch.setattr(comet, "_now_ms", lambda: real() + 30_000)   # this host is 30 s ahead
 
@@ -299,8 +299,8 @@ def test_a_mysql_store_tells_time_by_the_database_clock(mariadb, monkeypatch):
 
 
 def test_a_process_whose_clock_is_30_s_ahead_neither_drops_members_nor_expires_early(
-        mariadb, monkeypatch):
-    url = mariadb.create_database()
+        server, monkeypatch):
+    url = server.create_database()
     options = dict(store=url, retention=20, presence_timeout=20, poll_timeout=0.05)
     first = make_app(**options)                     # a host whose clock is right
     cursor = cursor_of(first, "bob")
@@ -310,16 +310,16 @@ def test_a_process_whose_clock_is_30_s_ahead_neither_drops_members_nor_expires_e
     first.push({"type": "stale", "listeners": "carol"})
     first.push({"type": "fresh", "listeners": "bob"})
     first.close()
-    mariadb.query(url, "UPDATE comet_packages SET ts = ts - 60000 WHERE pos <= (SELECT pos FROM"
-                       " comet_deliveries WHERE recipient = 'carol')")
+    server.query(url, "UPDATE comet_packages SET ts = ts - 60000 WHERE pos <= (SELECT pos FROM"
+                      " comet_deliveries WHERE recipient = 'carol')")
     real = comet._now_ms
     monkeypatch.setattr(comet, "_now_ms", lambda: real() + 30_000)
     second = make_app(**options)                    # a host 30 s ahead of the first
     try:
         second._sweep_presence()
         second._start()                             # its housekeeping purges at once
-        wait_until(lambda: not mariadb.query(url, "SELECT 1 FROM comet_deliveries"
-                                                  " WHERE recipient = 'carol'"), timeout=20)
+        wait_until(lambda: not server.query(url, "SELECT 1 FROM comet_deliveries"
+                                                 " WHERE recipient = 'carol'"), timeout=20)
         answer = poll(second, "bob", cursor)
     finally:
         second.close()
