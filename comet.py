@@ -1175,7 +1175,19 @@ class SQLiteStore(_SQLStore):
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
                                check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Turning WAL on needs the file alone for a moment, and SQLite answers "locked"
+        # at once rather than waiting its busy timeout: processes opening a new file
+        # together (gunicorn's workers) try again for as long.
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
         conn.execute("PRAGMA synchronous=FULL")     # a 200 survives a crash of the machine too
         return conn
 
