@@ -8,7 +8,11 @@
 - ``socketio``: python-socketio's long-polling transport; clients join a room
   at connect, and ``POST /push`` makes the server emit to that room.
 - ``comet``: comet.py on a store URL; the listener ``room`` delivers to every
-  client that polled with the package's ``room`` (everyone in the room).
+  client that polled with the package's ``room`` (everyone in the room), and
+  every name under ``channel:`` is a channel (``comet.channels``): members
+  join with a ``join`` package.  A join or leave is delivered to the joiner
+  alone (``emit_filter``), as an app with large channels would have it: told
+  to every member, the joins of 10,000 members would be 50 million deliveries.
   On PostgreSQL, ``notify=False`` opens the store without NOTIFY/LISTEN (the
   processes then find each other's pushes by tailing alone), to measure what
   NOTIFY costs and brings.
@@ -81,6 +85,7 @@ class Floor:
         self.poll_timeout = poll_timeout
         self.packages = []
         self.condition = threading.Condition()
+        self.parked = 0                     # polls waiting on the condition now
 
     def __call__(self, environ, start_response):
         if environ.get("REQUEST_METHOD") == "POST":
@@ -95,7 +100,11 @@ class Floor:
                 after = len(self.packages)
             else:
                 after = int(cursor)
-                self.condition.wait_for(lambda: len(self.packages) > after, self.poll_timeout)
+                self.parked += 1
+                try:
+                    self.condition.wait_for(lambda: len(self.packages) > after, self.poll_timeout)
+                finally:
+                    self.parked -= 1
             packages = self.packages[after:after + 500]
         body = b'{"cursor":"%d","packages":[%s],"reset":false}' % (
             after + len(packages), b",".join(packages))
@@ -138,9 +147,14 @@ def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT, notify=True):
             rooms.setdefault(room, {})[client] = None
         return client
 
+    def joins_to_the_joiner(package, recipient, db):
+        return package["type"] not in ("join", "leave") or recipient == package["sender"]
+
     app = comet.Comet(None, store=store, id=identify, poll_timeout=poll_timeout,
                       tail_interval=tail_interval, rate=(1e6, 1e6), max_polls=50000,
-                      address_rate=(1e6, 1e6), max_polls_per_address=50000)
+                      address_rate=(1e6, 1e6), max_polls_per_address=50000,
+                      emit_filter=joins_to_the_joiner)
+    app.channels("channel:")
 
     @app.listener("room")
     def room(environ, package, db):
@@ -160,7 +174,8 @@ def make(name, store=None, async_mode="threading", tail_interval=0.1, notify=Tru
     if name == "hello":
         return Bench(hello, "/comet/poll")
     if name == "floor":
-        return Bench(Floor(), "/comet/poll")
+        floor = Floor()
+        return Bench(floor, "/comet/poll", lambda: {"parked": floor.parked})
     if name == "socketio":
         return Bench(socketio_app(async_mode), "/socket.io")
     if name == "comet":

@@ -601,3 +601,94 @@ async def cross_process(pusher, poller, count=40, time_limit=60.0):
     result.update(pushes=len(times), p50_ms=ms(percentile(times, 50)),
                   p99_ms=ms(percentile(times, 99)), errors=len(audience.errors))
     return result
+
+
+async def channel(target, n=10000, rounds=3, join_concurrency=100, join_limit=240.0,
+                  round_limit=30.0, time_limit=420.0):
+    """One push to a channel of ``n`` members, every one with a poll parked, ``rounds`` times:
+    the time until the pusher's push is answered, and until the last member has the package.
+
+    The members join through ``join`` packages, ``join_concurrency`` at a time,
+    each parking its poll as soon as it joined; the pusher is member 0 (its
+    poll parked too).  The floor has no channels: there the same clients
+    park and the same push goes to all (the floor's fan-out to ``n``).
+    """
+    deadline = time.monotonic() + time_limit
+    name = f"channel:{n}-{random.randrange(10**6)}"
+    arrivals = {}                           # seq -> [arrival time]
+
+    def on_package(p, now):
+        if p.get("type") == "msg":
+            arrivals.setdefault(p["seq"], []).append(now)
+
+    audience = Audience(target, name, n, on_package, deadline, prefix=f"m{random.randrange(10**6)}")
+    members = audience.subscribers
+    pusher = target.publisher(members[0].headers["X-Client"])
+    result = {"workload": "channel", "n": n, "rounds": 0, "joined": 0}
+    answered, totals, latencies = [], [], []
+    parked = "parked" if "parked" in await target.stats() else "inflight"
+
+    async def parked_now():
+        return (await target.stats())[parked]
+
+    async def join(member):
+        if target.app == "comet":
+            status, body = await member.conn.request(
+                "POST", "/comet/push", dict(member.headers, **{"Content-Type": "application/json"}),
+                json.dumps({"type": "join", "listeners": [name]}).encode())
+            if status != 200:
+                raise BenchError(f"join answered {status}: {body[:200]!r}")
+        await member.start()                # the head after its join: nothing stale to wake it
+        result["joined"] += 1
+        audience.tasks.append(asyncio.create_task(audience._listen(member)))
+
+    base = await parked_now()
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(limited([join(m) for m in members], join_concurrency), join_limit)
+        result["join_s"] = round(time.monotonic() - started, 1)
+        for _ in range(MAX_LOOP):
+            if await parked_now() >= base + n or time.monotonic() > started + join_limit:
+                break
+            await asyncio.sleep(0.05)
+        for seq in range(rounds):
+            give_up = min(deadline, time.monotonic() + round_limit)
+            for _ in range(MAX_LOOP):
+                if await parked_now() >= base + n or time.monotonic() > give_up:
+                    break
+                await asyncio.sleep(0.05)
+            if await parked_now() < base + n:
+                raise BenchError(f"round {seq}: {await parked_now() - base} of {n} polls parked")
+            await asyncio.sleep(0.3)        # the last re-polls parked, not just counted in
+            p = package(name, seq)
+            p["listeners"] = [name] if target.app == "comet" else ["room"]
+            sent = time.perf_counter()
+            await pusher.push(p)
+            answered.append(time.perf_counter() - sent)
+            for _ in range(MAX_LOOP):
+                if len(arrivals.get(seq, ())) >= n or time.monotonic() > give_up:
+                    break
+                await asyncio.sleep(0.005)
+            got = arrivals.get(seq, [])
+            if len(got) < n:
+                raise BenchError(f"round {seq}: {len(got)} of {n} received in {round_limit:g} s")
+            totals.append(max(got) - sent)
+            latencies += [t - sent for t in got]
+            result["rounds"] += 1
+        result["rss_mb"] = rss_mb(target.pid)
+    except Exception as error:              # recorded as a failed cell, the run goes on
+        result["failed"] = repr(error)
+    finally:
+        # The server is stopped after this cell: closing our ends is enough.
+        audience.stopping = True
+        for task in audience.tasks:
+            task.cancel()
+        await asyncio.gather(*audience.tasks, return_exceptions=True)
+        await limited([s.close() for s in members], 1000)
+        await pusher.close()
+    if totals:
+        result.update(push_ms=ms(statistics.median(answered)), push_ms_rounds=[ms(t) for t in answered],
+                      all_ms=ms(statistics.median(totals)), all_ms_rounds=[ms(t) for t in totals],
+                      p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)))
+    result["errors"] = len(audience.errors)
+    return result

@@ -17,7 +17,7 @@ def brief(line):
     """One result line in a few words, for the progress log."""
     if "failed" in line:
         return f"{line['workload']}: FAILED {line['failed'][:160]}"
-    keys = ["all_ms", "p50_ms", "p99_ms", "deliveries_per_s", "idle_cpu_pct", "held", "rss_mb"]
+    keys = ["push_ms", "all_ms", "p50_ms", "p99_ms", "deliveries_per_s", "idle_cpu_pct", "held", "rss_mb"]
     shown = ", ".join(f"{k}={line[k]:.4g}" if isinstance(line[k], float) else f"{k}={line[k]}"
                       for k in keys if line.get(k) is not None)
     extra = f"/{line['publishers']}p" if "publishers" in line else ""
@@ -131,6 +131,17 @@ def tables(results):
                    + _table(["server", "app", "held", "RSS before MB", "RSS at peak MB",
                              "KB per parked poll"], rows))
 
+    rows = [[s, a, _cell(results, "channel", s, a, "n", 0), _cell(results, "channel", s, a, "join_s"),
+             _cell(results, "channel", s, a, "push_ms"), _cell(results, "channel", s, a, "all_ms"),
+             _cell(results, "channel", s, a, "p50_ms"), _cell(results, "channel", s, a, "p99_ms"),
+             _cell(results, "channel", s, a, "rss_mb", 0)]
+            for s in servers for a in apps if _select(results, "channel", s, a)]
+    if rows:
+        out.append("### Channel: one push to a channel whose members all have a poll parked"
+                   " (the floor: a fan-out to as many parked polls), median of the rounds\n\n"
+                   + _table(["server", "app", "members", "joins s", "push answered ms",
+                             "all have it ms", "p50 ms", "p99 ms", "server RSS MB"], rows))
+
     rows = [[s, a, _cell(results, "cross_process", s, a, "p50_ms"),
              _cell(results, "cross_process", s, a, "p99_ms")]
             for s in servers for a in apps if _select(results, "cross_process", s, a)]
@@ -191,6 +202,15 @@ def targets(results):
                 if vals:
                     rows.append((f"cross-process p50 ≤ {cross} ms", s, a,
                                  *_verdict(vals, lambda m: m <= cross)))
+            if _select(results, "channel", s, a):
+                failed = _failed(results, "channel", s, a)
+                members = max(r["n"] for r in _select(results, "channel", s, a))
+                vals = list(values(results, "channel", s, a, "push_ms").values())
+                rows.append((f"channel of {members:,}: push answered ≤ 100 ms", s, a,
+                             *_verdict(vals, lambda m: m <= 100, failed)))
+                vals = ratios(results, "channel", s, a, "floor", "all_ms")
+                rows.append((f"channel of {members:,}: all have it ≤ 2× floor's fan-out", s, a,
+                             *_verdict(vals, lambda m: m <= 2, failed)))
             if _select(results, "hold", s, a):
                 failed = _failed(results, "hold", s, a)
                 vals = ratios(results, "hold", s, a, "floor", "rss_mb")

@@ -37,6 +37,7 @@ import report  # noqa: E402
 SERVERS = ["wsgiref", "cheroot", "gevent", "gthread"]
 APPS = ["hello", "floor", "socketio", "comet-memory", "comet-sqlite", "comet-mysql",
         "comet-postgresql"]
+CHANNEL_APPS = ["floor", "comet-sqlite", "comet-mysql", "comet-postgresql"]
 DURABLE = ["comet-sqlite", "comet-mysql", "comet-postgresql", "comet-postgresql-nonotify"]
 MYSQL = "mysql://root@127.0.0.1:3306/comet_bench"
 POSTGRESQL = "postgresql://postgres@127.0.0.1:5432/comet_bench"
@@ -191,10 +192,12 @@ def settings(args):
     """The sizes of every workload, full or quick."""
     if args.quick:
         return dict(fanout=[20, 100], rounds=2, idle=2.0, subscribers=20, publishers=[1, 4],
-                    duration=1.0, warmup=0.3, pushes=50, hold=1000, hold_step=500, cross=10)
+                    duration=1.0, warmup=0.3, pushes=50, hold=1000, hold_step=500, cross=10,
+                    channel=500)
     return dict(fanout=[int(n) for n in args.fanout.split(",")], rounds=args.rounds,
                 idle=args.idle, subscribers=100, publishers=[1, 4], duration=args.duration,
-                warmup=0.5, pushes=args.pushes, hold=args.hold, hold_step=1000, cross=args.cross)
+                warmup=0.5, pushes=args.pushes, hold=args.hold, hold_step=1000, cross=args.cross,
+                channel=args.channel)
 
 
 def headline(s, app):
@@ -244,6 +247,8 @@ def run_cell(kind, server, app, s, stores, env, logdir, workloads):
     with Server(server, name, stores.url(app), env, logdir, notify=notify) as srv:
         if kind == "hold":
             return [asyncio.run(timed(load.hold(srv.target(), peak=s["hold"], step=s["hold_step"])))]
+        if kind == "channel":
+            return [asyncio.run(timed(load.channel(srv.target(), s["channel"], rounds=s["rounds"])))]
         return asyncio.run(main_cell(srv.target(), s, workloads))
 
 
@@ -254,18 +259,22 @@ def plan(args, rep):
     to the largest N (with comet's idle CPU), the most publishers, polls held
     under gevent (floor, socketio, comet-memory), cross-process.  The first
     adds ``--once-servers``, the other sizes and idle CPU of every app on
-    ``--extra-servers``, and held polls for the durable stores.
+    ``--extra-servers``, held polls for the durable stores, and the channel
+    of ``--channel`` members under gevent (the durable stores and the floor).
     """
     s = settings(args)
     first = rep == 1
     cells = []
-    for server in args.servers + (args.once_servers if first else []):
+    main = {"push_latency", "fanout", "idle", "throughput"} & set(args.workloads)
+    for server in (args.servers + (args.once_servers if first else [])) if main else []:
         for app in args.apps:
             extra = first and server in args.extra_servers
             cells.append(("main", server, app, s if extra else headline(s, app)))
     if "hold" in args.workloads and "gevent" in args.servers:
         cells += [("hold", "gevent", app, s) for app in args.apps if app != "hello"
                   and (first or app in ("floor", "socketio", "comet-memory"))]
+    if "channel" in args.workloads and "gevent" in args.servers and first:
+        cells += [("channel", "gevent", app, s) for app in args.apps if app in CHANNEL_APPS]
     if "cross" in args.workloads:
         cells += [("cross", server, app, s) for server in args.cross_servers for app in args.apps
                   if app in DURABLE]
@@ -287,7 +296,7 @@ def parse_args(argv=None):
                         help="where the first repetition also runs the other sizes and idle CPU of every app")
     parser.add_argument("--cross-servers", default="wsgiref,gevent")
     parser.add_argument("--apps", default=",".join(APPS))
-    parser.add_argument("--workloads", default="push_latency,fanout,idle,throughput,hold,cross")
+    parser.add_argument("--workloads", default="push_latency,fanout,idle,throughput,hold,channel,cross")
     parser.add_argument("--fanout", default="100,500,1000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=float, default=10.0)
@@ -295,6 +304,8 @@ def parse_args(argv=None):
     parser.add_argument("--pushes", type=int, default=200)
     parser.add_argument("--hold", type=int, default=10000)
     parser.add_argument("--cross", type=int, default=30)
+    parser.add_argument("--channel", type=int, default=10000,
+                        help="members of the channel cell (its floor: a fan-out to as many)")
     parser.add_argument("--comet", help="a directory holding the comet.py to serve")
     parser.add_argument("--out", default=HERE, help="where RESULTS.md and results.jsonl go")
     parser.add_argument("--time-limit", type=float, default=32 * 60,
