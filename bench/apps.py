@@ -9,16 +9,20 @@
   at connect, and ``POST /push`` makes the server emit to that room.
 - ``comet``: comet.py on a store URL; the listener ``room`` delivers to every
   client that polled with the package's ``room`` (everyone in the room), and
-  every name under ``channel:`` is a channel (``comet.channels``): members
-  join with a ``join`` package.  A join or leave is delivered to the joiner
-  alone (``emit_filter``), as an app with large channels would have it: told
-  to every member, the joins of 10,000 members would be 50 million deliveries.
+  every name under ``channel:`` is a channel (``comet.channels``, no
+  presence timeout): members join with a ``join`` package, or the app enrols
+  them in bulk (``POST /_bench/enrol``, the Store protocol's ``add_member``,
+  as an app adding its existing users to a channel would).  A join or leave
+  is delivered to the joiner alone (``emit_filter``), as an app with large
+  channels would have it: told to every member, the joins of 10,000 members
+  would be 50 million deliveries.
   On PostgreSQL, ``notify=False`` opens the store without NOTIFY/LISTEN (the
   processes then find each other's pushes by tailing alone), to measure what
   NOTIFY costs and brings.
 
-``Bench`` adds ``GET /_bench/stats`` (the serving process's pid and how many
-poll requests are inside the application now, i.e. parked) and nothing else.
+``Bench`` adds ``GET /_bench/stats`` (the serving process's pid, how many
+poll requests are inside the application now, and the app's own count of
+parked polls) and, for comet, ``POST /_bench/enrol``.
 """
 
 import hashlib
@@ -29,6 +33,7 @@ import urllib.parse
 
 POLL_TIMEOUT = 25.0
 STATS_PATH = "/_bench/stats"
+ENROL_PATH = "/_bench/enrol"
 
 
 def _answer(start_response, body, content_type="application/json"):
@@ -48,10 +53,11 @@ def _query(environ):
 class Bench:
     """Counts the poll requests inside ``app`` and serves ``/_bench/stats``."""
 
-    def __init__(self, app, poll_path, stats=None):
+    def __init__(self, app, poll_path, stats=None, enrol=None):
         self.app = app
         self.poll_path = poll_path
         self.stats = stats
+        self.enrol = enrol
         self.inflight = 0
         self._lock = threading.Lock()
 
@@ -62,6 +68,8 @@ class Bench:
             if self.stats:
                 stats.update(self.stats())
             return _answer(start_response, json.dumps(stats).encode())
+        if path == ENROL_PATH and self.enrol:
+            return _answer(start_response, json.dumps(self.enrol(json.loads(_read_body(environ)))).encode())
         if environ.get("REQUEST_METHOD") != "GET" or not path.startswith(self.poll_path):
             return self.app(environ, start_response)
         with self._lock:
@@ -154,7 +162,14 @@ def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT, notify=True):
                       tail_interval=tail_interval, rate=(1e6, 1e6), max_polls=50000,
                       address_rate=(1e6, 1e6), max_polls_per_address=50000,
                       emit_filter=joins_to_the_joiner)
-    app.channels("channel:")
+    app.channels("channel:", presence=False)
+
+    def enrol(request):
+        """``{"channel": C, "clients": [...]}``: members without a join package."""
+        with app.store.transaction() as tx:
+            for client in request["clients"]:
+                tx.add_member(request["channel"], client, json.dumps(client), app.store.now())
+        return {"enrolled": len(request["clients"])}
 
     @app.listener("room")
     def room(environ, package, db):
@@ -166,7 +181,7 @@ def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT, notify=True):
     def stats():
         return {"comet": comet.__file__, "comet_md5": digest, "parked": app.stats()["parked"]}
 
-    return app, stats
+    return app, stats, enrol
 
 
 def make(name, store=None, async_mode="threading", tail_interval=0.1, notify=True):
@@ -179,6 +194,6 @@ def make(name, store=None, async_mode="threading", tail_interval=0.1, notify=Tru
     if name == "socketio":
         return Bench(socketio_app(async_mode), "/socket.io")
     if name == "comet":
-        app, stats = comet_app(store, tail_interval, notify=notify)
-        return Bench(app, "/comet/poll", stats)
+        app, stats, enrol = comet_app(store, tail_interval, notify=notify)
+        return Bench(app, "/comet/poll", stats, enrol)
     raise ValueError(f"unknown app {name!r}")
