@@ -252,9 +252,13 @@ class Target:
 
     async def wait_inflight(self, predicate, timeout):
         """Wait until ``predicate(inflight)``; False when ``timeout`` passed first."""
+        return await self.wait_count("inflight", predicate, timeout)
+
+    async def wait_count(self, name, predicate, timeout):
+        """Wait until ``predicate(stats[name])``; False when ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         for _ in range(MAX_LOOP):
-            if predicate((await self.stats())["inflight"]):
+            if predicate((await self.stats())[name]):
                 return True
             if time.monotonic() > deadline:
                 return False
@@ -370,49 +374,59 @@ class Audience:
 # Workloads
 # --------------------------------------------------------------------------
 
-async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120.0):
+async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120.0, processes=4):
     """One push to ``n`` parked polls, ``rounds`` times: the time until all received it.
 
-    With ``idle`` > 0, first the server's CPU while the ``n`` polls sit parked
-    that many seconds.
+    The polls are held by ``Members`` (client processes, raw sockets, a
+    fresh connection a round, the arrival taken before the answer is
+    parsed), so what is timed is the server's fan-out, not this process's
+    reading of ``n`` answers.  The push is sent once the app's own count of
+    parked polls reached ``n`` (socket.io has none: its poll requests inside
+    the app, then 0.2 s).  With ``idle`` > 0, first the server's CPU while
+    the ``n`` polls sit parked that many seconds.
     """
     deadline = time.monotonic() + time_limit
     room = f"fan{n}-{random.randrange(10**6)}"
-    arrivals = {}                           # seq -> [arrival time]
-
-    def on_package(p, now):
-        if p.get("type") == "msg":
-            arrivals.setdefault(p["seq"], []).append(now)
-
-    audience = Audience(target, room, n, on_package, deadline)
+    clients = [f"{room}-{i}" for i in range(n)]
     publisher = target.publisher(f"{room}-pub")
     result = {"workload": "fanout", "n": n, "rounds": 0}
     totals, latencies = [], []
-    base = (await target.stats())["inflight"]
+    members, cursor, dialect = None, None, "comet"
+    count = "inflight" if target.app == "socketio" else "parked"
     try:
-        await audience.start()
-        if not await target.wait_inflight(lambda k: k >= base + n, 60):
-            raise BenchError(f"only {(await target.stats())['inflight'] - base} of {n} polls parked")
-        if idle:
-            await asyncio.sleep(0.5)
-            cpu0, t0 = cpu_seconds(target.pid), time.monotonic()
-            await asyncio.sleep(idle)
-            cpu1, t1 = cpu_seconds(target.pid), time.monotonic()
-            result["idle_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
-            result["idle_seconds"] = round(t1 - t0, 1)
+        if target.app == "socketio":
+            subscribers = [target.subscriber(c, room) for c in clients]
+            await limited([s.start() for s in subscribers], 200)
+            clients, dialect = [s.sid for s in subscribers], "socketio"
+            for subscriber in subscribers:
+                subscriber.conn.close()
+        else:
+            head = target.subscriber(f"{room}-head", room)
+            await head.start()
+            await head.close()
+            cursor = head.cursor
+        base = (await target.stats())[count]
+        members = Members(target.port, clients, cursor, processes, dialect, room)
         for seq in range(rounds):
-            if not await target.wait_inflight(lambda k: k >= base + n, 30):
-                raise BenchError("the polls did not park again")
-            await asyncio.sleep(0.2)        # parked inside the app, not just counted in
-            sent = time.perf_counter()
+            if time.monotonic() > deadline:
+                raise BenchError(f"round {seq}: out of time")
+            await asyncio.to_thread(members.park)
+            if not await target.wait_count(count, lambda k: k >= base + n, 30):
+                raise BenchError(f"round {seq}: {(await target.stats())[count] - base} of {n} polls parked")
+            if count == "inflight":
+                await asyncio.sleep(0.2)    # parked inside the app, not just counted in
+            if idle and seq == 0:
+                await asyncio.sleep(0.5)
+                cpu0, t0 = cpu_seconds(target.pid), time.monotonic()
+                await asyncio.sleep(idle)
+                cpu1, t1 = cpu_seconds(target.pid), time.monotonic()
+                result["idle_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
+                result["idle_seconds"] = round(t1 - t0, 1)
+            collecting = asyncio.create_task(asyncio.to_thread(members.collect, seq, round_limit))
+            sent = time.monotonic()
             await publisher.push(package(room, seq))
-            give_up = min(deadline, time.monotonic() + round_limit)
-            for _ in range(MAX_LOOP):
-                if len(arrivals.get(seq, ())) >= n or time.monotonic() > give_up:
-                    break
-                await asyncio.sleep(0.002)
-            got = arrivals.get(seq, [])
-            if len(got) < n:
+            got, lacking = await collecting
+            if lacking or len(got) < n:
                 raise BenchError(f"round {seq}: {len(got)} of {n} received in {round_limit:g} s")
             totals.append(max(got) - sent)
             latencies += [t - sent for t in got]
@@ -421,12 +435,13 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
     except Exception as error:              # recorded as a failed cell, the run goes on
         result["failed"] = repr(error)
     finally:
-        await audience.stop(publisher)
+        if members:
+            members.close()
         await publisher.close()
     if totals:
         result.update(all_ms=ms(statistics.median(totals)), all_ms_rounds=[ms(t) for t in totals],
                       p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)))
-    result["errors"] = len(audience.errors)
+    result["errors"] = 0
     return result
 
 
@@ -608,44 +623,86 @@ async def cross_process(pusher, poller, count=40, time_limit=60.0):
 # Many members: client processes with raw sockets
 # --------------------------------------------------------------------------
 
-def _poll_request(port, client, cursor):
-    return (f"GET /comet/poll?cursor={urllib.parse.quote(cursor)} HTTP/1.1\r\n"
-            f"Host: {HOST}:{port}\r\nX-Client: {client}\r\nConnection: close\r\n\r\n").encode()
+def _poll_request(port, dialect, client, cursor, room):
+    """One poll of ``client``: comet's (and the floor's) with its cursor, or socket.io's by sid."""
+    if dialect == "socketio":
+        target, headers = f"/socket.io/?EIO=4&transport=polling&sid={client}", ""
+    else:
+        target = "/comet/poll?cursor=" + urllib.parse.quote(cursor)
+        headers = f"X-Client: {client}\r\nX-Room: {room}\r\n"
+    return (f"GET {target} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{headers}"
+            "Connection: close\r\n\r\n").encode()
 
 
 def _whole(data):
-    """The body of a whole HTTP answer with a Content-Length in ``data``, else None."""
+    """The body of a whole HTTP answer in ``data`` (Content-Length or chunked), else None."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
+    body = data[end + 4:]
     for line in data[:end].split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            body = data[end + 4:]
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
             return body if len(body) >= int(value) else None
+        if name == b"transfer-encoding" and value == b"chunked":
+            if not (body == b"0\r\n\r\n" or body.endswith(b"\r\n0\r\n\r\n")):
+                return None
+            chunks = []
+            for _ in range(MAX_LOOP):
+                size, _, rest = body.partition(b"\r\n")
+                size = int(size.split(b";")[0], 16)
+                if size == 0:
+                    return b"".join(chunks)
+                chunks.append(rest[:size])
+                body = rest[size + 2:]
     return None
 
 
-def _members_process(port, clients, cursor, commands, answers):
-    """Hold one parked poll per client, a fresh connection each round.
+def _read_answer(dialect, body, seq):
+    """``(whether package seq is in it, the new cursor, whether to pong)`` of one poll answer."""
+    if dialect == "socketio":
+        packets = body.decode().split("\x1e")
+        found = any(p.startswith("42") and json.loads(p[2:])[1].get("seq") == seq for p in packets)
+        return found, None, "2" in packets
+    answer = json.loads(body)
+    return any(p.get("seq") == seq for p in answer["packages"]), answer["cursor"], False
 
-    ``("park", None)`` sends every client's poll (with the cursor its last
-    answer gave); ``("collect", seq, limit)`` reads every answer and puts
-    ``(arrival times of answers holding package seq, how many lacked it)``;
-    an arrival is ``time.monotonic()`` when the whole answer is in, parsed
-    only afterwards, so the client's own work stays out of the figure.
+
+def _members_process(port, dialect, room, clients, cursor, commands, answers):
+    """Hold one parked poll per client in this process, a fresh connection each.
+
+    ``("park",)`` sends every client's poll; ``("collect", seq, limit)``
+    reads every answer and puts ``(arrival times of package seq, how many
+    never had it)``.  An arrival is ``time.monotonic()`` when the whole
+    answer is in, parsed only afterwards, so the client's own work stays out
+    of the figure; an answer without the package (a poll that timed out,
+    socket.io's ping) is followed by a fresh poll, as a client would.
     """
     import selectors
     import socket
     cursors = dict.fromkeys(clients, cursor)
     socks = {}
+
+    def send(client):
+        sock = socket.create_connection((HOST, port))
+        sock.sendall(_poll_request(port, dialect, client, cursors[client], room))
+        socks[sock] = client
+        return sock
+
+    def pong(sid):
+        sock = socket.create_connection((HOST, port))
+        sock.sendall((f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\n"
+                      f"Host: {HOST}:{port}\r\nContent-Type: text/plain;charset=UTF-8\r\n"
+                      "Content-Length: 1\r\nConnection: close\r\n\r\n3").encode())
+        sock.recv(4096)
+        sock.close()
+
     for _ in range(MAX_LOOP):
         command = commands.get()
         if command[0] == "park":
             for client in clients:
-                sock = socket.create_connection((HOST, port))
-                sock.sendall(_poll_request(port, client, cursors[client]))
-                socks[sock] = client
+                send(client)
             answers.put(("parked", len(socks)))
         elif command[0] == "collect":
             seq, limit = command[1], command[2]
@@ -655,35 +712,40 @@ def _members_process(port, clients, cursor, commands, answers):
                 sock.setblocking(False)
                 selector.register(sock, selectors.EVENT_READ)
                 buffers[sock] = b""
-            done = []                           # (arrival, client, body)
+            arrivals = []
             deadline = time.monotonic() + limit
-            while buffers and time.monotonic() < deadline:
+            for _ in range(MAX_LOOP):
+                if not buffers or time.monotonic() > deadline:
+                    break
+                whole = []
                 for key, _ in selector.select(timeout=0.2):
                     sock = key.fileobj
                     chunk = sock.recv(65536)
                     buffers[sock] += chunk
                     body = _whole(buffers[sock])
-                    if body is None and chunk:
-                        continue
-                    done.append((time.monotonic(), socks[sock], body))
+                    if body is not None or not chunk:
+                        whole.append((time.monotonic(), sock, body))
+                for arrival, sock, body in whole:
                     del buffers[sock]
                     selector.unregister(sock)
-            for sock in socks:
-                sock.close()
-            socks = {}
-            arrivals, lacking = [], len(buffers)
-            for arrival, client, body in done:
-                try:
-                    answer = json.loads(body)
-                except (TypeError, ValueError):
-                    lacking += 1
-                    continue
-                cursors[client] = answer["cursor"]
-                if any(p.get("seq") == seq for p in answer["packages"]):
-                    arrivals.append(arrival)
-                else:
-                    lacking += 1
-            answers.put((arrivals, lacking))
+                    sock.close()
+                    client = socks.pop(sock)
+                    try:
+                        found, cursors[client], ping = _read_answer(dialect, body, seq)
+                    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+                        found, ping = False, False
+                    if found:
+                        arrivals.append(arrival)
+                        continue
+                    if ping:
+                        pong(client)
+                    again = send(client)        # not this one yet: poll again
+                    again.setblocking(False)
+                    selector.register(again, selectors.EVENT_READ)
+                    buffers[again] = b""
+            selector.close()
+            answers.put((arrivals, len(buffers)))
+            # Polls still open here are left to the server (released by a last package).
         else:
             for sock in socks:
                 sock.close()
@@ -691,9 +753,11 @@ def _members_process(port, clients, cursor, commands, answers):
 
 
 class Members:
-    """``n`` clients spread over ``processes`` client processes, a poll each."""
+    """``clients`` spread over ``processes`` client processes, a poll each
+    (``dialect``: "comet", which the floor speaks too, or "socketio", each
+    client a session id)."""
 
-    def __init__(self, port, clients, cursor, processes=4):
+    def __init__(self, port, clients, cursor=None, processes=4, dialect="comet", room=""):
         import multiprocessing
         context = multiprocessing.get_context("fork")
         self.procs, self.commands = [], []
@@ -701,7 +765,8 @@ class Members:
         for k in range(processes):
             commands = context.Queue()
             proc = context.Process(target=_members_process, daemon=True,
-                                   args=(port, clients[k::processes], cursor, commands, self.answers))
+                                   args=(port, dialect, room, clients[k::processes], cursor,
+                                         commands, self.answers))
             proc.start()
             self.procs.append(proc)
             self.commands.append(commands)
@@ -712,7 +777,7 @@ class Members:
         return [self.answers.get(timeout=timeout) for _ in self.procs]
 
     def park(self, timeout=60):
-        return sum(n for _, n in self._all(("park", None), timeout))
+        return sum(n for _, n in self._all(("park",), timeout))
 
     def collect(self, seq, limit):
         arrivals, lacking = [], 0
@@ -784,7 +849,7 @@ async def channel(target, n=10000, rounds=3, joins=1000, join_concurrency=50, jo
         await head.start()
         head.conn.close()
         base = await parked_now()
-        members = Members(target.port, clients, head.cursor, processes)
+        members = Members(target.port, clients, head.cursor, processes, room=name)
         for seq in range(rounds):
             started = time.monotonic()
             await asyncio.to_thread(members.park)
