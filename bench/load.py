@@ -437,6 +437,7 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
     finally:
         if members:
             members.close()
+            result["client_cpu_s"] = members.cpu
         await publisher.close()
     if totals:
         result.update(all_ms=ms(statistics.median(totals)), all_ms_rounds=[ms(t) for t in totals],
@@ -679,6 +680,7 @@ def _members_process(port, dialect, room, clients, cursor, commands, answers):
     of the figure; an answer without the package (a poll that timed out,
     socket.io's ping) is followed by a fresh poll, as a client would.
     """
+    import resource
     import selectors
     import socket
     cursors = dict.fromkeys(clients, cursor)
@@ -749,6 +751,8 @@ def _members_process(port, dialect, room, clients, cursor, commands, answers):
         else:
             for sock in socks:
                 sock.close()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            answers.put(("cpu", usage.ru_utime + usage.ru_stime))
             return
 
 
@@ -762,6 +766,7 @@ class Members:
         context = multiprocessing.get_context("fork")
         self.procs, self.commands = [], []
         self.answers = context.Queue()
+        self.cpu = None
         for k in range(processes):
             commands = context.Queue()
             proc = context.Process(target=_members_process, daemon=True,
@@ -787,8 +792,9 @@ class Members:
         return arrivals, lacking
 
     def close(self):
-        for commands in self.commands:
-            commands.put(("stop",))
+        """Stop the processes; ``cpu`` is then the CPU seconds they used."""
+        with contextlib.suppress(Exception):
+            self.cpu = round(sum(cpu for _, cpu in self._all(("stop",), 10)), 2)
         for proc in self.procs:
             proc.join(10)
             if proc.is_alive():
@@ -878,6 +884,7 @@ async def channel(target, n=10000, rounds=3, joins=1000, join_concurrency=50, jo
     finally:
         if members:
             members.close()
+            result["client_cpu_s"] = members.cpu
         await pusher.close()
     if totals:
         result.update(push_ms=ms(statistics.median(answered)), push_ms_rounds=[ms(t) for t in answered],

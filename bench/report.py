@@ -17,7 +17,7 @@ def brief(line):
     """One result line in a few words, for the progress log."""
     if "failed" in line:
         return f"{line['workload']}: FAILED {line['failed'][:160]}"
-    keys = ["push_ms", "all_ms", "p50_ms", "p99_ms", "deliveries_per_s", "idle_cpu_pct", "held", "rss_mb"]
+    keys = ["push_ms", "all_ms", "p50_ms", "p99_ms", "deliveries_per_s", "idle_cpu_pct", "held", "rss_mb", "client_cpu_s"]
     shown = ", ".join(f"{k}={line[k]:.4g}" if isinstance(line[k], float) else f"{k}={line[k]}"
                       for k in keys if line.get(k) is not None)
     extra = f"/{line['publishers']}p" if "publishers" in line else ""
