@@ -204,12 +204,13 @@ def targets(results):
                                  *_verdict(vals, lambda m: m <= cross)))
             if _select(results, "channel", s, a):
                 failed = _failed(results, "channel", s, a)
-                members = max(r["n"] for r in _select(results, "channel", s, a))
+                sizes = [r["n"] for r in _select(results, "channel", s, a) if r.get("n")]
+                channel = f"channel of {max(sizes):,}" if sizes else "channel"
                 vals = list(values(results, "channel", s, a, "push_ms").values())
-                rows.append((f"channel of {members:,}: push answered ≤ 100 ms", s, a,
+                rows.append((f"{channel}: push answered ≤ 100 ms", s, a,
                              *_verdict(vals, lambda m: m <= 100, failed)))
                 vals = ratios(results, "channel", s, a, "floor", "all_ms")
-                rows.append((f"channel of {members:,}: all have it ≤ 2× floor's fan-out", s, a,
+                rows.append((f"{channel}: all have it ≤ 2× floor's fan-out", s, a,
                              *_verdict(vals, lambda m: m <= 2, failed)))
             if _select(results, "hold", s, a):
                 failed = _failed(results, "hold", s, a)
