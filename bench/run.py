@@ -1,6 +1,6 @@
 """Run the benchmark matrix and write bench/RESULTS.md and bench/results.jsonl.
 
-    python bench/run.py              # the full matrix, 3 interleaved repetitions (~17 min)
+    python bench/run.py              # the full matrix, 3 interleaved repetitions (~20 min)
     python bench/run.py --quick      # a tiny run of every workload, once (~5 min)
     python bench/run.py --report     # rewrite RESULTS.md from results.jsonl
 
