@@ -131,7 +131,7 @@ def tables(results):
                    + _table(["server", "app", "held", "RSS before MB", "RSS at peak MB",
                              "KB per parked poll"], rows))
 
-    rows = [[s, a, _cell(results, "channel", s, a, "n", 0), _cell(results, "channel", s, a, "join_s"),
+    rows = [[s, a, _cell(results, "channel", s, a, "n", 0), _cell(results, "channel", s, a, "joins_per_s", 0),
              _cell(results, "channel", s, a, "push_ms"), _cell(results, "channel", s, a, "all_ms"),
              _cell(results, "channel", s, a, "p50_ms"), _cell(results, "channel", s, a, "p99_ms"),
              _cell(results, "channel", s, a, "rss_mb", 0)]
@@ -139,7 +139,7 @@ def tables(results):
     if rows:
         out.append("### Channel: one push to a channel whose members all have a poll parked"
                    " (the floor: a fan-out to as many parked polls), median of the rounds\n\n"
-                   + _table(["server", "app", "members", "joins s", "push answered ms",
+                   + _table(["server", "app", "members", "joins/s", "push answered ms",
                              "all have it ms", "p50 ms", "p99 ms", "server RSS MB"], rows))
 
     rows = [[s, a, _cell(results, "cross_process", s, a, "p50_ms"),
