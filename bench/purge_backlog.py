@@ -74,16 +74,31 @@ def run(comet, url, rows, recipients, limit, seconds):
         return real_tail()
     app._tail = timed_tail
 
+    # Each write step of the purge, timed from its transaction's start to its commit:
+    # the longest a push can wait behind the purge.
+    steps = []
+    real_transaction = store.transaction
+
+    @contextlib.contextmanager
+    def timed_transaction(alone=False):
+        started = time.perf_counter()
+        with real_transaction(alone) as tx:
+            yield tx
+        if alone:
+            steps.append((started, time.perf_counter()))
+    store.transaction = timed_transaction
+
     def left():
         return store._query("SELECT COUNT(*) FROM comet_deliveries WHERE pos <= ?", (last,))[0][0]
 
-    latencies, done = [], threading.Event()
+    latencies, pushed, done = [], [], threading.Event()
 
     def pushing():
         while not done.is_set():
             sent = time.perf_counter()
             app.push({"type": "note", "listeners": ["to"], "to": ["bob"]})
             latencies.append(time.perf_counter() - sent)
+            pushed.append((sent, time.perf_counter()))
             done.wait(0.005)
     pusher = threading.Thread(target=pushing)
     purge_started = time.monotonic()
@@ -101,12 +116,17 @@ def run(comet, url, rows, recipients, limit, seconds):
     during = [t for t in tails if t <= purge_started + max(purged_in, seconds)]
     gaps = [b - a for a, b in zip(during, during[1:])]
     app.close()
+    slow = [(a, b) for a, b in pushed if b - a > 0.1]
+    behind = [(a, b) for a, b in slow if any(s < b and e > a for s, e in steps)]
     return dict(store=url.split(":")[0], rows=rows, recipients=recipients,
                 backlog_built_s=round(built, 1), purged_s=round(purged_in, 2),
                 left=remaining, pushes=len(latencies),
                 push_ms_p50=round(percentile(latencies, 0.5) * 1000, 1),
                 push_ms_p99=round(percentile(latencies, 0.99) * 1000, 1),
                 push_ms_max=round(max(latencies) * 1000, 1),
+                purge_steps=len(steps),
+                purge_step_ms_max=round(max((e - s for s, e in steps), default=0) * 1000, 1),
+                pushes_over_100ms=len(slow), of_them_during_a_purge_step=len(behind),
                 tail_turns=len(during),
                 tail_gap_ms_max=round(max(gaps) * 1000, 1) if gaps else None)
 

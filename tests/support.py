@@ -758,3 +758,12 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def purge_all(store, before):
+    """Every purge step for ``before``, until the store has nothing more to do."""
+    steps = 0
+    while store.purge(before):
+        steps += 1
+        assert steps < 100_000
+    return steps

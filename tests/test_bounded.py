@@ -17,7 +17,7 @@ import pytest
 import webtest
 
 import comet
-from support import fresh_store, make_app, wait_until
+from support import fresh_store, make_app, purge_all, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -77,14 +77,6 @@ def purge_everything(app):
     if app._window is not None:
         app._window.forget(before)
     return purge_all(app.store, before)
-
-
-def purge_all(store, before):
-    steps = 0
-    while store.purge(before):
-        steps += 1
-        assert steps < 100_000
-    return steps
 
 
 def count(store, table):

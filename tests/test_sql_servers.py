@@ -23,7 +23,8 @@ import webtest
 
 from support import (Client, ServerProcess, ThreadedServer, open_group,
                       assert_no_cursor_skipped, make_app, new_ids, plan_packages,
-                      need, positions_in_store, run_traffic, wait_until)
+                      need, positions_in_store, purge_all, run_traffic,
+                      wait_until)
 
 # --------------------------------------------------------------------------
 # In-process helpers
@@ -56,10 +57,6 @@ def app(url):
     app.web = webtest.TestApp(app)
     yield app
     app.close()
-
-
-def _now_ms():
-    return int(time.time() * 1000)
 
 
 # --------------------------------------------------------------------------
@@ -319,7 +316,7 @@ def test_cursor_older_than_what_is_retained_is_reset(app):
     [recipient] = new_ids("recipient")
     cursor = poll(app.web, recipient)["cursor"]
     push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [recipient]})
-    app.store.purge(_now_ms() + 1)
+    purge_all(app.store, app.store.now() + 1000)    # on the store's clock, which stamped it
 
     answer = poll(app.web, recipient, cursor)
 
@@ -331,10 +328,12 @@ def test_client_whose_packages_were_not_purged_is_not_reset(app):
     purged, kept = new_ids("purged", "kept")
     cursors = {client: poll(app.web, client)["cursor"] for client in (purged, kept)}
     push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [purged]})
-    cutoff = _now_ms() + 1                  # after the first package, at or before the second
-    wait_until(lambda: _now_ms() >= cutoff)
+    # On the store's clock (the database's, learnt to within half a round trip),
+    # with room on both sides for that reading to move between two pushes.
+    cutoff = app.store.now() + 100
+    wait_until(lambda: app.store.now() >= cutoff + 100)
     later = push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [kept]})
-    app.store.purge(cutoff)
+    purge_all(app.store, cutoff)
     assert poll(app.web, purged, cursors[purged])["reset"] is True
 
     answer = poll(app.web, kept, cursors[kept])
