@@ -1148,21 +1148,25 @@ def test_the_window_lets_the_oldest_go_past_its_size():
     assert window.read("bob", 1, 500) == (3, [(2, 0, "2"), (3, 0, "3")])
 
 
-def test_an_unrelated_push_does_not_wake_a_parked_poll(store_url):
-    app = make_app(store=store_url, poll_timeout=1.0)
+def test_an_unrelated_push_does_not_wake_a_parked_poll(store_url, monkeypatch):
+    app = make_app(store=store_url, poll_timeout=2.0)
+    reads = []                              # the client of each read a poll makes
+    read = app._read
+    monkeypatch.setattr(app, "_read", lambda client, after: reads.append(client) or read(client, after))
     with ThreadedServer(app) as server:
         bob, alice = Client(server.url, "bob"), Client(server.url, "alice")
         cursor = bob.poll()["cursor"]
+        if app._window is not None:
+            wait_until(lambda: app._window.horizon is not None)     # the first tail turn ran
         result = {}
         thread = threading.Thread(target=lambda: result.setdefault("answer", bob.poll(cursor)))
-        started = time.monotonic()
         thread.start()
         wait_until(lambda: app.stats()["parked"] == 1)
         for _ in range(5):
-            alice.push({"type": "other", "listeners": "carol"})
-        thread.join(5)
-        assert result["answer"]["packages"] == []
-        assert time.monotonic() - started >= 1.0            # it waited for poll_timeout
+            assert alice.push({"type": "other", "listeners": "carol"})[0] == 200
+        thread.join(10)
+    assert result["answer"]["packages"] == []
+    assert reads == ["bob"]                 # one read, then parked until poll_timeout: never woken
 
 
 def test_a_client_that_vanishes_mid_poll_loses_nothing(server):

@@ -1,0 +1,342 @@
+"""Mutation testing of comet.py's delivery core: does the test suite notice a small bug?
+
+    python tests/mutation.py [--budget MINUTES] [--jobs N] [--only NAME] [--list]
+
+Each mutant is one small change to one function of the delivery core (the
+polls and their wake-ups, the window, accepting packages, the stores'
+transactions and reads): a comparison turned (``<`` to ``<=``, ``==`` to
+``!=``, ``in`` to ``not in``), an integer or a slice bound moved by one,
+``and`` and ``or`` swapped, a ``not`` dropped, a ``True`` made ``False``, a
+``return`` of None, a call statement dropped (a wake, a notify, a commit).
+It is written into a copy of the repository in a temporary directory, and a
+fast, deterministic selection of the tests (``TESTS``) runs there; the first
+failure kills the mutant, and so does a run that outlasts ``--timeout``.  A
+mutant no test kills *survives*: a bug the suite would let through, unless it
+is listed in ``EQUIVALENT`` with the reason it changes nothing a client can see.
+
+Nothing is written into the repository.  Standard library only, besides pytest
+and the tests' own dependencies.  ``--only _Window`` mutates only the functions
+whose qualified name contains ``_Window``; ``--list`` prints the mutants
+without running them.  The bisections are swapped too (``bisect_right`` and
+``bisect_left``): an off-by-one at a cursor.  The run stops starting mutants when ``--budget``
+minutes are spent and says how many were left.
+"""
+
+import argparse
+import ast
+import concurrent.futures
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# The delivery core: qualified names, every method of a class when the name is a class.
+TARGETS = (
+    "Comet._poll", "Comet._read", "Comet._accept", "Comet._accept_one", "Comet._delivered",
+    "_Window", "_Parking", "_Waiter",
+    "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
+    "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",
+    "_SQLStore._flush", "_SQLStore.read", "_SQLStore.tail", "_SQLTransaction",
+)
+
+# Fast and deterministic: no timing assertion, no database server, no browser; the
+# contract on memory and SQLite, the delivery core's own tests first (they fail fastest).
+TESTS = (
+    "tests/test_delivery_core.py",
+    "test_comet.py",
+    "tests/test_bounded.py::test_the_window_counts_a_shared_body_once_and_lets_the_oldest_go_past_its_bytes",
+    "tests/test_bounded.py::test_the_window_lets_go_of_what_retention_expired",
+    "tests/test_bounded.py::test_a_tailing_process_keeps_one_body_per_package_not_one_per_recipient",
+)
+SELECT = ("not mysql and not postgresql and not within_50ms and not fresh_python"
+          " and not two_server_processes")
+
+# Mutants that change nothing the suite could see, keyed as the run prints them
+# ("function | source line | change"), each with the reason.
+EQUIVALENT = {
+}
+
+
+# --------------------------------------------------------------------------
+# Making mutants
+# --------------------------------------------------------------------------
+
+_FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
+          ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In,
+          ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+_SYMBOLS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==",
+            ast.NotEq: "!=", ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+
+
+def _one(value):
+    return ast.Constant(value=1)
+
+
+def _changes(node):
+    """``[(description, mutate)]`` for one node; ``mutate(node)`` changes it in place
+    (on a copy of the function) or returns the node to put in its place."""
+    found = []
+    if isinstance(node, ast.Compare):
+        for index, op in enumerate(node.ops):
+            flipped = _FLIPS.get(type(op))
+            if flipped is not None:
+                def mutate(n, index=index, flipped=flipped):
+                    n.ops[index] = flipped()
+                found.append((f"{_SYMBOLS[type(op)]} -> {_SYMBOLS[flipped]}", mutate))
+    elif isinstance(node, ast.BoolOp):
+        other = ast.Or if isinstance(node.op, ast.And) else ast.And
+        def mutate(n, other=other):
+            n.op = other()
+        found.append(("and -> or" if other is ast.Or else "or -> and", mutate))
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        found.append(("not dropped", lambda n: n.operand))
+    elif isinstance(node, ast.Constant) and type(node.value) is bool:
+        found.append((f"{node.value} -> {not node.value}",
+                      lambda n: ast.Constant(value=not n.value)))
+    elif isinstance(node, ast.Constant) and type(node.value) is int:
+        for delta in (1, -1):
+            found.append((f"{node.value} -> {node.value + delta}",
+                          lambda n, delta=delta: ast.Constant(value=n.value + delta)))
+    elif isinstance(node, ast.Slice):
+        for name in ("lower", "upper"):
+            bound = getattr(node, name)
+            if bound is not None and not isinstance(bound, ast.Constant):
+                for delta, op in ((1, ast.Add), (-1, ast.Sub)):
+                    def mutate(n, name=name, op=op):
+                        setattr(n, name, ast.BinOp(left=getattr(n, name), op=op(), right=_one(1)))
+                    found.append((f"slice {name} {'+' if delta > 0 else '-'} 1", mutate))
+    elif isinstance(node, ast.Attribute) and node.attr in ("bisect_left", "bisect_right"):
+        other = "bisect_left" if node.attr == "bisect_right" else "bisect_right"
+        def mutate(n, other=other):
+            n.attr = other
+        found.append((f"{node.attr} -> {other}", mutate))
+    elif isinstance(node, ast.Return) and node.value is not None and not (
+            isinstance(node.value, ast.Constant) and node.value.value is None):
+        def mutate(n):
+            n.value = ast.Constant(value=None)
+        found.append(("return None", mutate))
+    elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        found.append(("call dropped", lambda n: ast.Pass()))
+    return found
+
+
+def _functions(tree):
+    """``(qualified name, node)`` of every function of the delivery core."""
+    for top in tree.body:
+        if isinstance(top, ast.ClassDef):
+            for item in top.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    name = f"{top.name}.{item.name}"
+                    if top.name in TARGETS or name in TARGETS:
+                        yield name, item
+
+
+def _walk(node):
+    """Every node under ``node`` in source order, docstrings and annotations left out."""
+    body = getattr(node, "body", None)
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Expr) and isinstance(child.value, ast.Constant) \
+                and isinstance(child.value.value, str) and body and child is body[0]:
+            continue                        # a docstring
+        if isinstance(child, ast.arguments) or child is getattr(node, "decorator_list", None):
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                child in node.decorator_list:
+            continue
+        yield child
+        yield from _walk(child)
+
+
+class Mutant:
+    def __init__(self, function, line, original, changed, change, source):
+        self.function = function
+        self.line = line                    # in comet.py as it is
+        self.original = original            # that line's source
+        self.changed = changed              # the mutated statement, as ast.unparse writes it
+        self.change = change
+        self.source = source                # the whole mutated comet.py
+        self.key = f"{function} | {original} | {change}"
+
+
+def mutants(text, only=None):
+    """Every mutant of ``text`` (comet.py's source), in source order."""
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    made, seen = [], {}
+    for name, function in _functions(tree):
+        if only and only not in name:
+            continue
+        start = (function.decorator_list[0] if function.decorator_list else function).lineno
+        indent = " " * function.col_offset
+        nodes = list(_walk(function))
+        for number, node in enumerate(nodes):
+            for change, mutate in _changes(node):
+                clone = copy.deepcopy(function)
+                target = list(_walk(clone))[number]
+                replacement = mutate(target)
+                if replacement is not None:
+                    _replace(clone, target, replacement)
+                try:
+                    new = ast.unparse(ast.fix_missing_locations(clone))
+                    compile(new, "<mutant>", "exec")
+                except (SyntaxError, ValueError):
+                    continue
+                old_lines = ast.unparse(function).splitlines()
+                new_lines = new.splitlines()
+                changed = next((b.strip() for a, b in zip(old_lines, new_lines) if a != b),
+                               new_lines[-1].strip() if len(new_lines) != len(old_lines) else "")
+                if changed == "" and new_lines == old_lines:
+                    continue                # the change unparses to the same code
+                body = "".join(indent + line + "\n" for line in new.splitlines())
+                source = "".join(lines[:start - 1]) + body + "".join(lines[function.end_lineno:])
+                original = lines[node.lineno - 1].strip()
+                mutant = Mutant(name, node.lineno, original, changed, change, source)
+                count = seen.get(mutant.key, 0)
+                seen[mutant.key] = count + 1
+                if count:
+                    mutant.key += f" #{count + 1}"
+                made.append(mutant)
+    return made
+
+
+def _replace(root, old, new):
+    """Put ``new`` where ``old`` is under ``root``."""
+    for parent in ast.walk(root):
+        for field, value in ast.iter_fields(parent):
+            if value is old:
+                setattr(parent, field, new)
+                return
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    if item is old:
+                        value[index] = new
+                        return
+    raise LookupError("node not found")
+
+
+# --------------------------------------------------------------------------
+# Running the tests against each
+# --------------------------------------------------------------------------
+
+def _copy_repository(into):
+    def ignore(directory, names):
+        return [n for n in names if n in (".git", "__pycache__", ".pytest_cache", "node_modules")]
+    shutil.copytree(ROOT, into, ignore=ignore, symlinks=True)
+
+
+def _run_tests(root, timeout):
+    """``"passed"``, ``"failed"`` or ``"timeout"`` of the selection in ``root``, and its output."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               "-m", "not outage", "-k", SELECT,
+               *(test for test in TESTS if os.path.exists(os.path.join(root, test.split("::")[0])))]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)      # the tests' server processes too
+        process.communicate()
+        return "timeout", ""
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = output.decode(errors="replace")
+    return ("passed" if process.returncode == 0 else "failed"), text
+
+
+class _Worker:
+    """A copy of the repository of its own, whose comet.py each mutant replaces."""
+
+    def __init__(self, base):
+        self.root = tempfile.mkdtemp(prefix="comet-mutant-", dir=base)
+        os.rmdir(self.root)
+        _copy_repository(self.root)
+
+    def run(self, source, timeout):
+        with open(os.path.join(self.root, "comet.py"), "w", encoding="utf-8") as file:
+            file.write(source)
+        return _run_tests(self.root, timeout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=30.0, help="minutes (default 30)")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--only", help="mutate only functions whose qualified name contains this")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds of one mutant's test run before it counts as killed")
+    parser.add_argument("--list", action="store_true", help="print the mutants and stop")
+    args = parser.parse_args()
+
+    with open(os.path.join(ROOT, "comet.py"), encoding="utf-8") as file:
+        text = file.read()
+    made = mutants(text, args.only)
+    if args.list:
+        for mutant in made:
+            print(f"{mutant.function}:{mutant.line}: {mutant.change}: {mutant.changed}")
+        print(f"{len(made)} mutants")
+        return 0
+
+    started = time.monotonic()
+    deadline = started + args.budget * 60
+    with tempfile.TemporaryDirectory(prefix="comet-mutation-") as base:
+        workers = [_Worker(base) for _ in range(max(1, args.jobs))]
+        outcome, output = workers[0].run(text, args.timeout)
+        if outcome != "passed":
+            print(output[-4000:])
+            print("the tests fail on comet.py as it is: no mutant can be judged")
+            return 2
+        baseline = time.monotonic() - started
+        print(f"{len(made)} mutants; the selection takes {baseline:.0f} s on comet.py as it is")
+        # A mutant may not run longer than a few times the clean run.
+        timeout = min(args.timeout, max(60.0, 4 * baseline))
+        free = list(workers)
+        results, survived, equivalent, killed, timeouts = {}, [], [], 0, 0
+        with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+            pending, queue = {}, list(made)
+            while queue or pending:
+                while queue and free and time.monotonic() < deadline:
+                    mutant, worker = queue.pop(0), free.pop()
+                    pending[pool.submit(worker.run, mutant.source, timeout)] = mutant, worker
+                if not pending:
+                    break
+                done, _ = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+                for future in done:
+                    mutant, worker = pending.pop(future)
+                    free.append(worker)
+                    outcome, _ = future.result()
+                    results[mutant.key] = outcome
+                    if outcome == "failed":
+                        killed += 1
+                    elif outcome == "timeout":
+                        timeouts += 1
+                    elif mutant.key in EQUIVALENT:
+                        equivalent.append(mutant)
+                        print(f"equivalent  {mutant.function}:{mutant.line}: {mutant.change}:"
+                              f" {mutant.changed}  ({EQUIVALENT[mutant.key]})", flush=True)
+                    else:
+                        survived.append(mutant)
+                        print(f"SURVIVED    {mutant.function}:{mutant.line}: {mutant.change}:"
+                              f" {mutant.changed}\n            was: {mutant.original}\n"
+                              f"            key: {mutant.key!r}", flush=True)
+            left = len(queue)
+    minutes = (time.monotonic() - started) / 60
+    stale = sorted(set(EQUIVALENT) - {m.key for m in made})
+    for key in stale:
+        print(f"note: EQUIVALENT names no mutant of comet.py as it is now: {key!r}")
+    print(f"mutants {len(made)}, run {len(results)}, killed {killed + timeouts}"
+          f" (by timeout {timeouts}), equivalent {len(equivalent)}, survived {len(survived)},"
+          f" not run {left}, minutes {minutes:.1f}")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The delivery core, piece by piece: the window, parking and waking, stamps,
+and what a 200 promises on a durable store.
+
+Most tests here drive ``Comet`` in this process (WebTest, or a threaded server
+on 127.0.0.1); the kill -9 test runs the application in a child process.  The
+stamp tests run on every store (MariaDB and PostgreSQL databases of their own).
+"""
+
+import contextlib
+import http.client
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+import webtest
+
+import comet
+from support import (HERE, ROOT, Client, ThreadedServer, free_port, fresh_store, make_app,
+                     positions_in_store, wait_until)
+from support import close_apps  # noqa: F401  (fixture)
+
+
+@pytest.fixture(params=["memory", "sqlite", "mysql", "postgresql"])
+def store_url(request, tmp_path):
+    """A new, empty store of each kind."""
+    return fresh_store(request.param, request, tmp_path)
+
+
+def as_client(app, client_id):
+    return webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": client_id})
+
+
+def cursor_of(web):
+    return web.get("/comet/poll").json["cursor"]
+
+
+def stamps_after(web, cursor):
+    """The stamps of every package the client gets after ``cursor``, page by page."""
+    stamps = []
+    for _ in range(100):
+        answer = web.get("/comet/poll", {"cursor": cursor}).json
+        assert answer["reset"] is False
+        stamps += [package["_stamp"] for package in answer["packages"]]
+        if not answer["packages"]:
+            return stamps
+        cursor = answer["cursor"]
+    raise AssertionError("more pages than a test pushes")
+
+
+# --------------------------------------------------------------------------
+# The window: reads answered from memory
+# --------------------------------------------------------------------------
+
+def window_of(*deliveries, start=0, max_bytes=1 << 20):
+    """A window started at ``start`` holding ``deliveries``, ``(position, [recipients])``,
+    each body the text of its position."""
+    window = comet._Window(max_bytes)
+    window.start(start)
+    window.add([(position, 1000 + position, [(r, str(position)) for r in recipients])
+                for position, recipients in deliveries])
+    return window
+
+
+def test_the_window_answers_after_each_position_with_exactly_the_later_rows():
+    window = window_of((1, ["bob"]), (2, ["carol"]), (3, ["bob", "carol"]), (4, ["bob"]))
+    bob = [(1, 1001, "1"), (3, 1003, "3"), (4, 1004, "4")]
+
+    for after in range(0, 5):
+        assert window.read("bob", after, 500) == (4, [row for row in bob if row[0] > after])
+
+
+def test_the_window_answers_at_most_limit_rows_the_oldest_first():
+    window = window_of(*((n, ["bob"]) for n in range(1, 7)))
+
+    assert window.read("bob", 0, 2) == (6, [(1, 1001, "1"), (2, 1002, "2")])
+    assert window.read("bob", 2, 3) == (6, [(3, 1003, "3"), (4, 1004, "4"), (5, 1005, "5")])
+    assert window.read("bob", 5, 3) == (6, [(6, 1006, "6")])
+    assert window.read("bob", 0, 1) == (6, [(1, 1001, "1")])
+
+
+def test_the_window_answers_a_recipient_with_nothing_in_it_empty_up_to_its_horizon():
+    window = window_of((1, ["bob"]), (2, ["bob"]))
+
+    assert window.read("carol", 0, 500) == (2, [])
+    assert window.read("carol", 2, 500) == (2, [])
+
+
+def test_the_window_does_not_answer_before_its_base_or_past_its_horizon():
+    window = window_of((6, ["bob"]), (7, ["bob"]), start=5)
+
+    assert window.read("bob", 4, 500) is None
+    assert window.read("bob", 5, 500) == (7, [(6, 1006, "6"), (7, 1007, "7")])
+    assert window.read("bob", 7, 500) == (7, [])
+    assert window.read("bob", 8, 500) is None
+
+
+def test_the_window_does_not_answer_before_it_started_or_after_it_stopped():
+    window = comet._Window(1 << 20)
+    assert window.read("bob", 0, 500) is None
+    window.start(3)
+    window.stop()
+
+    assert window.read("bob", 3, 500) is None
+    window.add([(4, 0, [("bob", "4")])])
+    assert window.horizon is None and window.bytes == 0
+
+
+def test_the_window_holds_a_commit_past_a_gap_until_the_gap_is_filled():
+    window = window_of((1, ["bob"]))
+    window.add([(3, 1003, [("bob", "3")])])         # 2 is another process's, not read yet
+
+    assert window.horizon == 1 and window.read("bob", 1, 500) is None
+    assert window.read("carol", 1, 500) == (1, [])  # nothing of carol's is past the gap
+    window.add([(2, 1002, [("carol", "2")])])       # this process's own 2 fills it
+    assert window.horizon == 3
+    assert window.read("bob", 1, 500) == (3, [(3, 1003, "3")])
+    assert window.read("carol", 0, 500) == (3, [(2, 1002, "2")])
+
+
+def test_the_tail_fills_the_window_up_to_the_head_it_read():
+    window = window_of((1, ["bob"]))
+    window.add([(4, 1004, [("bob", "4")])])         # ahead of a gap of two
+    window.fill(5, [(2, 1002, [("carol", "2")]), (3, 1003, [("bob", "3")]),
+                    (4, 1004, [("bob", "4")]), (5, 1005, [("bob", "5")])])
+
+    assert window.horizon == 5 and window._ahead == {}
+    assert window.read("bob", 1, 500) == (5, [(3, 1003, "3"), (4, 1004, "4"), (5, 1005, "5")])
+    window.fill(7, [])                              # two positions of nobody's here
+    assert window.read("bob", 5, 500) == (7, [])
+
+
+def test_the_window_keeps_a_later_commit_ahead_of_what_the_tail_read():
+    window = window_of((1, ["bob"]))
+    window.add([(4, 1004, [("bob", "4")])])
+    window.fill(2, [(2, 1002, [("carol", "2")])])   # the tail read up to 2 only
+
+    assert window.horizon == 2 and set(window._ahead) == {4}
+    assert window.read("bob", 1, 500) is None
+
+
+def test_the_window_lets_go_of_the_oldest_package_when_its_bytes_run_over():
+    one = comet._Window._DELIVERY + sys.getsizeof("1")      # one delivery of a one-byte body
+    window = window_of((1, ["bob"]), (2, ["bob"]), (3, ["bob"]), max_bytes=3 * one)
+    assert window.base == 0 and window.bytes == 3 * one
+
+    window.add([(4, 1004, [("bob", "4")])])
+
+    assert window.base == 1 and window.bytes == 3 * one
+    assert window.read("bob", 0, 500) is None
+    assert window.read("bob", 1, 500) == (4, [(2, 1002, "2"), (3, 1003, "3"), (4, 1004, "4")])
+
+
+def test_the_window_counts_each_delivery_and_each_body_once_when_letting_go():
+    body = "x" * 1000
+    size = sys.getsizeof(body) + 3 * comet._Window._DELIVERY   # one body, three recipients
+    window = comet._Window(max_bytes=2 * size)
+    window.start(0)
+    window.add([(n, n, [(r, body) for r in ("a", "b", "c")]) for n in (1, 2)])
+    assert window.bytes == 2 * size and window.base == 0
+
+    window.add([(3, 3, [("a", "y")])])
+
+    assert window.base == 1 and window.bytes == size + sys.getsizeof("y") + window._DELIVERY
+    assert window.read("b", 1, 500) == (3, [(2, 2, body)])
+    assert window.read("a", 1, 500) == (3, [(2, 2, body), (3, 3, "y")])
+
+
+def test_the_window_forgets_packages_stored_before_a_time_and_no_later_one():
+    window = window_of((1, ["bob"]), (2, ["carol"]), (3, ["bob"]))      # stored at 1001..1003
+
+    window.forget(1002)
+
+    assert window.base == 1
+    assert window.read("bob", 1, 500) == (3, [(3, 1003, "3")])
+    assert window.read("carol", 1, 500) == (3, [(2, 1002, "2")])
+
+
+def test_a_recipient_whose_every_package_the_window_let_go_has_no_inbox_left():
+    window = window_of((1, ["bob"]), (2, ["carol"]))
+
+    window.forget(1002)
+
+    assert "bob" not in window._inbox and window.read("bob", 1, 500) == (2, [])
+
+
+# --------------------------------------------------------------------------
+# Parking and waking
+# --------------------------------------------------------------------------
+
+def test_a_push_wakes_the_recipients_parked_poll_long_before_its_timeout(store_url):
+    app = make_app(store=store_url, poll_timeout=60)
+    with ThreadedServer(app) as server:
+        bob, alice = Client(server.url, "bob"), Client(server.url, "alice")
+        cursor = bob.poll()["cursor"]
+        if app._window is not None:
+            wait_until(lambda: app._window.horizon is not None)     # the first tail turn ran
+        answered = threading.Event()
+        result = {}
+
+        def park():
+            result["answer"] = bob.poll(cursor, timeout=90)
+            answered.set()
+        threading.Thread(target=park, daemon=True).start()
+        wait_until(lambda: app.stats()["parked"] == 1)
+
+        status, _, body = alice.push({"type": "ping", "listeners": "bob"})
+
+        assert status == 200
+        assert answered.wait(20), "the parked poll was not woken by the push to it"
+        assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
+
+
+def test_a_wake_reaches_only_polls_whose_cursor_is_before_the_position():
+    parking = comet._Parking(per_client=8, per_address=8, total=8)
+    early = parking.park("bob", None, 4)
+    late = parking.park("bob", None, 5)
+    other = parking.park("carol", None, 0)
+
+    parking.wake({"bob": 5})
+
+    assert early.wait(0) is True
+    assert late.wait(0) is False and other.wait(0) is False
+
+
+def test_unparking_frees_the_clients_and_the_addresss_places():
+    parking = comet._Parking(per_client=1, per_address=2, total=3)
+    first = parking.park("bob", "10.0.0.1", 0)
+    second = parking.park("carol", "10.0.0.1", 0)
+    with pytest.raises(comet.CometError) as refused:
+        parking.park("bob", "10.0.0.2", 0)
+    assert refused.value.status == 429
+
+    parking.unpark(first)
+    parking.unpark(second)
+
+    assert parking.count == 0 and parking.clients() == []
+    assert not parking._addresses
+    parking.park("bob", "10.0.0.1", 0)
+    parking.park("dave", "10.0.0.1", 0)
+    assert parking.count == 2
+
+
+def test_parking_refuses_past_each_limit_exactly():
+    parking = comet._Parking(per_client=2, per_address=3, total=6)
+    refused = []
+    for client, address in [("bob", None), ("bob", None), ("bob", None), ("carol", "10.0.0.1"),
+                            ("dave", "10.0.0.1"), ("erin", "10.0.0.1"), ("frank", "10.0.0.1"),
+                            ("gina", None), ("hank", None)]:
+        try:
+            parking.park(client, address, 0)
+        except comet.CometError as error:
+            refused.append((client, error.status))
+
+    assert refused == [("bob", 429), ("frank", 429), ("hank", 503)]
+    assert parking.count == 6
+    assert sorted(parking.clients()) == ["bob", "carol", "dave", "erin", "gina"]
+
+
+# --------------------------------------------------------------------------
+# Stamps: a package is accepted once, however often it comes
+# --------------------------------------------------------------------------
+
+def test_the_same_stamp_twice_in_one_batch_is_accepted_twice_and_delivered_once(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    alice, bob = as_client(app, "alice"), as_client(app, "bob")
+    cursor = cursor_of(bob)
+    package = {"type": "x", "listeners": "bob", "_stamp": "one-batch-stamp"}
+
+    answer = alice.post_json("/comet/push", [package, package, {**package, "_stamp": "other-stamp-1"}])
+
+    assert answer.json == {"accepted": ["one-batch-stamp", "one-batch-stamp", "other-stamp-1"]}
+    assert stamps_after(bob, cursor) == ["one-batch-stamp", "other-stamp-1"]
+
+
+def test_the_same_stamp_pushed_from_many_threads_at_once_is_delivered_once(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    start = threading.Barrier(8)
+    results = []
+
+    def push():
+        start.wait(10)
+        results.append(app.push({"type": "x", "listeners": "bob", "_stamp": "racing-stamp"}))
+    threads = [threading.Thread(target=push) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert results == ["racing-stamp"] * 8
+    assert stamps_after(bob, cursor) == ["racing-stamp"]
+
+
+def test_a_stamp_whose_package_was_refused_can_be_pushed_again(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    alice, bob = as_client(app, "alice"), as_client(app, "bob")
+    cursor = cursor_of(bob)
+    refused = {"type": "message", "listeners": ["room"], "_stamp": "refused-then-ok"}
+    alice.post_json("/comet/push", [{"type": "x", "listeners": "bob"}, refused], status=403)
+
+    answer = alice.post_json("/comet/push", {"type": "x", "listeners": "bob",
+                                             "_stamp": "refused-then-ok"})
+
+    assert answer.json == {"accepted": ["refused-then-ok"]}
+    assert stamps_after(bob, cursor)[1:] == ["refused-then-ok"]
+
+
+# --------------------------------------------------------------------------
+# Durability on SQLite: what a 200 promises
+# --------------------------------------------------------------------------
+
+class TracedSQLiteStore(comet.SQLiteStore):
+    """An SQLite store recording the pragmas of each connection it opens and, in
+    ``events``, every statement run on them as ``(connection number, sql)``."""
+
+    def __init__(self, path, events):
+        self.events = events
+        self.pragmas = []
+        super().__init__(path)
+
+    def _connect(self):
+        conn = super()._connect()
+        self.pragmas.append((conn.execute("PRAGMA synchronous").fetchone()[0],
+                             conn.execute("PRAGMA journal_mode").fetchone()[0]))
+        number = len(self.pragmas)
+        conn.set_trace_callback(lambda sql: self.events.append((number, sql)))
+        return conn
+
+
+def test_every_sqlite_connection_the_store_opens_runs_with_synchronous_full_and_wal(tmp_path):
+    store = TracedSQLiteStore(f"{tmp_path}/comet.db", [])
+    app = make_app(store=store, poll_timeout=0.1)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    held = [store._checkout() for _ in range(3)]    # three at once: three connections
+    for conn in held:
+        store._checkin(conn)
+
+    as_client(app, "alice").post_json("/comet/push", {"type": "x", "listeners": "bob"})
+    assert len(stamps_after(bob, cursor)) == 1
+
+    FULL = 2
+    assert len(store.pragmas) >= 3
+    assert store.pragmas == [(FULL, "wal")] * len(store.pragmas)
+
+
+def test_a_push_is_answered_only_after_the_commit_that_stores_it_on_sqlite(tmp_path):
+    events = []
+    store = TracedSQLiteStore(f"{tmp_path}/comet.db", events)
+    app = make_app(store=store, poll_timeout=0.1)
+
+    def answering(environ, start_response):
+        def start(status, headers, *exc_info):
+            events.append(("answer", status))
+            return start_response(status, headers, *exc_info)
+        return app(environ, start)
+    alice = webtest.TestApp(answering, extra_environ={"HTTP_X_CLIENT": "alice"})
+
+    alice.post_json("/comet/push", {"type": "x", "listeners": "bob", "_stamp": "durable-1"})
+
+    stored = next(index for index, (_, sql) in enumerate(events)
+                  if sql.startswith("INSERT INTO comet_packages") and "'durable-1'" in sql)
+    connection = events[stored][0]
+    committed = next(index for index, (number, sql) in enumerate(events)
+                     if index > stored and number == connection and sql == "COMMIT")
+    answered = events.index(("answer", "200 OK"))
+    assert stored < committed < answered, events[stored:]
+
+
+CHILD = r"""
+import json, os, sys
+from wsgiref.simple_server import make_server
+tests, url, port, gates, mark = sys.argv[1:]
+sys.path.insert(0, tests)
+import support
+
+app = support.make_app(store=url, poll_timeout=1, rate=(10000, 10000),
+                       address_rate=(10000, 10000))
+
+@app.action("note").on_submit
+def submit(package, private, db, environ):
+    db.cursor().execute(f"INSERT INTO log (text) VALUES ({mark})", (package["text"],))
+    if package["text"].startswith("hold"):
+        open(os.path.join(gates, package["text"] + ".held"), "w").close()
+        support.wait_until(lambda: os.path.exists(os.path.join(gates, package["text"] + ".go")),
+                           timeout=60)
+
+def serve(environ, start_response):
+    if environ["PATH_INFO"] == "/queued":       # parts waiting their turn in a batch now
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(sum(batch.queued for batch in app.store._open)).encode()]
+    return app(environ, start_response)
+
+httpd = make_server("127.0.0.1", int(port), serve, server_class=support._ThreadingServer,
+                    handler_class=support._QuietHandler)
+httpd.serve_forever(poll_interval=0.05)
+"""
+
+
+class Child:
+    """The application with a holding ``note`` hook, in a process of its own."""
+
+    def __init__(self, url, gates, mark):
+        self.args = [sys.executable, "-c", CHILD, HERE, url, "0", str(gates), mark]
+        self.port = None
+        self.proc = None
+
+    def start(self):
+        self.port = self.port or free_port()
+        self.args[5] = str(self.port)
+        self.proc = subprocess.Popen(self.args, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self._answers, timeout=15)
+        return self
+
+    def _answers(self):
+        assert self.proc.poll() is None, "the child process died"
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            return Client(self.url, "probe").request("GET", "/queued", timeout=2)[0] == 200
+        return False
+
+    def queued(self):
+        return Client(self.url, "probe").request("GET", "/queued")[2]
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def durable(request, tmp_path):
+    """``(url, mark, log)``: a fresh durable store with a ``log`` table for the hook,
+    the driver's placeholder and ``log()``, the texts the hook wrote and kept."""
+    if request.param == "sqlite":
+        path = f"{tmp_path}/comet.db"
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE log (text TEXT)")
+
+        def log():
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                return sorted(row[0] for row in db.execute("SELECT text FROM log"))
+        return f"sqlite:///{path}", "?", log, None
+    mariadb = request.getfixturevalue("mariadb")
+    url = mariadb.create_database()
+    mariadb.query(url, "CREATE TABLE log (text VARCHAR(64)) ENGINE=InnoDB")
+    return url, "%s", lambda: sorted(row[0] for row in mariadb.query(url, "SELECT text FROM log")), \
+        mariadb
+
+
+def test_kill_9_with_pushes_queued_behind_a_held_commit_loses_no_200_and_keeps_no_other(
+        durable, tmp_path):
+    url, mark, log, mariadb = durable
+    child = Child(url, tmp_path, mark).start()
+    try:
+        bob = Client(child.url, "bob")
+        cursor = bob.poll()["cursor"]
+        statuses, answered = {}, threading.Event()
+
+        def push(text):
+            package = {"type": "note", "listeners": ["to"], "to": ["bob"], "text": text,
+                       "_stamp": "kill9-" + text}
+            try:
+                statuses[text] = Client(child.url, "alice").push(package, timeout=60)[0]
+            except (OSError, http.client.HTTPException):
+                statuses[text] = None       # no answer: the process died first
+            answered.set()
+
+        def gate(name):
+            return os.path.join(tmp_path, name)
+        push("before")
+        assert statuses == {"before": 200}
+        answered.clear()
+        threads = [threading.Thread(target=push, args=("hold-a",))]
+        threads[0].start()
+        wait_until(lambda: os.path.exists(gate("hold-a.held")))
+        for text in ("queued-1", "queued-2", "hold-b"):
+            threads.append(threading.Thread(target=push, args=(text,)))
+            threads[-1].start()
+        wait_until(lambda: child.queued() == 3)     # all three wait behind hold-a's part
+        open(gate("hold-a.go"), "w").close()
+        wait_until(lambda: os.path.exists(gate("hold-b.held")))     # the commit is held now
+        answered.wait(1.0)                  # an answer given before the commit has time to come
+
+        child.kill()
+        for thread in threads:
+            thread.join(10)
+        child.start()
+        delivered = [p["text"] for p in Client(child.url, "bob").poll(cursor)["packages"]]
+        stored = {stamp for stamp in positions_in_store(url, mariadb) if stamp.startswith("kill9-")}
+        kept = log()
+    finally:
+        child.stop()
+
+    answered_200 = sorted(text for text, status in statuses.items() if status == 200)
+    assert delivered == answered_200 == ["before"], statuses
+    assert stored == {"kill9-before"} and kept == ["before"]
