@@ -311,6 +311,45 @@ def test_a_stamp_whose_package_was_refused_can_be_pushed_again(store_url):
 
 
 # --------------------------------------------------------------------------
+# A batch: each package is kept or undone whole, the ones before it stay
+# --------------------------------------------------------------------------
+
+def test_a_join_refused_in_a_batch_leaves_no_membership_and_the_earlier_join_stays(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    clubs = app.channels("club:", may_join=lambda environ, db, channel: channel != "club:closed")
+    alice = as_client(app, "alice")
+
+    answer = alice.post_json("/comet/push", [
+        {"type": "ping", "listeners": "bob"},
+        {"type": "join", "listeners": ["club:one"]},
+        {"type": "join", "listeners": ["club:two", "club:closed"]}], status=403)
+
+    assert answer.json["index"] == 2 and len(answer.json["accepted"]) == 2
+    assert clubs["club:one"].members() == {"alice": "alice"}
+    assert clubs["club:two"].members() == {}
+
+
+def test_a_package_a_hook_pushed_is_undone_with_its_package_refused_in_a_batch(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+
+    @app.action("order").on_submit
+    def submit(package, private, db, environ):
+        app.push({"type": "receipt", "listeners": "clerk", "item": package["item"]})
+        if package["item"] == "refused":
+            raise comet.Reject("no")
+    alice, clerk = as_client(app, "alice"), as_client(app, "clerk")
+    cursor = cursor_of(clerk)
+
+    alice.post_json("/comet/push", [
+        {"type": "order", "listeners": "shop", "item": "tea"},
+        {"type": "order", "listeners": "shop", "item": "refused"},
+        {"type": "order", "listeners": "shop", "item": "never"}], status=403)
+
+    receipts = clerk.get("/comet/poll", {"cursor": cursor}).json["packages"]
+    assert [p["item"] for p in receipts] == ["tea"]
+
+
+# --------------------------------------------------------------------------
 # Durability on SQLite: what a 200 promises
 # --------------------------------------------------------------------------
 
