@@ -260,6 +260,24 @@ def test_parking_refuses_past_each_limit_exactly():
     assert sorted(parking.clients()) == ["bob", "carol", "dave", "erin", "gina"]
 
 
+def test_a_package_is_delivered_until_it_is_older_than_retention_then_it_resets(
+        store_url, monkeypatch):
+    app = make_app(store=store_url, retention=10, poll_timeout=0.1)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    clock = [app.store.now()]
+    monkeypatch.setattr(app.store, "now", lambda: clock[0])
+    as_client(app, "alice").post_json("/comet/push", {"type": "x", "listeners": "bob"})
+
+    clock[0] += 10_000                      # exactly retention old: still retrievable
+    kept = bob.get("/comet/poll", {"cursor": cursor}).json
+    clock[0] += 1
+    expired = bob.get("/comet/poll", {"cursor": cursor}).json
+
+    assert (len(kept["packages"]), kept["reset"]) == (1, False)
+    assert (expired["packages"], expired["reset"]) == ([], True)
+
+
 # --------------------------------------------------------------------------
 # Stamps: a package is accepted once, however often it comes
 # --------------------------------------------------------------------------
@@ -308,6 +326,30 @@ def test_a_stamp_whose_package_was_refused_can_be_pushed_again(store_url):
 
     assert answer.json == {"accepted": ["refused-then-ok"]}
     assert stamps_after(bob, cursor)[1:] == ["refused-then-ok"]
+
+
+def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    receipt = {"type": "receipt", "listeners": "clerk", "_stamp": "receipt-stamp-1"}
+
+    @app.action("order").on_submit
+    def order(package, private, db, environ):
+        try:
+            app.push({"type": "refused", "listeners": "shop"})  # pushes the receipt, then fails
+        except comet.CometError:
+            pass
+        app.push(receipt)
+
+    @app.action("refused").on_submit
+    def refused(package, private, db, environ):
+        app.push(receipt)
+        raise comet.Reject("no")
+    clerk = as_client(app, "clerk")
+    cursor = cursor_of(clerk)
+
+    as_client(app, "alice").post_json("/comet/push", {"type": "order", "listeners": "shop"})
+
+    assert stamps_after(clerk, cursor) == ["receipt-stamp-1"]
 
 
 # --------------------------------------------------------------------------
