@@ -392,6 +392,64 @@ def test_a_package_a_hook_pushed_is_undone_with_its_package_refused_in_a_batch(s
 
 
 # --------------------------------------------------------------------------
+# Group commit: which batch a transaction joins
+# --------------------------------------------------------------------------
+
+class Joining:
+    """Transactions of ``store`` joining batches from threads of their own; each
+    passes its turn on as soon as it has it."""
+
+    def __init__(self, store):
+        self.store = store
+        self.threads = []
+
+    def join(self, count):
+        for _ in range(count):
+            thread = threading.Thread(target=lambda: self.store._pass(self.store._join()))
+            thread.start()
+            self.threads.append(thread)
+
+    def end(self, *batches):
+        for batch in batches:
+            self.store._pass(batch)         # the held first parts: the queues run and commit
+        for thread in self.threads:
+            thread.join(20)
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
+def test_a_transaction_opens_another_batch_once_the_open_ones_have_their_queues_full(tmp_path):
+    store = comet.SQLiteStore(f"{tmp_path}/comet.db")
+    store._batches, store._batch_queue = 2, 2       # as a database server's store, smaller
+    joining = Joining(store)
+    first = store._join()                           # holds its turn
+    joining.join(2)
+    wait_until(lambda: first.queued == 2)
+
+    second = store._join()
+    joining.join(3)
+    wait_until(lambda: first.queued + second.queued == 5)
+
+    assert second is not first and store._open == [first, second]
+    assert (first.queued, second.queued) == (3, 2)  # the least queued first, then the first open
+    joining.end(first, second)
+    assert store._open == []
+
+
+def test_a_batch_with_its_most_parts_takes_no_more_and_the_next_transaction_opens_one(tmp_path):
+    store = comet.SQLiteStore(f"{tmp_path}/comet.db")
+    store._batch_parts = 3
+    joining = Joining(store)
+    first = store._join()
+    joining.join(2)
+    wait_until(lambda: first.queued == 2)
+
+    assert first.parts == 3 and store._open == []
+    following = store._join()
+    assert following is not first and store._open == [following]
+    joining.end(first, following)
+
+
+# --------------------------------------------------------------------------
 # Durability on SQLite: what a 200 promises
 # --------------------------------------------------------------------------
 
