@@ -278,6 +278,67 @@ def test_a_package_is_delivered_until_it_is_older_than_retention_then_it_resets(
     assert (expired["packages"], expired["reset"]) == ([], True)
 
 
+def test_a_poll_parked_on_one_app_is_woken_by_a_push_through_another_sharing_the_file(tmp_path):
+    url = f"sqlite:///{tmp_path}/comet.db"
+    here, there = (make_app(store=url, poll_timeout=60, tail_interval=0.02) for _ in range(2))
+    for app in (here, there):
+        @app.action("x").on_emit
+        def emit(package, recipient, private, db):
+            return dict(package, to_you=recipient) if recipient != "dave" else package
+    with ThreadedServer(here) as server:
+        cursors = {name: Client(server.url, name).poll()["cursor"] for name in ("bob", "dave")}
+        wait_until(lambda: here._window.horizon is not None)     # the first tail turn ran
+        answers = {}
+
+        def park(name):
+            answers[name] = Client(server.url, name).poll(cursors[name], timeout=90)
+        threads = [threading.Thread(target=park, args=(name,), daemon=True)
+                   for name in ("bob", "dave")]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: here.stats()["parked"] == 2)
+
+        there.push({"type": "x", "listeners": ["to"], "to": ["bob", "dave"]})
+
+        for thread in threads:
+            thread.join(20)
+    assert [p.get("to_you") for p in answers["bob"]["packages"]] == ["bob"]
+    assert [p.get("to_you") for p in answers["dave"]["packages"]] == [None]
+    assert answers["bob"]["packages"][0]["_stamp"] == answers["dave"]["packages"][0]["_stamp"]
+
+
+def test_a_woken_poll_is_answered_from_the_window_with_its_own_tailored_copy(tmp_path,
+                                                                            monkeypatch):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=60)
+
+    @app.action("x").on_emit
+    def emit(package, recipient, private, db):
+        return dict(package, to_you=recipient) if recipient != "dave" else package
+    reads = []
+    read = app.store.read
+    monkeypatch.setattr(app.store, "read", lambda *args: reads.append(args) or read(*args))
+    with ThreadedServer(app) as server:
+        cursors = {name: Client(server.url, name).poll()["cursor"] for name in ("bob", "dave")}
+        wait_until(lambda: app._window.horizon is not None)
+        answers = {}
+
+        def park(name):
+            answers[name] = Client(server.url, name).poll(cursors[name], timeout=90)
+        threads = [threading.Thread(target=park, args=(name,), daemon=True)
+                   for name in ("bob", "dave")]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: app.stats()["parked"] == 2)
+
+        app.push({"type": "x", "listeners": ["to"], "to": ["bob", "dave"]})
+
+        for thread in threads:
+            thread.join(20)
+    assert [p.get("to_you") for p in answers["bob"]["packages"]] == ["bob"]
+    assert [p.get("to_you") for p in answers["dave"]["packages"]] == [None]
+    assert reads == []
+
+
 # --------------------------------------------------------------------------
 # Stamps: a package is accepted once, however often it comes
 # --------------------------------------------------------------------------
@@ -319,13 +380,14 @@ def test_a_stamp_whose_package_was_refused_can_be_pushed_again(store_url):
     alice, bob = as_client(app, "alice"), as_client(app, "bob")
     cursor = cursor_of(bob)
     refused = {"type": "message", "listeners": ["room"], "_stamp": "refused-then-ok"}
-    alice.post_json("/comet/push", [{"type": "x", "listeners": "bob"}, refused], status=403)
+    alice.post_json("/comet/push", [{"type": "x", "listeners": "bob", "_stamp": "kept-stamp-1"},
+                                    refused], status=403)
 
     answer = alice.post_json("/comet/push", {"type": "x", "listeners": "bob",
                                              "_stamp": "refused-then-ok"})
 
     assert answer.json == {"accepted": ["refused-then-ok"]}
-    assert stamps_after(bob, cursor)[1:] == ["refused-then-ok"]
+    assert stamps_after(bob, cursor) == ["kept-stamp-1", "refused-then-ok"]
 
 
 def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(store_url):
@@ -350,6 +412,20 @@ def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(s
     as_client(app, "alice").post_json("/comet/push", {"type": "order", "listeners": "shop"})
 
     assert stamps_after(clerk, cursor) == ["receipt-stamp-1"]
+
+
+def test_a_batch_of_a_thousand_stamped_packages_is_stored_whole_on_sqlite(tmp_path):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1, max_batch=1000,
+                   max_body=1 << 20)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    stamps = [f"many-stamps-{n:04d}" for n in range(1000)]
+
+    answer = as_client(app, "alice").post_json(
+        "/comet/push", [{"type": "x", "listeners": "bob", "_stamp": s} for s in stamps])
+
+    assert answer.json == {"accepted": stamps}
+    assert stamps_after(bob, cursor) == stamps
 
 
 # --------------------------------------------------------------------------
@@ -389,6 +465,73 @@ def test_a_package_a_hook_pushed_is_undone_with_its_package_refused_in_a_batch(s
 
     receipts = clerk.get("/comet/poll", {"cursor": cursor}).json["packages"]
     assert [p["item"] for p in receipts] == ["tea"]
+
+
+def test_a_package_larger_than_the_store_keeps_is_that_packages_413(tmp_path):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
+    app.store._max_text = 10_000
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+
+    answer = as_client(app, "alice").post_json("/comet/push", [
+        {"type": "x", "listeners": "bob", "_stamp": "small-stamp-1"},
+        {"type": "x", "listeners": "bob", "data": "x" * 10_000}], status=413)
+
+    assert (answer.json["error"], answer.json["index"]) == ("too_large", 1)
+    assert stamps_after(bob, cursor) == ["small-stamp-1"]
+
+
+def test_a_tailored_copy_larger_than_the_store_keeps_is_that_packages_413(tmp_path):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
+    app.store._max_text = 10_000
+
+    @app.action("x").on_emit
+    def emit(package, recipient, private, db):
+        return dict(package, data="x" * 10_000) if recipient == "carol" else package
+    carol = as_client(app, "carol")
+    cursor = cursor_of(carol)
+
+    answer = as_client(app, "alice").post_json("/comet/push", [
+        {"type": "x", "listeners": ["to"], "to": ["bob"]},
+        {"type": "x", "listeners": ["to"], "to": ["bob", "carol"]}], status=413)
+
+    assert (answer.json["error"], answer.json["index"]) == ("too_large", 1)
+    assert stamps_after(carol, cursor) == []
+
+
+def test_a_sender_larger_than_the_store_keeps_is_that_joins_500_and_members_stay(tmp_path):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1,
+                   sender=lambda environ, db: environ["HTTP_X_CLIENT"] * 5_000)
+    app.store._max_sender = 10_000
+    join = {"type": "join", "listeners": ["room"]}
+    as_client(app, "b").post_json("/comet/push", join)
+
+    answer = as_client(app, "bigger").post_json("/comet/push", join, status=500)
+
+    assert answer.json["error"] == "internal"
+    assert app.channel("room").members() == {"b": "b" * 5_000}
+
+
+def test_a_commit_the_store_refuses_fails_its_push_and_the_next_push_goes_through(
+        tmp_path, monkeypatch):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    flush = app.store._flush
+
+    def refused(batch):
+        monkeypatch.setattr(app.store, "_flush", flush)     # once
+        flush(batch)
+        raise sqlite3.IntegrityError("refused")
+    monkeypatch.setattr(app.store, "_flush", refused)
+    alice = as_client(app, "alice")
+
+    first = alice.post_json("/comet/push", {"type": "x", "listeners": "bob"}, status=503)
+    second = alice.post_json("/comet/push", {"type": "x", "listeners": "bob",
+                                             "_stamp": "after-refusal"})
+
+    assert first.json["error"] == "unavailable" and second.json == {"accepted": ["after-refusal"]}
+    assert stamps_after(bob, cursor) == ["after-refusal"]
 
 
 # --------------------------------------------------------------------------
