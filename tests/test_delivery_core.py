@@ -214,6 +214,21 @@ def test_a_push_wakes_the_recipients_parked_poll_long_before_its_timeout(store_u
         assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
 
 
+def test_a_member_whose_polls_are_answered_at_once_stays_while_a_silent_one_is_dropped(
+        store_url):
+    app = make_app(store=store_url, presence_timeout=0.3, poll_timeout=0.05)
+    alice, bob = as_client(app, "alice"), as_client(app, "bob")
+    for member in (alice, bob):
+        member.post_json("/comet/push", {"type": "join", "listeners": ["room"]})
+
+    def bob_dropped():
+        alice.get("/comet/poll")            # no cursor: answered at once, never parked
+        return "bob" not in app.store.members("room")
+    wait_until(bob_dropped, timeout=10, interval=0.02)
+
+    assert set(app.store.members("room")) == {"alice"}
+
+
 def test_a_wake_reaches_only_polls_whose_cursor_is_before_the_position():
     parking = comet._Parking(per_client=8, per_address=8, total=8)
     early = parking.park("bob", None, 4)
