@@ -124,13 +124,24 @@ def test_the_window_holds_a_commit_past_a_gap_until_the_gap_is_filled():
 def test_the_tail_fills_the_window_up_to_the_head_it_read():
     window = window_of((1, ["bob"]))
     window.add([(4, 1004, [("bob", "4")])])         # ahead of a gap of two
-    window.fill(5, [(2, 1002, [("carol", "2")]), (3, 1003, [("bob", "3")]),
-                    (4, 1004, [("bob", "4")]), (5, 1005, [("bob", "5")])])
+    window.fill(4, [(2, 1002, [("carol", "2")]), (3, 1003, [("bob", "3")]),
+                    (4, 1004, [("bob", "4")])])
 
-    assert window.horizon == 5 and window._ahead == {}
-    assert window.read("bob", 1, 500) == (5, [(3, 1003, "3"), (4, 1004, "4"), (5, 1005, "5")])
-    window.fill(7, [])                              # two positions of nobody's here
-    assert window.read("bob", 5, 500) == (7, [])
+    assert window.horizon == 4 and window._ahead == {}
+    assert window.read("bob", 1, 500) == (4, [(3, 1003, "3"), (4, 1004, "4")])
+    window.fill(7, [])                              # three positions of nobody's here
+    assert window.read("bob", 4, 500) == (7, [])
+
+
+def test_a_commit_the_tail_read_first_is_kept_once():
+    window = window_of()
+    window.fill(2, [(1, 1001, [("bob", "1")]), (2, 1002, [("bob", "2")])])
+    size = window.bytes
+
+    window.add([(1, 1001, [("bob", "1")]), (2, 1002, [("bob", "2")])])     # on_commit, later
+
+    assert window.read("bob", 0, 500) == (2, [(1, 1001, "1"), (2, 1002, "2")])
+    assert window.bytes == size and window._ahead == {}
 
 
 def test_the_window_keeps_a_later_commit_ahead_of_what_the_tail_read():
