@@ -16,7 +16,7 @@ is listed in ``EQUIVALENT`` with the reason it changes nothing a client can see.
 
 Nothing is written into the repository.  Standard library only, besides pytest
 and the tests' own dependencies.  ``--only _Window`` mutates only the functions
-whose qualified name contains ``_Window``; ``--list`` prints the mutants
+whose qualified name contains ``_Window`` (given again, either name); ``--list`` prints the mutants
 without running them.  The bisections are swapped too (``bisect_right`` and
 ``bisect_left``): an off-by-one at a cursor.  The run stops starting mutants when ``--budget``
 minutes are spent and says how many were left.
@@ -185,7 +185,7 @@ def mutants(text, only=None):
     lines = text.splitlines(keepends=True)
     made, seen = [], {}
     for name, function in _functions(tree):
-        if only and only not in name:
+        if only and not any(part in name for part in only):
             continue
         start = (function.decorator_list[0] if function.decorator_list else function).lineno
         indent = " " * function.col_offset
@@ -310,7 +310,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=30.0, help="minutes (default 30)")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--only", help="mutate only functions whose qualified name contains this")
+    parser.add_argument("--only", action="append",
+                        help="mutate only functions whose qualified name contains this"
+                             " (again for several)")
     parser.add_argument("--timeout", type=float, default=180.0,
                         help="seconds of one mutant's test run before it counts as killed")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
