@@ -619,6 +619,31 @@ def test_a_batch_with_its_most_parts_takes_no_more_and_the_next_transaction_open
     joining.end(first, following)
 
 
+def test_a_part_that_waits_ten_seconds_for_its_turn_is_503_busy_and_leaves_the_queue(tmp_path):
+    store = comet.SQLiteStore(f"{tmp_path}/comet.db")
+    first = store._join()                   # holds its turn throughout
+    outcome = {}
+
+    def wait_for_a_turn():
+        try:
+            outcome["batch"] = store._join()
+        except comet.CometError as error:
+            outcome["error"] = (error.status, error.message)
+    waiting = threading.Thread(target=wait_for_a_turn, daemon=True)
+    waiting.start()
+    wait_until(lambda: first.queued == 1)
+
+    waiting.join(20)                        # its turn would come after 10 s at the most
+
+    try:
+        assert outcome == {"error": (503, "the store is busy")}
+        assert first.queued == 0
+    finally:                                # (in a thread: a wrong wait may hold the queue's lock)
+        passing = threading.Thread(target=store._pass, args=(first,), daemon=True)
+        passing.start()
+        passing.join(10)
+
+
 def test_a_forked_process_opens_batches_of_its_own_never_its_parents(tmp_path):
     store = comet.SQLiteStore(f"{tmp_path}/comet.db")
     parents = store._join()                 # the parent's batch, open when it forks
