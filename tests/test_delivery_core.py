@@ -539,8 +539,8 @@ def test_a_sender_larger_than_the_store_keeps_is_that_joins_500_and_members_stay
     assert app.channel("room").members() == {"b": "b" * 5_000}
 
 
-def test_a_commit_the_store_refuses_fails_its_push_and_the_next_push_goes_through(
-        tmp_path, monkeypatch):
+def test_a_commit_the_store_refuses_is_logged_fails_its_push_and_the_next_push_goes_through(
+        tmp_path, monkeypatch, caplog):
     app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
     bob = as_client(app, "bob")
     cursor = cursor_of(bob)
@@ -559,6 +559,8 @@ def test_a_commit_the_store_refuses_fails_its_push_and_the_next_push_goes_throug
 
     assert first.json["error"] == "unavailable" and second.json == {"accepted": ["after-refusal"]}
     assert stamps_after(bob, cursor) == ["after-refusal"]
+    assert [record.exc_info[0] for record in caplog.records
+            if "refused a commit" in record.getMessage()] == [sqlite3.IntegrityError]
 
 
 # --------------------------------------------------------------------------
