@@ -84,6 +84,15 @@ EQUIVALENT = {
     "_SQLStore._flush | claims = batch.claims[start:start + self._max_variables] | slice upper + 1":
         "a claim at a slice's edge is deleted twice, which is harmless; 1000 values in one"
         " statement are too many only for an SQLite older than 3.32",
+    "_SQLStore._flush | return [] | return None":
+        "what the flush returns goes to on_commit only when true: None and [] alike tell nothing",
+    "_SQLStore.read | head, mark, floor = rows[0][:3] | 0 -> -1":
+        "head, mark and floor are the same in every row of the one statement",
+    "_SQLStore.read | return head, [row[3:] for row in rows if row[3] is not None], lost | 3 -> 4 #2":
+        "a delivery's package ts is NULL exactly when its position is: a package and its"
+        " deliveries are stored and purged together",
+    "_SQLStore.tail | if head <= after: | <= -> <":
+        "at head == after the two reads find nothing and the tail answers (head, []) all the same",
 }
 
 

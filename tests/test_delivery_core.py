@@ -366,6 +366,27 @@ def test_a_woken_poll_is_answered_from_the_window_with_its_own_tailored_copy(tmp
     assert reads == []
 
 
+def test_a_cursor_at_the_newest_purged_package_of_its_client_is_not_reset(store_url, monkeypatch):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    bob, alice = as_client(app, "bob"), as_client(app, "alice")
+    before_both = cursor_of(bob)
+    clock = [app.store.now()]
+    monkeypatch.setattr(app.store, "now", lambda: clock[0])
+    alice.post_json("/comet/push", {"type": "old", "listeners": "bob"})
+    after_old = f"{app.store.id}.{app.store.head()}"
+    clock[0] += 10_000
+    alice.post_json("/comet/push", {"type": "new", "listeners": "bob"})
+
+    for _ in range(100):                    # the old package only
+        if not app.store.purge(clock[0] - 5_000):
+            break
+
+    kept = bob.get("/comet/poll", {"cursor": after_old}).json
+    lost = bob.get("/comet/poll", {"cursor": before_both}).json
+    assert ([p["type"] for p in kept["packages"]], kept["reset"]) == (["new"], False)
+    assert lost["reset"] is True
+
+
 # --------------------------------------------------------------------------
 # Stamps: a package is accepted once, however often it comes
 # --------------------------------------------------------------------------
