@@ -333,12 +333,17 @@ def main():
                              " (again for several)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds of one mutant's test run before it counts as killed")
+    parser.add_argument("--key", action="append",
+                        help="run only the mutants whose key (as a run prints it) contains this"
+                             " (again for several)")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     args = parser.parse_args()
 
     with open(os.path.join(ROOT, "comet.py"), encoding="utf-8") as file:
         text = file.read()
     made = mutants(text, args.only)
+    if args.key:
+        made = [mutant for mutant in made if any(key in mutant.key for key in args.key)]
     if args.list:
         for mutant in made:
             print(f"{mutant.function}:{mutant.line}: {mutant.change}: {mutant.changed}")
