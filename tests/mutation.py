@@ -91,6 +91,20 @@ EQUIVALENT = {
     "_SQLStore.read | return head, [row[3:] for row in rows if row[3] is not None], lost | 3 -> 4 #2":
         "a delivery's package ts is NULL exactly when its position is: a package and its"
         " deliveries are stored and purged together",
+    "_SQLTransaction.savepoint | self._run(f\"RELEASE SAVEPOINT {name}\") | call dropped":
+        "after ROLLBACK TO, a savepoint left open is released by the commit: names never repeat",
+    "_SQLTransaction.savepoint | self._run(f\"RELEASE SAVEPOINT {name}\") | call dropped #2":
+        "a savepoint left open nests the next ones and is committed with the transaction",
+    "_SQLTransaction.savepoint | batch.stamps.difference_update(pending[0] for pending in"
+    " batch.pending[marks[0]:]) | slice lower - 1":
+        "forgets one stamp too many from the batch's set: a client stamp's claim row still"
+        " holds it (claim_stamp finds the conflict), and a fresh stamp is never pushed twice",
+    "_SQLTransaction.savepoint | batch.stamps.difference_update(pending[0] for pending in"
+    " batch.pending[marks[0]:]) | 0 -> 1 #2":
+        "marks[1] <= marks[0]: forgets stamps too many, each still held as above",
+    "_SQLTransaction.savepoint | batch.stamps.difference_update(pending[0] for pending in"
+    " batch.pending[marks[0]:]) | 0 -> -1 #2":
+        "marks[-1] is marks[1]: as the mutant above",
     "_SQLStore.tail | if head <= after: | <= -> <":
         "at head == after the two reads find nothing and the tail answers (head, []) all the same",
 }
