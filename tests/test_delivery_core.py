@@ -584,6 +584,24 @@ def test_a_commit_the_store_refuses_is_logged_fails_its_push_and_the_next_push_g
             if "refused a commit" in record.getMessage()] == [sqlite3.IntegrityError]
 
 
+class Interrupt(BaseException):
+    """What gevent.Timeout is to a push: not an Exception."""
+
+
+def test_a_push_interrupted_by_a_base_exception_is_logged_with_its_traceback(store_url, caplog):
+    app = make_app(store=store_url, poll_timeout=0.1)
+
+    @app.action("x").on_submit
+    def submit(package, private, db, environ):
+        raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        app.push({"type": "x", "listeners": "bob"})
+
+    [record] = [r for r in caplog.records if r.getMessage().startswith("comet: a push was")]
+    assert record.exc_info[0] is Interrupt
+
+
 # --------------------------------------------------------------------------
 # Group commit: which batch a transaction joins
 # --------------------------------------------------------------------------
