@@ -105,6 +105,18 @@ EQUIVALENT = {
     "_SQLTransaction.savepoint | batch.stamps.difference_update(pending[0] for pending in"
     " batch.pending[marks[0]:]) | 0 -> -1 #2":
         "marks[-1] is marks[1]: as the mutant above",
+    "_SQLTransaction.claim_stamp | return True | return None":
+        "a stamp in the batch's set is refused again by append (_Duplicate: accepted once)",
+    "_SQLTransaction.claim_stamp | return True | True -> False":
+        "a stamp in the batch's set is refused again by append (_Duplicate: accepted once)",
+    "_SQLTransaction.claim_stamp | claim = -1 - secrets.randbits(62) | 1 -> 2":
+        "any negative provisional position will do: positions handed out are positive",
+    "_SQLTransaction.claim_stamp | claim = -1 - secrets.randbits(62) | 1 -> 0":
+        "any negative provisional position will do (0 once in 2**62 claims)",
+    "_SQLTransaction.claim_stamp | claim = -1 - secrets.randbits(62) | 62 -> 63":
+        "any negative provisional position will do, and -2**63 still fits a BIGINT",
+    "_SQLTransaction.claim_stamp | claim = -1 - secrets.randbits(62) | 62 -> 61":
+        "any negative provisional position will do",
     "_SQLStore.tail | if head <= after: | <= -> <":
         "at head == after the two reads find nothing and the tail answers (head, []) all the same",
 }
