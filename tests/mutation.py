@@ -117,6 +117,14 @@ EQUIVALENT = {
         "any negative provisional position will do, and -2**63 still fits a BIGINT",
     "_SQLTransaction.claim_stamp | claim = -1 - secrets.randbits(62) | 62 -> 61":
         "any negative provisional position will do",
+    "_Parking.park | retry_after=1) | 1 -> 2":
+        "Retry-After is a hint of whole seconds, at least 1: 2 keeps the contract too",
+    "_Parking.park | retry_after=1) | 1 -> 0":
+        "Retry-After is sent as at least 1 second whatever the hint",
+    "_Parking.park | retry_after=1) | 1 -> 2 #2":
+        "Retry-After is a hint of whole seconds, at least 1: 2 keeps the contract too",
+    "_Parking.park | retry_after=1) | 1 -> 0 #2":
+        "Retry-After is sent as at least 1 second whatever the hint",
     "_SQLStore.tail | if head <= after: | <= -> <":
         "at head == after the two reads find nothing and the tail answers (head, []) all the same",
 }
