@@ -154,6 +154,15 @@ def test_the_window_keeps_a_later_commit_ahead_of_what_the_tail_read():
     assert window.read("bob", 1, 500) is None
 
 
+def test_a_commit_added_while_the_tail_read_is_kept_once():
+    window = window_of((1, ["bob"]))
+    window.add([(2, 1002, [("bob", "2")])])         # this process's, after the tail read from 1
+
+    window.fill(3, [(2, 1002, [("bob", "2")]), (3, 1003, [("bob", "3")])])
+
+    assert window.read("bob", 1, 500) == (3, [(2, 1002, "2"), (3, 1003, "3")])
+
+
 def test_the_window_lets_go_of_the_oldest_package_when_its_bytes_run_over():
     one = comet._Window._DELIVERY + sys.getsizeof("1")      # one delivery of a one-byte body
     window = window_of((1, ["bob"]), (2, ["bob"]), (3, ["bob"]), max_bytes=3 * one)
@@ -262,7 +271,12 @@ def test_unparking_frees_the_clients_and_the_addresss_places():
     assert refused.value.status == 429
 
     parking.unpark(first)
+    parking.park("dave", "10.0.0.1", 0)             # the address has one place again, not two
+    with pytest.raises(comet.CometError) as full:
+        parking.park("erin", "10.0.0.1", 0)
+    assert full.value.status == 429
     parking.unpark(second)
+    parking.unpark(parking._waiters["dave"][0])
 
     assert parking.count == 0 and parking.clients() == []
     assert not parking._addresses
