@@ -431,7 +431,7 @@ def main():
                               f"            key: {mutant.key!r}", flush=True)
             left = len(queue)
     minutes = (time.monotonic() - started) / 60
-    stale = sorted(set(EQUIVALENT) - {m.key for m in made})
+    stale = [] if args.only or args.key else sorted(set(EQUIVALENT) - {m.key for m in made})
     for key in stale:
         print(f"note: EQUIVALENT names no mutant of comet.py as it is now: {key!r}")
     print(f"mutants {len(made)}, run {len(results)}, killed {killed + timeouts}"
