@@ -24,7 +24,7 @@ import webtest
 import comet
 from comet import Comet, CometError, Reject
 from support import (Client, ServerProcess, ThreadedServer, free_port, fresh_store,
-                     hooked_traffic, make_app, wait_until)
+                     hooked_traffic, make_app, purge, wait_until)
 from support import close_apps, group, mariadb, postgres  # noqa: F401  (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -665,7 +665,7 @@ def test_an_expired_package_for_the_client_resets_it_and_not_another(store_url):
     alice, bob, carol = (as_client(app, name) for name in ("alice", "bob", "carol"))
     cursor = poll(bob).json["cursor"]
     push(alice, {"type": "old", "listeners": "bob"})
-    app.store.purge(app.store.now() + 1000)         # the purge ran: bob's package is gone
+    purge(app, app.store.now() + 1000)              # the purge ran: bob's package is gone
     answer = poll(bob, cursor).json
     assert answer["reset"] is True and answer["cursor"] == f"{app.store.id}.{app.store.head()}"
     assert poll(carol, cursor).json["reset"] is False

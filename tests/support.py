@@ -760,6 +760,14 @@ if __name__ == "__main__":
     main()
 
 
+def purge(app, before):
+    """Purge what ``app`` stored before ``before`` as housekeeping does: its window
+    first (else a poll could still be answered from it), then every store step."""
+    if app._window is not None:
+        app._window.forget(before)
+    return purge_all(app.store, before)
+
+
 def purge_all(store, before):
     """Every purge step for ``before``, until the store has nothing more to do."""
     steps = 0

@@ -17,7 +17,7 @@ import pytest
 import webtest
 
 import comet
-from support import fresh_store, make_app, purge_all, wait_until
+from support import fresh_store, make_app, purge, purge_all, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -74,9 +74,7 @@ def purge_everything(app):
     marks they write are kept (see ``Store.purge``)."""
     before = app.store.now() + 1
     wait_until(lambda: app.store.now() > before)
-    if app._window is not None:
-        app._window.forget(before)
-    return purge_all(app.store, before)
+    return purge(app, before)
 
 
 def count(store, table):

@@ -23,7 +23,7 @@ import webtest
 
 from support import (Client, ServerProcess, ThreadedServer, open_group,
                       assert_no_cursor_skipped, make_app, new_ids, plan_packages,
-                      need, positions_in_store, purge_all, run_traffic,
+                      need, positions_in_store, purge, run_traffic,
                       wait_until)
 
 # --------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_cursor_older_than_what_is_retained_is_reset(app):
     [recipient] = new_ids("recipient")
     cursor = poll(app.web, recipient)["cursor"]
     push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [recipient]})
-    purge_all(app.store, app.store.now() + 1000)    # on the store's clock, which stamped it
+    purge(app, app.store.now() + 1000)      # on the store's clock, which stamped it
 
     answer = poll(app.web, recipient, cursor)
 
@@ -333,7 +333,7 @@ def test_client_whose_packages_were_not_purged_is_not_reset(app):
     cutoff = app.store.now() + 100
     wait_until(lambda: app.store.now() >= cutoff + 100)
     later = push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [kept]})
-    purge_all(app.store, cutoff)
+    purge(app, cutoff)
     assert poll(app.web, purged, cursors[purged])["reset"] is True
 
     answer = poll(app.web, kept, cursors[kept])
