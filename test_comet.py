@@ -1052,10 +1052,16 @@ def test_stats_count_and_measure(app, alice, bob):
     assert stats["head"] == app.store.head() and stats["store"] == app.store.url
 
 
-def test_stats_hide_the_store_password():
-    store = comet.MySQLStore.__new__(comet.MySQLStore)
-    store._params = dict(user="u", password="secret", host="h", port=1, database="d")
-    assert "secret" not in "mysql://{user}@{host}:{port}/{database}".format(**store._params)
+@pytest.mark.parametrize("kind", ["mysql", "postgresql"])
+def test_stats_hide_the_store_password(kind, request):
+    server = request.getfixturevalue("mariadb" if kind == "mysql" else "postgres")
+    url, password = server.with_password(server.create_database())
+    app = make_app(store=url)                           # logged in with the password
+    with ThreadedServer(app) as http:
+        with urllib.request.urlopen(http.url + "/stats", timeout=10) as response:
+            body = response.read()
+    assert json.loads(body)["store"] == app.store.url and app.store.url.startswith(kind)
+    assert password.encode() not in body
 
 
 def test_importing_comet_loads_only_the_standard_library(tmp_path):

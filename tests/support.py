@@ -10,7 +10,8 @@ tests).  The standard application:
 - namespace ``room:``: every ``room:NAME`` is a channel, which a client whose id
   starts with ``guest`` may not join (403 ``rejected``, "guests may not join
   room:NAME");
-- ``GET /members?channel=room:NAME``: that channel's members, as this process reads them.
+- ``GET /members?channel=room:NAME``: that channel's members, as this process reads them;
+- ``GET /stats``: ``stats()`` of this process, as JSON.
 
 Also here: ``GroupCommit`` (pushes queued behind a held transaction) and the
 MariaDB and PostgreSQL helpers.  The fixtures defined here are registered for the modules
@@ -96,7 +97,11 @@ def make_app(**options):
     options.setdefault("id", lambda environ: environ.get("HTTP_X_CLIENT"))
 
     def members(environ, start_response):
-        """``GET /members?channel=room:NAME``: that channel's ``{client: sender}``."""
+        """``GET /members?channel=room:NAME``: that channel's ``{client: sender}``;
+        ``GET /stats``: the app's ``stats()``."""
+        if environ["PATH_INFO"] == "/stats":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(app.stats()).encode()]
         name = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("channel", [""])[0]
         if environ["PATH_INFO"] != "/members" or name not in rooms:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -136,22 +141,45 @@ def close_apps(monkeypatch):
         app.close()
 
 
+class CountedTurn:
+    """A batch's turn (its lock) that notes the name of every thread that waits for it:
+    a part that waits has joined the batch, and takes its turn in it."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.waited = set()
+
+    def enter(self):
+        self.waited.add(threading.current_thread().name)
+
+    def acquire(self, blocking=True, timeout=-1):
+        self.enter()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+
+
 class GroupCommit:
     """Pushes queued behind one held in its hook, on a durable store (SQLite, MySQL
     or PostgreSQL).
 
     The application has an action ``note`` whose submit hook writes the
     package's ``text`` into the table ``log`` through ``db`` (``mark`` is the
-    driver's placeholder), holds the push whose text is ``hold`` until
-    ``release()``, and refuses the text ``refused``.  ``flushes`` lists how
-    many packages each commit wrote (those that wrote none left out), ``commits``
-    the positions each call of the store's ``on_commit`` named.
+    driver's placeholder), holds the push whose text starts with ``hold`` until
+    ``release()``, and refuses the texts ``refused`` and ``hold-refused``.
+    ``flushes`` lists how many packages each commit wrote (those that wrote none
+    left out), ``commits`` the positions each call of the store's ``on_commit``
+    named.  ``batch`` is the held push's batch, ``turn`` its ``CountedTurn``: ``wait_queued(names)``
+    waits until the threads of those names joined the held batch, whatever else
+    (housekeeping) joins it or not.
     """
 
     def __init__(self, url, mark):
         self.url = url
         self.app = make_app(store=url, poll_timeout=0.2)
         self.held, self.released = threading.Event(), threading.Event()
+        self.batch = self.turn = None
         self.results = {}
         self.flushes = []
         store = self.app.store
@@ -174,6 +202,8 @@ class GroupCommit:
         def submit(package, private, db, environ):
             db.cursor().execute(f"INSERT INTO log (text) VALUES ({mark})", (package["text"],))
             if package["text"].startswith("hold"):
+                self.batch = store._local.batch     # the parts behind wait for its turn
+                self.turn = self.batch.turn = CountedTurn(self.batch.turn)
                 self.held.set()
                 assert self.released.wait(10)
             if package["text"] in ("refused", "hold-refused"):
@@ -187,17 +217,21 @@ class GroupCommit:
                     {"type": "note", "listeners": ["to"], "to": ["bob"], "text": text})
             except comet.CometError as error:
                 self.results[text] = error.status
-        thread = threading.Thread(target=run)
+        thread = threading.Thread(target=run, name=f"push {text}")
         thread.start()
         return thread
+
+    def wait_queued(self, names):
+        """Wait until the threads named ``names`` wait for their turn in the held batch."""
+        names = set(names)
+        wait_until(lambda: names <= self.turn.waited)
 
     def run(self, first, *queued):
         """``first`` holds its transaction open until ``queued`` wait behind it; then all go."""
         threads = [self.push(first)]
         assert self.held.wait(10)
         threads += [self.push(text) for text in queued]
-        store = self.app.store
-        wait_until(lambda: sum(batch.queued for batch in store._open) == len(queued))
+        self.wait_queued(thread.name for thread in threads[1:])
         self.released.set()
         for thread in threads:
             thread.join(10)
@@ -424,6 +458,7 @@ class MariaDB:
 
     def __init__(self):
         self.databases = []
+        self.users = []
 
     @staticmethod
     def reachable():
@@ -440,13 +475,26 @@ class MariaDB:
         self.databases.append(name)
         return f"mysql://{USER}@{HOST}:{PORT}/{name}"
 
+    def with_password(self, url):
+        """``(url, password)``: the store ``url`` as a new user of its own, who logs in
+        with a fresh password only (dropped with the databases)."""
+        parts = urllib.parse.urlsplit(url)
+        user, password = "comet_user_" + secrets.token_hex(4), "pw-" + secrets.token_hex(8)
+        self._run(None, f"CREATE USER '{user}'@'{HOST}' IDENTIFIED BY %s", (password,))
+        self.users.append(user)
+        self._run(None, f"GRANT ALL ON `{parts.path.lstrip('/')}`.* TO '{user}'@'{HOST}'")
+        return f"mysql://{user}:{password}@{HOST}:{PORT}{parts.path}", password
+
     def drop_databases(self):
         with contextlib.closing(_connect()) as conn, conn.cursor() as cur:
             # A transaction a failed test left open fails the drop, instead of hanging it.
             cur.execute("SET SESSION lock_wait_timeout = 30")
             for name in self.databases:
                 cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            for user in self.users:
+                cur.execute(f"DROP USER IF EXISTS '{user}'@'{HOST}'")
         self.databases = []
+        self.users = []
 
     def query(self, url, sql, args=()):
         """Rows of ``sql`` run in the database of store ``url``."""
@@ -550,6 +598,12 @@ class PostgreSQL:
         self._run("postgres", f'CREATE DATABASE "{name}"')
         self.databases.append(name)
         return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+    def with_password(self, url):
+        """``(url, password)``: the store ``url`` with a fresh password in it (the local
+        server trusts 127.0.0.1 and takes any)."""
+        password = "pw-" + secrets.token_hex(8)
+        return url.replace(f"//{PG_USER}@", f"//{PG_USER}:{password}@", 1), password
 
     def drop_databases(self):
         for name in self.databases:

@@ -82,10 +82,10 @@ class Interrupt(BaseException):
     """What gevent.Timeout and GreenletExit are: not an Exception."""
 
 
-def queue_behind(group, *pushes, queued=None):
+def queue_behind(group, *pushes):
     """``group``'s scenario with any pushes: a push held in its hook ("hold"),
-    then ``pushes`` (callables) queued behind it in its batch (``queued`` of
-    them stay queued, all by default), then all go.  Returns each one's result
+    then ``pushes`` (callables) queued behind it in its batch (each has waited
+    for its turn there), then all go.  Returns each one's result
     (its return value, a CometError's status, or the BaseException it raised),
     ``hold`` first; threads are daemons, so a batch that never commits fails
     the test instead of hanging it."""
@@ -102,11 +102,11 @@ def queue_behind(group, *pushes, queued=None):
     threads[0].start()
     assert group.held.wait(10)
     for index, push in enumerate(pushes, 1):
-        threads.append(threading.Thread(target=run, args=(index, push), daemon=True))
+        threads.append(threading.Thread(target=run, args=(index, push), name=f"part {index}",
+                                        daemon=True))
         threads[-1].start()
     store = group.app.store
-    queued = len(pushes) if queued is None else queued
-    wait_until(lambda: sum(batch.queued for batch in store._open) == queued)
+    group.wait_queued(thread.name for thread in threads[1:])
     group.released.set()
     deadline = time.monotonic() + 20
     for thread in threads:
@@ -465,16 +465,18 @@ def test_a_base_exception_in_the_flush_or_commit_fails_every_part_and_keeps_noth
 
 
 class Turn:
-    """A batch's turn lock whose waiter in the thread named "interrupted" is
-    interrupted: at once, or (``handed``) just as the turn is handed to it."""
+    """A batch's turn (the group's ``CountedTurn``) whose waiter in the thread named
+    ``victim`` is interrupted: at once, or (``handed``) just as the turn is handed to it."""
 
-    def __init__(self, lock, handed):
-        self.lock = lock
+    def __init__(self, turn, handed, victim):
+        self.lock = turn
         self.handed = handed
+        self.victim = victim
         self.released = threading.Event()
 
     def acquire(self, blocking=True, timeout=-1):
-        if blocking and threading.current_thread().name == "interrupted":
+        if blocking and threading.current_thread().name == self.victim:
+            self.lock.enter()               # it waits in the batch, as a part
             if self.handed:
                 assert self.released.wait(10)
             raise Interrupt()
@@ -488,16 +490,14 @@ class Turn:
 def interrupted_waiting(group, handed):
     """A push whose wait for its turn in the open batch is interrupted."""
     def push():
-        threading.current_thread().name = "interrupted"
-        batch = group.app.store._open[0]
-        batch.turn = Turn(batch.turn, handed)
+        group.batch.turn = Turn(group.batch.turn, handed, threading.current_thread().name)
         return group.app.push({"type": "note", "listeners": "bob", "text": "interrupted"})
     return push
 
 
 def test_a_push_interrupted_while_waiting_its_turn_leaves_the_batch_going(group):
     results = queue_behind(group, note(group, "kept"), interrupted_waiting(group, False),
-                           note(group, "also"), queued=2)
+                           note(group, "also"))
     assert isinstance(results[2], Interrupt)
     assert all(isinstance(stamp, str) for stamp in (results[0], results[1], results[3]))
     assert sorted(group.delivered()) == ["also", "hold", "kept"]

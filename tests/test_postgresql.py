@@ -146,10 +146,9 @@ def test_a_package_for_an_id_holding_nul_is_400_and_its_batch_commits_without_it
             failed["status"], failed["code"] = error.status, error.code
     threads = [group.push("hold")]
     assert group.held.wait(10)
-    threads += [threading.Thread(target=push_nul), group.push("kept")]
+    threads += [threading.Thread(target=push_nul, name="push nul"), group.push("kept")]
     threads[1].start()
-    store = group.app.store
-    wait_until(lambda: sum(batch.queued for batch in store._open) == 2)
+    group.wait_queued(thread.name for thread in threads[1:])
     group.released.set()
     for thread in threads:
         thread.join(10)

@@ -276,7 +276,7 @@ def test_a_slow_hook_holds_up_four_pushes_and_the_fifth_commits_in_another_batch
     threads = [group.push("hold")]
     assert group.held.wait(10)
     threads += [group.push(f"queued {n}") for n in range(4)]
-    wait_until(lambda: sum(batch.queued for batch in group.app.store._open) == 4)
+    group.wait_queued(thread.name for thread in threads[1:])
     threads.append(group.push("fifth"))
     wait_until(lambda: "fifth" in group.results)
     assert isinstance(group.results["fifth"], str) and len(group.results) == 1
