@@ -669,6 +669,20 @@ def postgres():
     server.drop_databases()
 
 
+def answer_from_the_window(monkeypatch):
+    """Every ``Comet`` the test makes from now on starts its housekeeping at once and
+    is returned only once its window is started, so that its polls are answered from
+    the window (as a long-running process's are), not by ``Store.read``."""
+    init = comet.Comet.__init__
+
+    def started(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self._window is not None:
+            self._start()
+            wait_until(lambda: self._window.horizon is not None)
+    monkeypatch.setattr(comet.Comet, "__init__", started)
+
+
 def fresh_store(kind, request, tmp_path):
     """The URL of a new, empty store: ``memory``, ``sqlite``, ``mysql`` or ``postgresql``."""
     if kind == "memory":
