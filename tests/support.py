@@ -291,8 +291,10 @@ def group(request, tmp_path):
 def hooked_traffic(group, pushers=8, each=25, deadline=60.0):
     """``pushers`` real HTTP clients pushing ``each`` notes at once to bob through a
     threaded server on ``group``'s app, every fifth refused by its hook (after the
-    hook wrote to ``log``).  Returns ``(statuses, received)``: each note's status,
-    and the texts bob received, in order, over a cursor that never goes back."""
+    hook wrote to ``log``), then one package of type ``end``.  Returns ``(statuses,
+    received)``: each note's status, and the labels of what bob received, in order,
+    over a cursor that never goes back, until the ``end`` package (``"end"``) and one
+    poll after it."""
     statuses = {}
     with ThreadedServer(group.app) as server:
         bob = Client(server.url, "bob")
@@ -310,11 +312,14 @@ def hooked_traffic(group, pushers=8, each=25, deadline=60.0):
             thread.start()
         for thread in threads:
             thread.join(deadline)
-        expected = sum(status == 200 for status in statuses.values())
+        status, _, _ = Client(server.url, "closer").push({"type": "end", "listeners": ["to"],
+                                                        "to": ["bob"]})
+        assert status == 200
         received = []
         limit = time.monotonic() + deadline
-        while len(received) < expected and time.monotonic() < limit:
-            received += [p["label"] for p in bob.poll(timeout=10)["packages"]]
+        while "end" not in received and time.monotonic() < limit:
+            received += [p.get("label", p["type"]) for p in bob.poll(timeout=10)["packages"]]
+        received += [p.get("label", p["type"]) for p in bob.poll(timeout=10)["packages"]]
     return statuses, received
 
 
