@@ -1196,18 +1196,24 @@ def test_many_pushers_and_pollers_get_each_package_once_in_one_order(server):
     clients = [f"c{n}" for n in range(20)]
     sent = {client: [] for client in clients}              # stamps addressed to each
     got = {client: [] for client in clients}
-    done = threading.Event()
-    errors = []
+    end = {}                                               # the last package's stamp, once pushed
+    errors = []                                            # what went wrong in any thread
     cursors = {client: Client(server.url, client).poll()["cursor"] for client in clients}
+
+    def guarded(work):
+        def run(*args):
+            try:
+                work(*args)
+            except BaseException as error:                 # reported by the main thread
+                errors.append(error)
+        return run
 
     def pusher(n):
         me = Client(server.url, f"p{n}")
         for i in range(50):
             to = [clients[(n + i) % 20], clients[(n * 7 + i * 3) % 20]]
             status, _, body = me.push({"type": "m", "listeners": ["to"], "to": to, "n": n, "i": i})
-            if status != 200:
-                errors.append((status, body))
-                return
+            assert status == 200, (status, body)
             for recipient in set(to):
                 sent[recipient].append(body["accepted"][0])
 
@@ -1217,33 +1223,29 @@ def test_many_pushers_and_pollers_get_each_package_once_in_one_order(server):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             answer = me.poll(timeout=10)
-            assert not answer["reset"]
+            assert not answer["reset"], f"{client} was reset"
             got[client].extend(p["_stamp"] for p in answer["packages"])
-            if done.is_set() and len(got[client]) >= len(sent[client]):
+            if end.get("stamp") in got[client]:
                 return
-    pollers = [threading.Thread(target=poller, args=(c,)) for c in clients]
-    pushers = [threading.Thread(target=pusher, args=(n,)) for n in range(20)]
+        raise AssertionError(f"{client} never got the last package")
+    pollers = [threading.Thread(target=guarded(poller), args=(c,)) for c in clients]
+    pushers = [threading.Thread(target=guarded(pusher), args=(n,)) for n in range(20)]
     for thread in pollers + pushers:
         thread.start()
     for thread in pushers:
         thread.join(60)
-    server.app.push({"type": "end", "listeners": ["to"], "to": clients})   # wakes every poller
-    for client in clients:
-        sent[client].append(None)
-    done.set()
+    end["stamp"] = server.app.push({"type": "end", "listeners": ["to"], "to": clients})
     for thread in pollers:
-        thread.join(60)
-    assert errors == []
-    for client in clients:
-        stamps = [s for s in got[client]]
-        assert len(stamps) == len(set(stamps)), f"{client} got a package twice"
-        assert set(stamps[:-1]) == {s for s in sent[client] if s is not None}, f"{client} lost a package"
-    # One order, no skip: each client got exactly its positions, increasing.
+        thread.join(70)
+    assert errors == [] and not any(thread.is_alive() for thread in pollers + pushers)
     position = stamp_positions(server.app.store)
     for client in clients:
-        mine = [position[s] for s in got[client]]
-        assert mine == sorted(mine)
-        assert mine[:-1] == sorted(position[s] for s in sent[client] if s is not None)
+        stamps = got[client]
+        assert len(stamps) == len(set(stamps)), f"{client} got a package twice"
+        assert set(stamps) == set(sent[client]) | {end["stamp"]}, f"{client} lost a package"
+        # One order, no skip: each client got exactly its positions, increasing.
+        mine = [position[s] for s in stamps]
+        assert mine == sorted(position[s] for s in sent[client] + [end["stamp"]])
 
 
 def stamp_positions(store):
