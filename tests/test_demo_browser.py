@@ -265,15 +265,30 @@ def test_a_refused_message_is_marked_refused(open_chat):
 def test_a_page_backs_off_while_the_server_is_down(demo, open_chat):
     from playwright.sync_api import expect
     alice = open_chat("alice")
+    # Each retry waits the whole of its window (no jitter), and every request is noted.
+    alice.evaluate("""() => {
+        Math.random = () => 0.999;
+        window.sent = [];
+        const fetch = window.fetch;
+        window.fetch = (url, init) => {
+            window.sent.push([String(url).split("?")[0], performance.now()]);
+            return fetch(url, init);
+        };
+    }""")
+    killed = alice.evaluate("performance.now()")
     demo.kill()
     expect(alice.locator("#status")).to_have_class("offline")
     say(alice, "queued")             # so the push worker retries too, not only the poll
-    requests = []
-    alice.on("request", lambda request: requests.append(request.url))
 
-    alice.wait_for_timeout(4000)     # the window we count in
+    alice.wait_for_function("""killed => ["/poll", "/push"].every(path => window.sent.filter(
+        ([url, at]) => url.endsWith(path) && at > killed).length >= 4)""", arg=killed,
+                            timeout=40000)
 
-    assert 2 <= len(requests) <= 15, f"{len(requests)} requests in 4 s: {requests}"
+    sent = alice.evaluate("window.sent")
+    for path in ("/poll", "/push"):  # the first four tries of each loop once the server is gone
+        times = [at for url, at in sent if url.endswith(path) and at > killed][:4]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert gaps == sorted(gaps) and gaps[-1] > 1.5 * gaps[0], (path, gaps)
 
 
 def test_three_people_two_rooms(open_chat, tmp_path):
