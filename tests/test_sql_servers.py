@@ -155,10 +155,17 @@ def test_ids_differing_in_case_accents_or_trailing_spaces_are_different_recipien
         [p["to"] for p in answer["packages"]]
 
 
-def test_package_for_ids_differing_only_in_case_is_accepted(app):
+def test_package_for_ids_differing_only_in_case_is_accepted_and_reaches_each(app):
     upper, lower = new_ids("Bob", "bob")
+    cursors = {who: poll(app.web, who)["cursor"] for who in (upper, lower)}
 
-    push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [lower, upper]})
+    both = push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [lower, upper]})
+    mine = {who: push(app.web, "sender", {"type": "message", "listeners": ["to"], "to": [who]})
+            for who in (upper, lower)}
+
+    for who in (upper, lower):
+        answer = poll(app.web, who, cursors[who])
+        assert [p["_stamp"] for p in answer["packages"]] == both["accepted"] + mine[who]["accepted"]
 
 
 def test_stamps_differing_only_in_case_are_different_packages(app):
