@@ -38,6 +38,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -189,9 +190,26 @@ def _single_recipient(listeners):
     return None
 
 
+def _client_ids(found):
+    """``found`` when it is a list of client ids that are all plain strings, checked
+    at once (the common case, and a channel of thousands costs microseconds);
+    else None, and each is checked on its own."""
+    if set(map(type, found)) <= {str} and (not found or (
+            min(map(len, found)) > 0 and max(map(len, found)) <= _MAX_ID
+            and _unicode("".join(found)))):
+        return found
+    return None
+
+
 def _text(value):
     """An id read back from a store: VARBINARY columns come back as bytes."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(values):
+    """A column of ids read back from a store, as ``_text`` makes each."""
+    values = list(values)
+    return [_text(value) for value in values] if bytes in set(map(type, values)) else values
 
 
 def _public_id(sid):
@@ -334,7 +352,7 @@ class MemoryStore(Store):
         self._writer = threading.RLock()    # one transaction at a time, as in SQLite
         self._lock = threading.Lock()       # the committed state below, held briefly
         self._head = 0
-        self._log = collections.deque()     # (position, ts, stamp, recipients), oldest first
+        self._log = collections.deque()     # (position, ts, stamp, deliveries), oldest first
         self._inbox = {}                    # recipient -> [(position, ts, body)]
         self._lost = {}                     # recipient -> its newest purged position
         self._purges = collections.deque([(0, 0)])  # (purged through, when); the first is the floor
@@ -356,7 +374,7 @@ class MemoryStore(Store):
     def read(self, recipient, after, limit):
         with self._lock:
             inbox = self._inbox.get(recipient, ())
-            start = bisect.bisect_right(inbox, after, key=lambda row: row[0])
+            start = bisect.bisect_right(inbox, (after, math.inf))    # past every row at after
             lost = self._lost.get(recipient, 0) > after or after < self._purges[0][0]
             return self._head, inbox[start:start + limit], lost
 
@@ -381,15 +399,15 @@ class MemoryStore(Store):
         with self._lock:                    # polls wait for this: a bounded step at a time
             deleted = 0
             while self._log and self._log[0][1] < before and deleted < _PURGE_ROWS:
-                position, _, stamp, recipients = self._log.popleft()
+                position, _, stamp, deliveries = self._log.popleft()
                 self._stamps.discard(stamp)
-                for recipient in recipients:
+                for recipient, _ in deliveries:
                     inbox = self._inbox[recipient]
                     del inbox[0]
                     self._lost[recipient] = position
                     if not inbox:
                         del self._inbox[recipient]
-                deleted += 1 + len(recipients)
+                deleted += 1 + len(deliveries)
             if deleted:
                 self._purges.append((position, now))
                 return True
@@ -460,9 +478,15 @@ class _MemoryTransaction:
                 store._head += 1
                 position = store._head
                 delivered = [(recipient, tailored or body) for recipient, tailored in deliveries]
-                for recipient, text in delivered:
-                    store._inbox.setdefault(recipient, []).append((position, ts, text))
-                store._log.append((position, ts, stamp, [r for r, _ in deliveries]))
+                row = position, ts, body    # shared by every recipient of the package as stored
+                inbox = store._inbox
+                for recipient, tailored in deliveries:
+                    kept = row if tailored is None else (position, ts, tailored)
+                    if recipient in inbox:
+                        inbox[recipient].append(kept)
+                    else:
+                        inbox[recipient] = [kept]
+                store._log.append((position, ts, stamp, deliveries))
                 store._stamps.add(stamp)
                 self.appended.append((position, ts, delivered))
             for channel, client, sender, ts in self._changes:
@@ -560,7 +584,7 @@ class _SQLStore(Store):
         for chunk in self._chunks(rows, min(500, self._max_variables // len(rows[0]))):
             values = ", ".join(["(" + ", ".join(["?"] * len(chunk[0])) + ")"] * len(chunk))
             self._execute(cur, f"{sql} {values}{conflict}",
-                          [value for row in chunk for value in row])
+                          list(itertools.chain.from_iterable(chunk)))
 
     def _chunks(self, rows, most):
         """``rows`` in runs of at most ``most`` rows and ``_statement_bytes``."""
@@ -861,7 +885,7 @@ class _SQLStore(Store):
         for position, (stamp, ts, body, targets) in enumerate(
                 batch.pending, last - len(batch.pending) + 1):
             packages.append((position, stamp, ts, body))
-            deliveries.extend((recipient, position, tailored) for recipient, tailored in targets)
+            deliveries += [(recipient, position, tailored) for recipient, tailored in targets]
             appended.append((position, ts, [(recipient, tailored or body)
                                             for recipient, tailored in targets]))
         self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES", packages)
@@ -1110,8 +1134,8 @@ class _SQLTransaction:
         batch.stamps.add(stamp)
 
     def member_ids(self, channel):
-        return [_text(row[0]) for row in self._run(
-            "SELECT client FROM comet_members WHERE channel = ?", (channel,)).fetchall()]
+        return _texts(itertools.chain.from_iterable(self._run(
+            "SELECT client FROM comet_members WHERE channel = ?", (channel,)).fetchall()))
 
     def is_member(self, channel, client):
         return self._run("SELECT 1 FROM comet_members WHERE channel = ? AND client = ?",
@@ -1515,9 +1539,9 @@ class _Parking:
     def wake(self, positions):
         """Wake each parked poll that has a package at a position past its cursor."""
         waiters = self._waiters             # its lists are replaced, never changed: no lock needed
-        for client, position in positions.items():
+        for client in positions.keys() & waiters.keys():
             for waiter in waiters.get(client, ()):
-                if position > waiter.after:
+                if positions[client] > waiter.after:
                     waiter.wake()
 
     def clients(self):
@@ -1543,8 +1567,8 @@ class _Window:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.base = self.horizon = None     # unknown until ``start``
-        self._inbox = {}                    # recipient -> [(position, ts, body)]
-        self._log = collections.deque()     # (position, ts, recipients, bytes), oldest first
+        self._inbox = collections.defaultdict(list)     # recipient -> [(position, ts, body)]
+        self._log = collections.deque()     # (position, ts, delivered, bytes), oldest first
         self._ahead = {}                    # position -> (ts, delivered): committed here, past a gap
         self._lock = threading.Lock()
 
@@ -1556,7 +1580,8 @@ class _Window:
         """Forget everything: reads go to the store until ``start`` again."""
         with self._lock:
             self.base = self.horizon = None
-            self._inbox, self._log, self._ahead, self.bytes = {}, collections.deque(), {}, 0
+            self._inbox, self._log = collections.defaultdict(list), collections.deque()
+            self._ahead, self.bytes = {}, 0
 
     def add(self, appended):
         """This process's commits: ``[(position, ts, [(recipient, body)])]``."""
@@ -1582,19 +1607,29 @@ class _Window:
             self._ahead = {p: entry for p, entry in self._ahead.items() if p > self.horizon}
 
     def _keep(self, position, ts, delivered):
-        bodies = {id(body): sys.getsizeof(body) for _, body in delivered}
-        size = sum(bodies.values()) + self._DELIVERY * len(delivered)
-        for recipient, body in delivered:
-            self._inbox.setdefault(recipient, []).append((position, ts, body))
-        self._log.append((position, ts, [recipient for recipient, _ in delivered], size))
+        # A row for each distinct body (by identity, as stores share them), shared by
+        # its recipients; built without a Python step per recipient where it can be.
+        bodies = list(map(operator.itemgetter(1), delivered))
+        distinct = dict(zip(map(id, bodies), bodies))
+        rows = {key: (position, ts, body) for key, body in distinct.items()}
+        size = sum(sys.getsizeof(row[2]) for row in rows.values()) + self._DELIVERY * len(delivered)
+        inbox = self._inbox
+        if len(rows) == 1:                  # every recipient gets the package as stored
+            row, = rows.values()
+            for recipient, _ in delivered:
+                inbox[recipient].append(row)
+        else:
+            for recipient, body in delivered:
+                inbox[recipient].append(rows[id(body)])
+        self._log.append((position, ts, delivered, size))
         self.bytes += size
         self.horizon = position
         while self.bytes > self.max_bytes:
             self._let_go()
 
     def _let_go(self):
-        oldest, _, recipients, size = self._log.popleft()
-        for recipient in recipients:
+        oldest, _, delivered, size = self._log.popleft()
+        for recipient, _ in delivered:
             inbox = self._inbox[recipient]
             del inbox[0]
             if not inbox:
@@ -1616,7 +1651,7 @@ class _Window:
                     recipient == r for _, delivered in self._ahead.values() for r, _ in delivered):
                 return None
             inbox = self._inbox.get(recipient, [])
-            start = bisect.bisect_right(inbox, after, key=lambda row: row[0])
+            start = bisect.bisect_right(inbox, (after, math.inf))    # past every row at after
             return self.horizon, inbox[start:start + limit]
 
 
@@ -2064,6 +2099,19 @@ class Comet:
         # Encoded here, in this package's own part of the transaction: what cannot
         # be stored fails this package, never the commit it shares with others.
         body = self._json(package)
+        if not (action and action.emit or self.emit_filter):
+            deliveries = [(recipient, None) for recipient in recipients]    # each as stored
+        else:
+            deliveries = self._tailor(tx, package, body, recipients, action, private)
+        tx.append(stamp, stored, body, deliveries)
+        if client is not None and kind == "leave":
+            for channel in channels:
+                tx.remove_member(channel, client)
+        return stamp
+
+    def _tailor(self, tx, package, body, recipients, action, private):
+        """``[(recipient, body or None)]``: what ``on_emit`` and ``emit_filter`` make of
+        ``package`` for each recipient (None: the package as stored)."""
         deliveries = []
         for recipient in recipients:
             delivered = package
@@ -2076,11 +2124,7 @@ class Comet:
                 continue
             tailored = None if delivered is package else self._json(delivered)
             deliveries.append((recipient, None if tailored == body else tailored))
-        tx.append(stamp, stored, body, deliveries)
-        if client is not None and kind == "leave":
-            for channel in channels:
-                tx.remove_member(channel, client)
-        return stamp
+        return deliveries
 
     def _validate(self, package):
         """A copy of ``package`` without ``private``, and its channel listeners."""
@@ -2126,9 +2170,11 @@ class Comet:
             if self._channel(name) is not None:
                 recipients.update(dict.fromkeys(tx.member_ids(name)))
                 continue
-            found = self._call(lambda: [r if isinstance(r, int) else str(r) for r in
-                                        self._listeners[name](environ, package, tx.db) or ()])
-            ids = [_single_recipient(recipient) for recipient in found]
+            found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
+            ids = _client_ids(found)
+            if ids is None:
+                ids = self._call(lambda: [_single_recipient(r if isinstance(r, int) else str(r))
+                                          for r in found])
             if None in ids:                 # often the package's own data, passed on: its 400
                 log.warning("comet: listener %r named a recipient that is no client id", name)
                 raise _bad_package(f"listener {name!r} named a recipient that is no client id"
