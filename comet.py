@@ -353,7 +353,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()       # the committed state below, held briefly
         self._head = 0
         self._log = collections.deque()     # (position, ts, stamp, deliveries), oldest first
-        self._inbox = {}                    # recipient -> [(position, ts, body)]
+        self._inbox = collections.defaultdict(list)     # recipient -> [(position, ts, body)]
         self._lost = {}                     # recipient -> its newest purged position
         self._purges = collections.deque([(0, 0)])  # (purged through, when); the first is the floor
         self._stamps = set()
@@ -479,13 +479,9 @@ class _MemoryTransaction:
                 position = store._head
                 delivered = [(recipient, tailored or body) for recipient, tailored in deliveries]
                 row = position, ts, body    # shared by every recipient of the package as stored
-                inbox = store._inbox
                 for recipient, tailored in deliveries:
-                    kept = row if tailored is None else (position, ts, tailored)
-                    if recipient in inbox:
-                        inbox[recipient].append(kept)
-                    else:
-                        inbox[recipient] = [kept]
+                    store._inbox[recipient].append(
+                        row if tailored is None else (position, ts, tailored))
                 store._log.append((position, ts, stamp, deliveries))
                 store._stamps.add(stamp)
                 self.appended.append((position, ts, delivered))
@@ -1488,8 +1484,10 @@ class _Waiter:
         return self._lock.acquire(timeout=timeout)
 
     def wake(self):
-        with contextlib.suppress(RuntimeError):     # woken already
+        try:
             self._lock.release()
+        except RuntimeError:                # woken already
+            pass
 
 
 class _Parking:
@@ -1502,7 +1500,7 @@ class _Parking:
         self.total = total
         self.count = 0
         self._waiters = {}                  # client -> [_Waiter]
-        self._addresses = collections.Counter()     # address -> polls parked
+        self._addresses = {}                # address -> polls parked
         self._lock = threading.Lock()
 
     def park(self, client, address, after):
@@ -1513,13 +1511,13 @@ class _Parking:
             if len(waiters) >= self.per_client:
                 raise CometError(429, "rate_limited", "too many polls at once for this client",
                                  retry_after=1)
-            if address is not None and self._addresses[address] >= self.per_address:
+            if address is not None and self._addresses.get(address, 0) >= self.per_address:
                 raise CometError(429, "rate_limited", "too many polls at once from this address",
                                  retry_after=1)
             waiter = _Waiter(client, address, after)
             self._waiters[client] = waiters + [waiter]
             if address is not None:
-                self._addresses[address] += 1
+                self._addresses[address] = self._addresses.get(address, 0) + 1
             self.count += 1
             return waiter
 
@@ -1531,8 +1529,10 @@ class _Parking:
             else:
                 del self._waiters[waiter.client]
             if waiter.address is not None:
-                self._addresses[waiter.address] -= 1
-                if not self._addresses[waiter.address]:
+                parked = self._addresses[waiter.address] - 1
+                if parked:
+                    self._addresses[waiter.address] = parked
+                else:
                     del self._addresses[waiter.address]
             self.count -= 1
 
@@ -1773,8 +1773,7 @@ _JSON = ("Content-Type", "application/json; charset=utf-8")
 _NO_STORE = ("Cache-Control", "no-store")
 
 
-def _status_line(status):
-    return f"{status} {http.HTTPStatus(status).phrase}"
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
 
 def _read_body(environ, limit):
@@ -1796,6 +1795,16 @@ def _read_body(environ, limit):
     if len(length.lstrip("0")) > len(str(limit)) or int(length) > limit:
         raise _too_large(limit)                     # (int() refuses past 4,300 digits)
     return stream.read(int(length))
+
+
+def _cursor_of(environ):
+    """The ``cursor`` of a poll's query string: None when it has none, "" when it
+    has several (none is one we issued)."""
+    query = environ.get("QUERY_STRING", "")
+    if query.startswith("cursor=") and "&" not in query and "%" not in query and "+" not in query:
+        return query[7:]                    # what the client sends: nothing to decode
+    cursors = urllib.parse.parse_qs(query, keep_blank_values=True).get("cursor", [None])
+    return cursors[0] if len(cursors) == 1 else ""
 
 
 def _too_large(limit):
@@ -1887,12 +1896,12 @@ class Comet:
         self.max_listeners = max_listeners
         self.client_address = client_address
         self._routes = {
-            self.prefix + "/poll": ("GET", self._serve_poll),
-            self.prefix + "/push": ("POST", self._serve_push),
-            self.prefix + "/comet.js": ("GET, HEAD", self._serve_script),
+            self.prefix + "/poll": (("GET",), self._serve_poll),
+            self.prefix + "/push": (("POST",), self._serve_push),
+            self.prefix + "/comet.js": (("GET", "HEAD"), self._serve_script),
         }
         if script_path:
-            self._routes[script_path] = ("GET, HEAD", self._serve_script)
+            self._routes[script_path] = (("GET", "HEAD"), self._serve_script)
         self._listeners = {}
         self._channels = {}
         self._namespaces = []               # longest prefix first
@@ -1980,7 +1989,7 @@ class Comet:
         says, or the one of the ``comet_sid`` cookie; None when it has none yet."""
         if self.id is not None:
             client = self._call(self.id, environ)
-            return None if client is None else self._call(str, client)
+            return client if client is None or type(client) is str else self._call(str, client)
         match = _SID.search(environ.get("HTTP_COOKIE", ""))
         return _public_id(match.group(1)) if match else None
 
@@ -2396,9 +2405,9 @@ class Comet:
             if route is None:
                 raise CometError(404, "not_found", f"no comet endpoint at {path}")
             methods, serve = route
-            if environ.get("REQUEST_METHOD", "GET") not in methods.split(", "):
-                headers.append(("Allow", methods))
-                raise CometError(405, "method", f"{path} takes {methods}")
+            if environ.get("REQUEST_METHOD", "GET") not in methods:
+                headers.append(("Allow", ", ".join(methods)))
+                raise CometError(405, "method", f"{path} takes {', '.join(methods)}")
             self._start()
             status, extra, body = serve(environ)
             headers = extra
@@ -2415,7 +2424,7 @@ class Comet:
         if "comet.set_cookie" in environ:
             headers.append(("Set-Cookie", environ["comet.set_cookie"]))
         headers.append(("Content-Length", str(len(body))))
-        start_response(_status_line(status), headers)
+        start_response(_STATUS_LINES[status], headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def _identify(self, environ):
@@ -2447,10 +2456,8 @@ class Comet:
 
     def _serve_poll(self, environ):
         client = self._identify(environ)
-        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        cursors = query.get("cursor", [None])
-        cursor = cursors[0] if len(cursors) == 1 else ""    # several: none is one we issued
-        return 200, [_JSON, _NO_STORE], self._poll(client, cursor, self._address(environ)).encode()
+        return 200, [_JSON, _NO_STORE], self._poll(client, _cursor_of(environ),
+                                                   self._address(environ)).encode()
 
     def _serve_push(self, environ):
         content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
