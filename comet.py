@@ -1499,6 +1499,7 @@ class _Parking:
         self.per_address = per_address
         self.total = total
         self.count = 0
+        self.wakes = 0                      # wake-ups begun so far: see Comet._poll
         self._waiters = {}                  # client -> [_Waiter]
         self._addresses = {}                # address -> polls parked
         self._lock = threading.Lock()
@@ -1537,7 +1538,10 @@ class _Parking:
             self.count -= 1
 
     def wake(self, positions):
-        """Wake each parked poll that has a package at a position past its cursor."""
+        """Wake each parked poll that has a package at a position past its cursor
+        (committed, and readable, before this is called)."""
+        with self._lock:
+            self.wakes += 1
         waiters = self._waiters             # its lists are replaced, never changed: no lock needed
         for client in positions.keys() & waiters.keys():
             for waiter in waiters.get(client, ()):
@@ -2226,10 +2230,11 @@ class Comet:
         if not match or match[1] != self.store.id or int(match[2]) > _MAX_POSITION:
             return self._answer(self.store.head(), reset=True)     # not one we issued
         after = int(match[2])
-        waiter = self._parking.park(client, address, after)
+        deadline = time.monotonic() + self.poll_timeout
+        waiter = None                       # parked only when there is nothing to answer yet
         try:
-            deadline = time.monotonic() + self.poll_timeout
             while True:
+                wakes = self._parking.wakes
                 head, rows, lost = self._read(client, after)
                 if after > head or lost or rows and rows[0][1] < self.store.now() - self.retention * 1000:
                     return self._answer(head, reset=True)
@@ -2237,11 +2242,16 @@ class Comet:
                     self._count("delivered", len(rows))
                     return self._answer(head if len(rows) < _PAGE else rows[-1][0],
                                         [row[2] for row in rows])
+                if waiter is None:
+                    waiter = self._parking.park(client, address, after)
+                    if self._parking.wakes != wakes:
+                        continue            # a wake-up began since the read, maybe before parking
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not waiter.wait(remaining):
                     return self._answer(head)
         finally:
-            self._parking.unpark(waiter)
+            if waiter is not None:
+                self._parking.unpark(waiter)
 
     def _read(self, client, after):
         """``Store.read``, from the window when it can answer (no query)."""
