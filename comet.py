@@ -868,7 +868,7 @@ class _SQLStore(Store):
         return appended if clean else []
 
     def _flush(self, batch):
-        """Write the batch's packages: positions taken last, then two inserts.
+        """Write the batch's packages: positions taken last, then the inserts.
         Returns what was appended, as ``on_commit`` takes it."""
         for start in range(0, len(batch.claims), self._max_variables):
             claims = batch.claims[start:start + self._max_variables]
@@ -877,17 +877,26 @@ class _SQLStore(Store):
         if not batch.pending:
             return []
         last = self._take_positions(batch.cur, len(batch.pending))
-        packages, deliveries, appended = [], [], []
+        packages, deliveries, tailored_deliveries, appended = [], [], [], []
         for position, (stamp, ts, body, targets) in enumerate(
                 batch.pending, last - len(batch.pending) + 1):
             packages.append((position, stamp, ts, body))
-            deliveries += [(recipient, position, tailored) for recipient, tailored in targets]
+            deliveries += [(recipient, position) for recipient, tailored in targets
+                           if tailored is None]
+            tailored_deliveries += [(recipient, position, tailored) for recipient, tailored in targets
+                                    if tailored is not None]
             appended.append((position, ts, [(recipient, tailored or body)
                                             for recipient, tailored in targets]))
         self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES", packages)
+        # A delivery of the package as stored leaves its body NULL by leaving it out:
+        # a None bound is a value the driver adapts, one at a time (SQLite looks up
+        # __adapt__ and __conform__, raising and dropping an AttributeError for each).
         if deliveries:
-            self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
+            self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos) VALUES",
                          deliveries)
+        if tailored_deliveries:
+            self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
+                         tailored_deliveries)
         return appended
 
     def close(self):
