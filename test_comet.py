@@ -632,6 +632,23 @@ def test_more_parked_polls_than_allowed_per_client_is_429(store_url):
         parked.join(5)
 
 
+def test_a_client_at_its_parked_poll_limit_is_answered_what_is_waiting_for_it(store_url):
+    # The limit counts polls held; a poll that has something to answer is never held.
+    app = make_app(store=store_url, max_polls_per_client=1, poll_timeout=5)
+    with ThreadedServer(app) as server:
+        alice, bob = Client(server.url, "alice"), Client(server.url, "bob")
+        before = alice.poll()["cursor"]
+        stamp = bob.push({"type": "x", "listeners": "alice"})[2]["accepted"][0]
+        after = alice.poll(before)["cursor"]
+        parked = threading.Thread(target=alice.poll, args=(after,))
+        parked.start()
+        wait_until(lambda: app.stats()["parked"] == 1)
+        status, _, body = alice.request("GET", "/comet/poll?cursor=" + before)
+        assert status == 200 and [p["_stamp"] for p in body["packages"]] == [stamp]
+        bob.push({"type": "y", "listeners": "alice"})
+        parked.join(5)
+
+
 def test_more_parked_polls_than_max_polls_is_503(store_url):
     app = make_app(store=store_url, max_polls=1, poll_timeout=5)
     with ThreadedServer(app) as server:
