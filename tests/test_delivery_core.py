@@ -319,13 +319,9 @@ def test_a_package_is_delivered_until_it_is_older_than_retention_then_it_resets(
     assert (expired["packages"], expired["reset"]) == ([], True)
 
 
-def test_a_poll_parked_on_one_app_is_woken_by_a_push_through_another_sharing_the_file(tmp_path):
-    url = f"sqlite:///{tmp_path}/comet.db"
-    here, there = (make_app(store=url, poll_timeout=60, tail_interval=0.02) for _ in range(2))
-    for app in (here, there):
-        @app.action("x").on_emit
-        def emit(package, recipient, private, db):
-            return dict(package, to_you=recipient) if recipient != "dave" else package
+def park_bob_and_dave_then_push(here, there):
+    """Polls of bob and dave parked on ``here`` (served, its window started), then a
+    push to both through ``there``; their answers."""
     with ThreadedServer(here) as server:
         cursors = {name: Client(server.url, name).poll()["cursor"] for name in ("bob", "dave")}
         wait_until(lambda: here._window.horizon is not None)     # the first tail turn ran
@@ -343,6 +339,17 @@ def test_a_poll_parked_on_one_app_is_woken_by_a_push_through_another_sharing_the
 
         for thread in threads:
             thread.join(20)
+    return answers
+
+
+def test_a_poll_parked_on_one_app_is_woken_by_a_push_through_another_sharing_the_file(tmp_path):
+    url = f"sqlite:///{tmp_path}/comet.db"
+    here, there = (make_app(store=url, poll_timeout=60, tail_interval=0.02) for _ in range(2))
+    for app in (here, there):
+        @app.action("x").on_emit
+        def emit(package, recipient, private, db):
+            return dict(package, to_you=recipient) if recipient != "dave" else package
+    answers = park_bob_and_dave_then_push(here, there)
     assert [p.get("to_you") for p in answers["bob"]["packages"]] == ["bob"]
     assert [p.get("to_you") for p in answers["dave"]["packages"]] == [None]
     assert answers["bob"]["packages"][0]["_stamp"] == answers["dave"]["packages"][0]["_stamp"]
@@ -358,23 +365,7 @@ def test_a_woken_poll_is_answered_from_the_window_with_its_own_tailored_copy(tmp
     reads = []
     read = app.store.read
     monkeypatch.setattr(app.store, "read", lambda *args: reads.append(args) or read(*args))
-    with ThreadedServer(app) as server:
-        cursors = {name: Client(server.url, name).poll()["cursor"] for name in ("bob", "dave")}
-        wait_until(lambda: app._window.horizon is not None)
-        answers = {}
-
-        def park(name):
-            answers[name] = Client(server.url, name).poll(cursors[name], timeout=90)
-        threads = [threading.Thread(target=park, args=(name,), daemon=True)
-                   for name in ("bob", "dave")]
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: app.stats()["parked"] == 2)
-
-        app.push({"type": "x", "listeners": ["to"], "to": ["bob", "dave"]})
-
-        for thread in threads:
-            thread.join(20)
+    answers = park_bob_and_dave_then_push(app, app)
     assert [p.get("to_you") for p in answers["bob"]["packages"]] == ["bob"]
     assert [p.get("to_you") for p in answers["dave"]["packages"]] == [None]
     assert reads == []
