@@ -127,6 +127,21 @@ EQUIVALENT = {
         "Retry-After is sent as at least 1 second whatever the hint",
     "_SQLStore.tail | if head <= after: | <= -> <":
         "at head == after the two reads find nothing and the tail answers (head, []) all the same",
+    "_MemoryTransaction.commit | delivered = [(recipient, tailored or body) for recipient, tailored in deliveries] | or -> and":
+        "the memory store is not shared, so its Comet keeps no window: the bodies it reports"
+        " to on_commit are read by nobody (only the recipients, to wake their polls)",
+    "_SQLTransaction.savepoint | del batch.claims[marks[1]:] | slice lower + 1":
+        "keeps one rolled-back claim in the list: the flush deletes its provisional row, which"
+        " the rollback already took away, and a random 62-bit position never names another",
+    "_SQLTransaction.savepoint | del batch.claims[marks[1]:] | 1 -> 0":
+        "a claim is made only for a package appended next (or its part fails), so at a"
+        " savepoint claims never outnumber pending packages: the list keeps rolled-back"
+        " claims at most, whose rows the flush deletes in vain",
+    "_SQLTransaction.claim_stamp | return False | return None":
+        "its caller only asks whether the stamp was taken: None and False alike say no",
+    "_SQLTransaction.append | batch.stamps.add(stamp) | call dropped":
+        "the set only spares a query: a client's stamp is claimed by a row first, and the"
+        " second claim in the same transaction finds that row; a server's stamp is new",
 }
 
 
