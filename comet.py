@@ -2121,11 +2121,7 @@ class Comet:
         # Encoded here, in this package's own part of the transaction: what cannot
         # be stored fails this package, never the commit it shares with others.
         body = self._json(package)
-        if not (action and action.emit or self.emit_filter):
-            deliveries = [(recipient, None) for recipient in recipients]    # each as stored
-        else:
-            deliveries = self._tailor(tx, package, body, recipients, action, private)
-        tx.append(stamp, stored, body, deliveries)
+        tx.append(stamp, stored, body, self._tailor(tx, package, body, recipients, action, private))
         if client is not None and kind == "leave":
             for channel in channels:
                 tx.remove_member(channel, client)
@@ -2134,6 +2130,8 @@ class Comet:
     def _tailor(self, tx, package, body, recipients, action, private):
         """``[(recipient, body or None)]``: what ``on_emit`` and ``emit_filter`` make of
         ``package`` for each recipient (None: the package as stored)."""
+        if not (action and action.emit or self.emit_filter):
+            return [(recipient, None) for recipient in recipients]     # each as stored
         deliveries = []
         for recipient in recipients:
             delivered = package

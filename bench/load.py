@@ -374,6 +374,19 @@ class Audience:
 # Workloads
 # --------------------------------------------------------------------------
 
+async def push_round(members, seq, n, round_limit, push):
+    """One round: ``push`` (a coroutine) sent while ``members`` wait for package
+    ``seq``; the seconds until the push was answered, and until each arrival."""
+    collecting = asyncio.create_task(asyncio.to_thread(members.collect, seq, round_limit))
+    sent = time.monotonic()
+    await push
+    answered = time.monotonic() - sent
+    got, lacking = await collecting
+    if lacking or len(got) < n:
+        raise BenchError(f"round {seq}: {len(got)} of {n} had it in {round_limit:g} s")
+    return answered, [t - sent for t in got]
+
+
 async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120.0, processes=4):
     """One push to ``n`` parked polls, ``rounds`` times: the time until all received it.
 
@@ -422,14 +435,10 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
                 cpu1, t1 = cpu_seconds(target.pid), time.monotonic()
                 result["idle_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
                 result["idle_seconds"] = round(t1 - t0, 1)
-            collecting = asyncio.create_task(asyncio.to_thread(members.collect, seq, round_limit))
-            sent = time.monotonic()
-            await publisher.push(package(room, seq))
-            got, lacking = await collecting
-            if lacking or len(got) < n:
-                raise BenchError(f"round {seq}: {len(got)} of {n} received in {round_limit:g} s")
-            totals.append(max(got) - sent)
-            latencies += [t - sent for t in got]
+            _, arrivals = await push_round(members, seq, n, round_limit,
+                                           publisher.push(package(room, seq)))
+            totals.append(max(arrivals))
+            latencies += arrivals
             result["rounds"] += 1
         result["rss_mb"] = rss_mb(target.pid)
     except Exception as error:              # recorded as a failed cell, the run goes on
@@ -868,15 +877,10 @@ async def channel(target, n=10000, rounds=3, joins=1000, join_concurrency=50, jo
             result.setdefault("park_s", round(time.monotonic() - started, 1))
             p = package(name, seq)
             p["listeners"] = [name] if target.app == "comet" else ["room"]
-            sent = time.monotonic()
-            collecting = asyncio.create_task(asyncio.to_thread(members.collect, seq, round_limit))
-            await pusher.push(p)
-            answered.append(time.monotonic() - sent)
-            got, lacking = await collecting
-            if lacking or len(got) < n:
-                raise BenchError(f"round {seq}: {len(got)} of {n} had it in {round_limit:g} s")
-            totals.append(max(got) - sent)
-            latencies += [t - sent for t in got]
+            push_s, arrivals = await push_round(members, seq, n, round_limit, pusher.push(p))
+            answered.append(push_s)
+            totals.append(max(arrivals))
+            latencies += arrivals
             result["rounds"] += 1
         result["rss_mb"] = rss_mb(target.pid)
     except Exception as error:              # recorded as a failed cell, the run goes on
