@@ -541,6 +541,11 @@ class _SQLStore(Store):
             self._execute(cur, f"{into} VALUES (1, ?, 0, 0){conflict}", (secrets.token_hex(4),))
             into, conflict = self._upsert("comet_purge_log", ("pos", "ts"), ("pos",), replace=False)
             self._execute(cur, f"{into} VALUES (0, 0){conflict}")
+            # The purged position has a row of its own, which pushes never lock: tables
+            # made by earlier versions kept it in comet_meta, where it starts from.
+            into, conflict = self._upsert("comet_purge", ("one", "purged"), ("one",),
+                                          replace=False)
+            self._execute(cur, f"{into} SELECT 1, purged FROM comet_meta{conflict}")
             self._execute(cur, "SELECT id FROM comet_meta")
             self.id = cur.fetchone()[0]
             conn.commit()
@@ -993,7 +998,7 @@ class _SQLStore(Store):
         purged, kept, last = self._query(
             "SELECT purged, (SELECT MIN(pos) FROM comet_packages WHERE pos > m.purged"
             " AND pos <= ? + m.purged AND ts >= ?), (SELECT MAX(pos) FROM comet_packages"
-            " WHERE pos > m.purged AND pos <= ? + m.purged) FROM comet_meta m",
+            " WHERE pos > m.purged AND pos <= ? + m.purged) FROM comet_purge m",
             (_PURGE_ROWS, before, _PURGE_ROWS))[0]
         upto = last if kept is None else kept - 1
         if upto is None or upto <= purged:
@@ -1012,6 +1017,13 @@ class _SQLStore(Store):
         marks, marked = self._upsert("comet_purged", ("recipient", "pos"), ("recipient",))
         logged, conflict = self._upsert("comet_purge_log", ("pos", "ts"), ("pos",), replace=False)
         with self.transaction(alone=True) as tx:
+            if upto > purged:
+                # Another process purging the same packages at the same time waits here
+                # and then rolls back (no mark is ever lowered).  The row is comet_purge's,
+                # which pushes never touch: they do not wait for this step's commit.
+                if tx._run("UPDATE comet_purge SET purged = ? WHERE purged = ?",
+                           (upto, purged)).rowcount != 1:
+                    raise _unavailable("another process is purging")
             for rows, args in slices:       # marks first: they come from the rows deleted next
                 tx._run(f"{marks} SELECT recipient, MAX(pos) FROM comet_deliveries WHERE {rows}"
                         f" GROUP BY recipient{marked}", args)
@@ -1019,12 +1031,6 @@ class _SQLStore(Store):
             if upto > purged:
                 tx._run("DELETE FROM comet_packages WHERE pos > ? AND pos <= ?", (purged, upto))
                 tx._run(f"{logged} VALUES (?, ?){conflict}", (upto, self.now()))
-                # Another process purging the same slice at the same time: one of the two
-                # commits it, the other rolls back (no mark is ever lowered).  Last, as
-                # pushes take their positions from this row too.
-                if tx._run("UPDATE comet_meta SET purged = ? WHERE purged = ?",
-                           (upto, purged)).rowcount != 1:
-                    raise _unavailable("another process is purging")
         return True
 
     def _keys(self):
@@ -1187,6 +1193,8 @@ class SQLiteStore(_SQLStore):
         " pos INTEGER NOT NULL)",
         "CREATE TABLE IF NOT EXISTS comet_purge_log (pos INTEGER PRIMARY KEY,"
         " ts INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS comet_purge (one INTEGER PRIMARY KEY,"
+        " purged INTEGER NOT NULL)",
         "CREATE TABLE IF NOT EXISTS comet_members (channel TEXT NOT NULL, client TEXT NOT NULL,"
         " sender TEXT NOT NULL, joined INTEGER NOT NULL, PRIMARY KEY (channel, client))",
         "CREATE TABLE IF NOT EXISTS comet_clients (client TEXT PRIMARY KEY,"
@@ -1261,6 +1269,8 @@ class MySQLStore(_SQLStore):
         " pos BIGINT NOT NULL) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS comet_purge_log (pos BIGINT PRIMARY KEY,"
         " ts BIGINT NOT NULL) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS comet_purge (one INT PRIMARY KEY,"
+        " purged BIGINT NOT NULL) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS comet_members (channel VARBINARY(1024) NOT NULL,"
         " client VARBINARY(1024) NOT NULL, sender TEXT NOT NULL, joined BIGINT NOT NULL,"
         " PRIMARY KEY (channel, client)) ENGINE=InnoDB",
@@ -1345,9 +1355,11 @@ class PostgreSQLStore(_SQLStore):
     # One statement, so one transaction: the tables are made together or not at
     # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can
     # fail), and a database that has them all is left alone (CREATE INDEX IF NOT
-    # EXISTS would take a lock that deadlocks with the pushes of other processes).
+    # EXISTS would take a lock that deadlocks with the pushes of other processes);
+    # comet_purge, which tables made by earlier versions lack, is made on its own.
     _schema = ("""DO $$ BEGIN
         PERFORM pg_advisory_xact_lock(6909, 1);
+        CREATE TABLE IF NOT EXISTS comet_purge (one INT PRIMARY KEY, purged BIGINT NOT NULL);
         IF (SELECT count(to_regclass(name)) FROM unnest(ARRAY['comet_meta', 'comet_packages',
                 'comet_deliveries', 'comet_purged', 'comet_purge_log', 'comet_members',
                 'comet_clients']) AS name) = 7 THEN

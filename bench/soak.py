@@ -38,7 +38,7 @@ import urllib.parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ROOMS = [f"room{n}" for n in range(5)]
-TABLES = ["comet_packages", "comet_deliveries", "comet_purged", "comet_purge_log",
+TABLES = ["comet_packages", "comet_deliveries", "comet_purged", "comet_purge", "comet_purge_log",
           "comet_members", "comet_clients"]
 
 

@@ -156,6 +156,53 @@ def test_two_processes_purging_at_once_leave_each_mark_at_its_newest_position(sq
         store.close()
 
 
+def test_a_push_does_not_wait_for_a_purge_step_that_has_not_committed(server, new_app):
+    # A purge step keeps the purged position locked until it commits (100 ms, for a
+    # step of thousands of rows on a busy disk).  A push takes its positions from
+    # comet_meta, a row of another table: it goes on meanwhile.
+    store = comet.open_store(server.create_database())
+    backlog(store, rows=400, recipients=200, ts=comet._now_ms() - HOUR)
+    app = new_app(store=store, retention=2 * HOUR // 1000)     # its own purge waits
+    with store._connection() as held:           # a purge step, its commit still to come
+        cur = held.cursor()
+        store._begin(cur)
+        store._execute(cur, "UPDATE comet_purge SET purged = purged")
+        try:
+            step = threading.Thread(target=store.purge, args=(store.now(),))
+            step.start()                        # the next step waits for that one
+            sent = time.monotonic()
+            app.push({"type": "note", "listeners": ["to"], "to": ["bob"]})
+            took = time.monotonic() - sent
+            assert step.is_alive()              # the position was held all along
+        finally:
+            held.rollback()
+    step.join(30)
+    assert took < 5, took                       # not until the lock wait times out
+    assert not step.is_alive() and count(store, "comet_deliveries") == 1
+
+
+def test_tables_made_before_the_purged_position_had_a_row_of_its_own_go_on_from_it(sql_store):
+    store = comet.open_store(sql_store)
+    last = backlog(store, rows=2_000, recipients=200, ts=comet._now_ms() - HOUR)
+    with store._connection() as conn:           # as an earlier version left them, purged
+        cur = conn.cursor()                     # through position 4
+        for sql in ("DELETE FROM comet_deliveries WHERE pos <= 4",
+                    "DELETE FROM comet_packages WHERE pos <= 4",
+                    "UPDATE comet_meta SET purged = 4", "DROP TABLE comet_purge"):
+            store._execute(cur, sql)
+        conn.commit()
+    store.close()
+
+    store = comet.open_store(sql_store)
+    try:
+        assert list(store._query("SELECT purged FROM comet_purge")) == [(4,)]
+        purge_all(store, store.now())
+        assert list(store._query("SELECT purged FROM comet_purge")) == [(last,)]
+        assert count(store, "comet_deliveries") == count(store, "comet_packages") == 0
+    finally:
+        store.close()
+
+
 # --------------------------------------------------------------------------
 # The window: one body per package, bounded by bytes
 # --------------------------------------------------------------------------
