@@ -10,7 +10,8 @@ transactions and reads): a comparison turned (``<`` to ``<=``, ``==`` to
 ``return`` of None, a call statement dropped (a wake, a notify, a commit).
 It is written into a copy of the repository in a temporary directory, and a
 fast, deterministic selection of the tests (``STAGES``) runs there; the first
-failure kills the mutant, and so does a run that outlasts ``--timeout``.  A
+failure kills the mutant, and so does a stage that outlasts three times its clean
+run.  A
 mutant no test kills *survives*: a bug the suite would let through, unless it
 is listed in ``EQUIVALENT`` with the reason it changes nothing a client can see.
 
@@ -315,18 +316,20 @@ def _copy_repository(into):
 _RUNNING = set()                            # the test runs under way, to stop on an interruption
 
 
-def _run_tests(root, timeout):
+def _run_tests(root, limits):
     """``"passed"``, ``"failed"`` or ``"timeout"`` of the selection in ``root``, stage by
-    stage (the first failing stage ends it), and the output of the last stage run."""
-    deadline = time.monotonic() + timeout
-    outcome, text = "passed", ""
-    for stage, select in STAGES:
+    stage (the first failing stage ends it), the output of the last stage run and the
+    seconds each stage took.  ``limits`` bounds each stage's seconds (None: unbounded)."""
+    outcome, text, took = "passed", "", []
+    for (stage, select), limit in zip(STAGES, limits):
         tests = [test for test in stage if os.path.exists(os.path.join(root, test.split("::")[0]))]
         if tests:
-            outcome, text = _run_stage(root, tests, select, deadline - time.monotonic())
+            began = time.monotonic()
+            outcome, text = _run_stage(root, tests, select, limit)
+            took.append(time.monotonic() - began)
             if outcome != "passed":
                 break
-    return outcome, text
+    return outcome, text, took
 
 
 def _run_stage(root, tests, select, timeout):
@@ -337,7 +340,7 @@ def _run_stage(root, tests, select, timeout):
                                stderr=subprocess.STDOUT, start_new_session=True)
     _RUNNING.add(process)
     try:
-        output, _ = process.communicate(timeout=max(timeout, 1))
+        output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)      # the tests' server processes too
         process.communicate()
@@ -358,10 +361,10 @@ class _Worker:
         os.rmdir(self.root)
         _copy_repository(self.root)
 
-    def run(self, source, timeout):
+    def run(self, source, limits):
         with open(os.path.join(self.root, "comet.py"), "w", encoding="utf-8") as file:
             file.write(source)
-        return _run_tests(self.root, timeout)
+        return _run_tests(self.root, limits)
 
 
 def _stop_running(*_):
@@ -376,12 +379,15 @@ def main():
     signal.signal(signal.SIGINT, _stop_running)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=30.0, help="minutes (default 30)")
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=3 * (os.cpu_count() or 1),
+                        help="mutants tested at once (default three per core: the tests"
+                             " mostly wait on polls and timers, not on the processor)")
     parser.add_argument("--only", action="append",
                         help="mutate only functions whose qualified name contains this"
                              " (again for several)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds of one mutant's test run before it counts as killed")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="at least this many seconds for one stage of a mutant's tests"
+                             " before it counts as killed (else three times the clean run's)")
     parser.add_argument("--key", action="append",
                         help="run only the mutants whose key (as a run prints it) contains this"
                              " (again for several)")
@@ -403,15 +409,20 @@ def main():
     deadline = started + args.budget * 60
     with tempfile.TemporaryDirectory(prefix="comet-mutation-") as base:
         workers = [_Worker(base) for _ in range(max(1, args.jobs))]
-        outcome, output = workers[0].run(text, args.timeout)
-        if outcome != "passed":
-            print(output[-4000:])
-            print("the tests fail on comet.py as it is: no mutant can be judged")
-            return 2
-        baseline = time.monotonic() - started
-        print(f"{len(made)} mutants; the selection takes {baseline:.0f} s on comet.py as it is")
-        # A mutant may not run longer than a few times the clean run.
-        timeout = min(args.timeout, max(60.0, 4 * baseline))
+        # comet.py as it is, on every worker at once: the selection must pass under the
+        # very load the mutants run under, or a failure would not be the mutant's.
+        with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+            clean = list(pool.map(lambda worker: worker.run(text, [None] * len(STAGES)), workers))
+        for outcome, output, _ in clean:
+            if outcome != "passed":
+                print(output[-4000:])
+                print("the tests fail on comet.py as it is: no mutant can be judged")
+                return 2
+        took = [max(times[stage] for _, _, times in clean) for stage in range(len(STAGES))]
+        print(f"{len(made)} mutants, {len(workers)} at once; the selection takes"
+              f" {' + '.join(f'{t:.0f}' for t in took)} s on comet.py as it is", flush=True)
+        # A stage that outlasts three times its clean run (a poll that never wakes) kills.
+        limits = [max(args.timeout, 3 * t) for t in took]
         free = list(workers)
         results, survived, equivalent, killed, timeouts = {}, [], [], 0, 0
         with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
@@ -419,14 +430,14 @@ def main():
             while queue or pending:
                 while queue and free and time.monotonic() < deadline:
                     mutant, worker = queue.pop(0), free.pop()
-                    pending[pool.submit(worker.run, mutant.source, timeout)] = mutant, worker
+                    pending[pool.submit(worker.run, mutant.source, limits)] = mutant, worker
                 if not pending:
                     break
                 done, _ = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
                 for future in done:
                     mutant, worker = pending.pop(future)
                     free.append(worker)
-                    outcome, _ = future.result()
+                    outcome, _, _ = future.result()
                     results[mutant.key] = outcome
                     if len(results) % 25 == 0:
                         print(f"... {len(results)} of {len(made)} run,"
