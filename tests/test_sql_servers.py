@@ -13,6 +13,7 @@ test_postgresql.py.
 """
 
 import collections
+import json
 import secrets
 import threading
 import time
@@ -21,6 +22,7 @@ import urllib.parse
 import pytest
 import webtest
 
+import comet
 from support import (Client, ServerProcess, ThreadedServer, open_group,
                       assert_no_cursor_skipped, make_app, new_ids, plan_packages,
                       need, positions_in_store, purge, run_traffic,
@@ -89,6 +91,28 @@ def test_push_then_poll_round_trip_through_webtest(app):
     assert package["_stamp"] == accepted["accepted"][0]
     assert (package["text"], package["sender"], answer["reset"]) == \
         ("h\u00e9llo \U0001f600", sender, False)
+
+
+def test_a_push_to_ten_thousand_members_stores_each_delivery_and_each_tailored_copy(app):
+    members = [f"member{n:05d}" for n in range(10_000)]
+    app.channels("big:", presence=False)
+    with app.store.transaction() as tx:
+        for member in members:
+            tx.add_member("big:all", member, json.dumps(member), app.store.now())
+
+    @app.action("deal").on_emit
+    def emit(package, recipient, private, db):
+        if recipient.endswith("0"):             # a copy of their own for one in ten
+            package["card"] = "ace for " + recipient
+        return package
+    app.push({"type": "deal", "listeners": ["big:all"]}, sender="member00000")
+
+    rows = app.store._query("SELECT recipient, body FROM comet_deliveries")
+    assert sorted(comet._text(recipient) for recipient, _ in rows) == members
+    assert sum(body is not None for _, body in rows) == 1_000
+    [(_, _, mine)] = app.store.read("member01230", 0, 10)[1]
+    [(_, _, plain)] = app.store.read("member01234", 0, 10)[1]
+    assert json.loads(mine)["card"] == "ace for member01230" and "card" not in json.loads(plain)
 
 
 def test_cursor_from_another_database_is_reset(app, server):
