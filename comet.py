@@ -85,10 +85,6 @@ class Reject(CometError):
         super().__init__(403, "rejected", message)
 
 
-class _Duplicate(Exception):
-    """The stamp was taken already in this transaction."""
-
-
 def _bad_package(message):
     return CometError(400, "bad_package", message)
 
@@ -247,11 +243,12 @@ class Store:
     - ``tx.savepoint()``: a context manager; an exception inside undoes only
       what was done inside (one package of a batch);
     - ``tx.claim_stamp(stamp)``: True when a package with this stamp was
-      accepted (or is being, in a transaction that then commits); else the
-      stamp is this transaction's until it ends;
+      accepted (or is being, in a transaction that then commits, this one
+      included); else the stamp is this transaction's until it ends (or the
+      savepoint it was claimed in is undone);
     - ``tx.append(stamp, ts, body, deliveries)``: store a package (``body``
       its JSON) for ``deliveries``, a list of ``(recipient, body or None)``,
-      None meaning ``body``; raises ``_Duplicate`` if the stamp was taken, and
+      None meaning ``body``, under a stamp claimed or freshly made; raises
       ``CometError`` 413 if a body is larger than the store keeps (checked
       here, so that nothing of this package can fail the commit later);
     - ``tx.is_member(channel, client)``, ``tx.member_ids(channel)``,
@@ -433,24 +430,32 @@ class _MemoryTransaction:
         self._store = store
         self._packages = []                 # (stamp, ts, body, deliveries)
         self._changes = []                  # (channel, client, sender_json or None, ts)
+        self._stamps = []                   # claimed or appended here, in order
         self.appended = []
 
     @contextlib.contextmanager
     def savepoint(self):
-        marks = len(self._packages), len(self._changes)
+        marks = len(self._packages), len(self._changes), len(self._stamps)
         try:
             yield
         except BaseException:
             del self._packages[marks[0]:]
             del self._changes[marks[1]:]
+            del self._stamps[marks[2]:]
             raise
 
     def claim_stamp(self, stamp):
-        return (stamp in self._store._stamps
-                or any(stamp == package[0] for package in self._packages))
+        # Claimed from the moment it is looked up, as the SQL stores' claim row: a hook
+        # pushing the stamp of the package it is running for pushes that package again.
+        if stamp in self._store._stamps or stamp in self._stamps:
+            return True
+        self._stamps.append(stamp)
+        return False
 
     def append(self, stamp, ts, body, deliveries):
         self._packages.append((stamp, ts, body, deliveries))
+        if stamp not in self._stamps:       # a stamp the server made: never claimed
+            self._stamps.append(stamp)
 
     def member_ids(self, channel):
         members = set(self._store._members.get(channel, ()))
@@ -1135,8 +1140,6 @@ class _SQLTransaction:
 
     def append(self, stamp, ts, body, deliveries):
         batch = self._batch
-        if stamp in batch.stamps:
-            raise _Duplicate(stamp)
         # Checked now, in this package's part, not at the flush that writes every part's.
         if not all(self._store._fits(text, self._store._max_text) for text in itertools.chain(
                 [body], (tailored for _, tailored in deliveries if tailored is not None))):
@@ -2070,17 +2073,11 @@ class Comet:
                         with contextlib.nullcontext() if single else tx.savepoint():
                             accepted.append(
                                 self._accept_one(tx, package, client, environ, sender, private))
-                    except _Duplicate as duplicate:
-                        if single:
-                            raise           # the whole transaction rolls back
-                        accepted.append(duplicate.args[0])
                     except CometError as error:
                         if single:
                             raise
                         failure = error, index
                         break
-        except _Duplicate as duplicate:             # a batch of one, accepted before
-            accepted = [duplicate.args[0]]
         except CometError as error:                 # the store failed, or a batch of one did
             failure, accepted = (error, 0), []
         except BaseException as error:
@@ -2098,11 +2095,8 @@ class Comet:
     def _accept_nested(self, tx, packages, sender, private):
         accepted = []
         for package in packages:
-            try:
-                with tx.savepoint():
-                    accepted.append(self._accept_one(tx, package, None, None, sender, private))
-            except _Duplicate as duplicate:
-                accepted.append(duplicate.args[0])
+            with tx.savepoint():
+                accepted.append(self._accept_one(tx, package, None, None, sender, private))
         self._count("accepted", len(accepted))
         return accepted
 

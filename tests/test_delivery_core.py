@@ -235,6 +235,24 @@ def test_a_push_wakes_the_recipients_parked_poll_long_before_its_timeout(store_u
         assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
 
 
+def test_a_push_committed_between_a_polls_read_and_its_parking_wakes_it(store_url):
+    app = make_app(store=store_url, poll_timeout=5)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    read, pushed = app._read, []
+
+    def read_then_push(client, after):      # the push commits (and wakes) before bob parks
+        rows = read(client, after)
+        if not pushed:
+            pushed.append(app.push({"type": "x", "listeners": "bob"}))
+        return rows
+    app._read = read_then_push
+
+    answer = bob.get("/comet/poll", {"cursor": cursor}).json
+
+    assert [p["_stamp"] for p in answer["packages"]] == pushed     # not the timeout's nothing
+
+
 def test_a_member_whose_polls_are_answered_at_once_stays_while_a_silent_one_is_dropped(
         store_url):
     app = make_app(store=store_url, presence_timeout=0.3, poll_timeout=0.05)
@@ -301,6 +319,18 @@ def test_parking_refuses_past_each_limit_exactly():
     assert sorted(parking.clients()) == ["bob", "carol", "dave", "erin", "gina"]
 
 
+@pytest.mark.parametrize("limit", [0, 1])
+def test_an_address_parks_as_many_polls_as_its_limit_and_not_one_more(limit):
+    parking = comet._Parking(per_client=10, per_address=limit, total=10)
+    for n in range(limit):
+        parking.park(f"client{n}", "10.0.0.1", 0)
+
+    with pytest.raises(comet.CometError) as refused:
+        parking.park("one-more", "10.0.0.1", 0)
+
+    assert refused.value.status == 429 and parking.count == limit
+
+
 def test_a_package_is_delivered_until_it_is_older_than_retention_then_it_resets(
         store_url, monkeypatch):
     app = make_app(store=store_url, retention=10, poll_timeout=0.1)
@@ -309,13 +339,15 @@ def test_a_package_is_delivered_until_it_is_older_than_retention_then_it_resets(
     clock = [app.store.now()]
     monkeypatch.setattr(app.store, "now", lambda: clock[0])
     as_client(app, "alice").post_json("/comet/push", {"type": "x", "listeners": "bob"})
+    clock[0] += 5_000
+    as_client(app, "alice").post_json("/comet/push", {"type": "y", "listeners": "bob"})
 
-    clock[0] += 10_000                      # exactly retention old: still retrievable
+    clock[0] += 5_000                       # the first exactly retention old: still retrievable
     kept = bob.get("/comet/poll", {"cursor": cursor}).json
-    clock[0] += 1
+    clock[0] += 1                           # the first expired, not the second
     expired = bob.get("/comet/poll", {"cursor": cursor}).json
 
-    assert (len(kept["packages"]), kept["reset"]) == (1, False)
+    assert (len(kept["packages"]), kept["reset"]) == (2, False)
     assert (expired["packages"], expired["reset"]) == ([], True)
 
 
@@ -369,6 +401,20 @@ def test_a_woken_poll_is_answered_from_the_window_with_its_own_tailored_copy(tmp
     assert [p.get("to_you") for p in answers["bob"]["packages"]] == ["bob"]
     assert [p.get("to_you") for p in answers["dave"]["packages"]] == [None]
     assert reads == []
+
+
+def test_a_commit_extends_its_own_processs_window_at_once_a_package_to_nobody_too(tmp_path):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
+    app._start()
+    wait_until(lambda: app._window.horizon is not None)     # the first tail turn ran
+    app._tail = lambda: None                # and no other: only the commits fill it now
+    head = app._window.horizon
+
+    app.push({"type": "nobody", "listeners": ["to"], "to": []})
+    app.push({"type": "x", "listeners": ["to"], "to": ["bob"]})
+
+    horizon, rows = app._window.read("bob", head, 10)
+    assert horizon == head + 2 and [json.loads(row[2])["type"] for row in rows] == ["x"]
 
 
 def test_a_read_from_the_newest_purged_position_of_a_recipient_has_lost_nothing(
@@ -442,6 +488,38 @@ def test_a_stamp_whose_package_was_refused_can_be_pushed_again(store_url):
 
     assert answer.json == {"accepted": ["refused-then-ok"]}
     assert stamps_after(bob, cursor) == ["kept-stamp-1", "refused-then-ok"]
+
+
+def test_a_hook_pushing_the_stamp_of_the_package_it_runs_for_pushes_that_package_again(
+        store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+
+    @app.action("note").on_submit
+    def copy_to_carol(package, private, db, environ):
+        assert app.push({"type": "copy", "listeners": "carol", "_stamp": package["_stamp"]}) \
+            == package["_stamp"]                # accepted: the one package, stored once
+    bob, carol = as_client(app, "bob"), as_client(app, "carol")
+    cursors = cursor_of(bob), cursor_of(carol)
+
+    answer = as_client(app, "alice").post_json(
+        "/comet/push", {"type": "note", "listeners": "bob", "_stamp": "note-stamp-1"})
+
+    assert answer.json == {"accepted": ["note-stamp-1"]}
+    assert (stamps_after(bob, cursors[0]), stamps_after(carol, cursors[1])) == \
+        (["note-stamp-1"], [])
+
+
+def test_a_lone_package_refused_answers_index_0_and_nothing_accepted(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+
+    @app.action("note").on_submit
+    def refuse(package, private, db, environ):
+        raise comet.Reject("no")
+
+    answer = as_client(app, "alice").post_json(
+        "/comet/push", {"type": "note", "listeners": "bob"}, status=403)
+
+    assert (answer.json["index"], answer.json["accepted"]) == (0, [])
 
 
 def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(store_url):

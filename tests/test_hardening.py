@@ -575,8 +575,8 @@ def test_a_copy_too_large_for_the_store_is_that_packages_413_not_the_batchs(mari
         group.app.close()
 
 
-def test_a_sender_too_large_for_the_store_is_that_pushs_500_and_members_stay_readable(
-        mariadb, tmp_path, request):
+def test_a_sender_too_large_for_the_store_is_that_pushs_500_logged_and_members_stay_readable(
+        mariadb, tmp_path, request, caplog):
     group = open_group("mysql", request, tmp_path)
     store = group.app.store
     store.close()
@@ -596,6 +596,7 @@ def test_a_sender_too_large_for_the_store_is_that_pushs_500_and_members_stay_rea
         web.post_json("/comet/push", join, headers={"X-Client": "bob"})
         response = web.post_json("/comet/push", join, headers={"X-Client": "big"}, status=500)
         error_of(response, 500, "internal")
+        assert "a sender of 70002 characters is too large" in caplog.text     # as JSON
         assert group.app.channel("room").members() == {"bob": "bob"}
     finally:
         group.app.close()
