@@ -164,6 +164,8 @@ EQUIVALENT = {
         "a claim is made only for a package appended next (or its part fails), so at a"
         " savepoint claims never outnumber pending packages: the list keeps rolled-back"
         " claims at most, whose rows the flush deletes in vain",
+    "_MemoryTransaction.claim_stamp | return False | return None":
+        "its caller only asks whether the stamp was taken: None and False alike say no",
     "_SQLTransaction.claim_stamp | return False | return None":
         "its caller only asks whether the stamp was taken: None and False alike say no",
     "_SQLTransaction.append | batch.stamps.add(stamp) | call dropped":

@@ -235,6 +235,19 @@ def test_a_push_wakes_the_recipients_parked_poll_long_before_its_timeout(store_u
         assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
 
 
+def test_a_poll_with_a_timeout_of_0_answers_at_once_with_what_there_is(store_url):
+    app = make_app(store=store_url, poll_timeout=0)
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+
+    empty = bob.get("/comet/poll", {"cursor": cursor}).json
+    app.push({"type": "x", "listeners": "bob"})
+    full = bob.get("/comet/poll", {"cursor": cursor}).json
+
+    assert (empty["packages"], empty["cursor"]) == ([], cursor)
+    assert [p["type"] for p in full["packages"]] == ["x"]
+
+
 def test_a_push_committed_between_a_polls_read_and_its_parking_wakes_it(store_url):
     app = make_app(store=store_url, poll_timeout=5)
     bob = as_client(app, "bob")
@@ -509,6 +522,22 @@ def test_a_hook_pushing_the_stamp_of_the_package_it_runs_for_pushes_that_package
         (["note-stamp-1"], [])
 
 
+def test_a_stamp_the_server_made_pushed_again_in_its_transaction_is_stored_once(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    made = []
+
+    @app.action("note").on_submit
+    def copy_twice(package, private, db, environ):
+        made.append(app.push({"type": "copy", "listeners": "carol"}))
+        assert app.push({"type": "copy", "listeners": "carol", "_stamp": made[0]}) == made[0]
+    carol = as_client(app, "carol")
+    cursor = cursor_of(carol)
+
+    as_client(app, "alice").post_json("/comet/push", {"type": "note", "listeners": "bob"})
+
+    assert stamps_after(carol, cursor) == made
+
+
 def test_a_lone_package_refused_answers_index_0_and_nothing_accepted(store_url):
     app = make_app(store=store_url, poll_timeout=0.1)
 
@@ -522,7 +551,9 @@ def test_a_lone_package_refused_answers_index_0_and_nothing_accepted(store_url):
     assert (answer.json["index"], answer.json["accepted"]) == (0, [])
 
 
-def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(store_url):
+@pytest.mark.parametrize("order_stamp", [None, "order-stamp-1"])     # the server's, a client's
+def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(store_url,
+                                                                             order_stamp):
     app = make_app(store=store_url, poll_timeout=0.1)
     receipt = {"type": "receipt", "listeners": "clerk", "_stamp": "receipt-stamp-1"}
 
@@ -541,9 +572,32 @@ def test_a_stamp_undone_with_its_package_is_free_again_in_the_same_transaction(s
     clerk = as_client(app, "clerk")
     cursor = cursor_of(clerk)
 
-    as_client(app, "alice").post_json("/comet/push", {"type": "order", "listeners": "shop"})
+    as_client(app, "alice").post_json("/comet/push", {"type": "order", "listeners": "shop",
+                                                      **({"_stamp": order_stamp} if order_stamp else {})})
 
     assert stamps_after(clerk, cursor) == ["receipt-stamp-1"]
+
+
+def test_a_stamp_stays_claimed_when_a_later_package_of_its_transaction_is_undone(store_url):
+    app = make_app(store=store_url, poll_timeout=0.1)
+    receipt = {"type": "receipt", "listeners": "clerk", "_stamp": "receipt-stamp-2"}
+
+    @app.action("order").on_submit
+    def order(package, private, db, environ):
+        app.push(receipt)
+        with contextlib.suppress(comet.CometError):
+            app.push({"type": "refused", "listeners": "shop"})
+        assert app.push(receipt) == "receipt-stamp-2"          # accepted once already
+
+    @app.action("refused").on_submit
+    def refused(package, private, db, environ):
+        raise comet.Reject("no")
+    clerk = as_client(app, "clerk")
+    cursor = cursor_of(clerk)
+
+    as_client(app, "alice").post_json("/comet/push", {"type": "order", "listeners": "shop"})
+
+    assert stamps_after(clerk, cursor) == ["receipt-stamp-2"]
 
 
 def test_a_batch_of_a_thousand_stamped_packages_is_stored_whole_on_sqlite(tmp_path):
