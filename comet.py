@@ -454,8 +454,7 @@ class _MemoryTransaction:
 
     def append(self, stamp, ts, body, deliveries):
         self._packages.append((stamp, ts, body, deliveries))
-        if stamp not in self._stamps:       # a stamp the server made: never claimed
-            self._stamps.append(stamp)
+        self._stamps.append(stamp)          # a stamp the server made was never claimed
 
     def member_ids(self, channel):
         members = set(self._store._members.get(channel, ()))

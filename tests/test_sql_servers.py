@@ -96,31 +96,27 @@ def test_push_then_poll_round_trip_through_webtest(app):
 def test_a_push_to_ten_thousand_members_stores_each_delivery_and_each_tailored_copy(server):
     app = make_app(store=server.create_database())     # its own: every row here is this push's
     try:
-        check_a_push_to_ten_thousand_members(app)
+        members = [f"member{n:05d}" for n in range(10_000)]
+        app.channels("big:", presence=False)
+        with app.store.transaction() as tx:
+            for member in members:
+                tx.add_member("big:all", member, json.dumps(member), app.store.now())
+
+        @app.action("deal").on_emit
+        def emit(package, recipient, private, db):
+            if recipient.endswith("0"):         # a copy of their own for one in ten
+                package["card"] = "ace for " + recipient
+            return package
+        app.push({"type": "deal", "listeners": ["big:all"]}, sender="member00000")
+
+        rows = app.store._query("SELECT recipient, body FROM comet_deliveries")
+        assert sorted(comet._text(recipient) for recipient, _ in rows) == members
+        assert sum(body is not None for _, body in rows) == 1_000
+        [(_, _, mine)] = app.store.read("member01230", 0, 10)[1]
+        [(_, _, plain)] = app.store.read("member01234", 0, 10)[1]
+        assert json.loads(mine)["card"] == "ace for member01230" and "card" not in json.loads(plain)
     finally:
         app.close()
-
-
-def check_a_push_to_ten_thousand_members(app):
-    members = [f"member{n:05d}" for n in range(10_000)]
-    app.channels("big:", presence=False)
-    with app.store.transaction() as tx:
-        for member in members:
-            tx.add_member("big:all", member, json.dumps(member), app.store.now())
-
-    @app.action("deal").on_emit
-    def emit(package, recipient, private, db):
-        if recipient.endswith("0"):             # a copy of their own for one in ten
-            package["card"] = "ace for " + recipient
-        return package
-    app.push({"type": "deal", "listeners": ["big:all"]}, sender="member00000")
-
-    rows = app.store._query("SELECT recipient, body FROM comet_deliveries")
-    assert sorted(comet._text(recipient) for recipient, _ in rows) == members
-    assert sum(body is not None for _, body in rows) == 1_000
-    [(_, _, mine)] = app.store.read("member01230", 0, 10)[1]
-    [(_, _, plain)] = app.store.read("member01234", 0, 10)[1]
-    assert json.loads(mine)["card"] == "ace for member01230" and "card" not in json.loads(plain)
 
 
 def test_cursor_from_another_database_is_reset(app, server):
