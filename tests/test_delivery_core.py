@@ -6,15 +6,18 @@ on 127.0.0.1); the kill -9 test runs the application in a child process.  The
 stamp tests run on every store (MariaDB and PostgreSQL databases of their own).
 """
 
+import collections
 import contextlib
 import http.client
 import json
+import math
 import os
 import select
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import webtest
@@ -254,8 +257,8 @@ def test_a_push_committed_between_a_polls_read_and_its_parking_wakes_it(store_ur
     cursor = cursor_of(bob)
     read, pushed = app._read, []
 
-    def read_then_push(client, after):      # the push commits (and wakes) before bob parks
-        rows = read(client, after)
+    def read_then_push(client, after, *turn):   # the push commits (and wakes) before bob parks
+        rows = read(client, after, *turn)
         if not pushed:
             pushed.append(app.push({"type": "x", "listeners": "bob"}))
         return rows
@@ -291,6 +294,115 @@ def test_a_wake_reaches_only_polls_whose_cursor_is_before_the_position():
 
     assert early.wait(0) is True
     assert late.wait(0) is False and other.wait(0) is False
+
+
+def park_each(app, clients, cursor):
+    """One thread per client, each with a poll parked after ``cursor``; returns the
+    threads and a dict their answers go into."""
+    answers = {}
+
+    def park(client):
+        answers[client] = as_client(app, client).get("/comet/poll", {"cursor": cursor}).json
+    threads = [threading.Thread(target=park, args=(client,), daemon=True) for client in clients]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: app.stats()["parked"] == len(clients))
+    return threads, answers
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_polls_woken_together_in_threads_answer_one_at_a_time(kind, request, tmp_path):
+    app = make_app(store=fresh_store(kind, request, tmp_path), poll_timeout=30)
+    clients = [f"c{n}" for n in range(8)]
+    cursor = cursor_of(as_client(app, "c0"))
+    if app._window is not None:
+        wait_until(lambda: app._window.horizon is not None)     # answered from the window
+    threads, answers = park_each(app, clients, cursor)
+    answer, lock, inside = app._answer, threading.Lock(), collections.Counter()
+
+    def slow_answer(*args, **kwargs):       # widened, so that answers made at once overlap
+        with lock:
+            inside["now"] += 1
+            inside["most"] = max(inside["most"], inside["now"])
+        time.sleep(0.02)
+        with lock:
+            inside["now"] -= 1
+        return answer(*args, **kwargs)
+    app._answer = slow_answer
+
+    app.push({"type": "all", "listeners": ["to"], "to": clients})
+    for thread in threads:
+        thread.join(20)
+
+    assert sorted(c for c, a in answers.items() if [p["type"] for p in a["packages"]] == ["all"]) \
+        == clients
+    assert inside["most"] == 1
+
+
+def test_polls_woken_in_threads_answer_once_the_waker_has_woken_them_all(monkeypatch):
+    app = make_app(poll_timeout=30)
+    clients = [f"c{n}" for n in range(6)]
+    threads, answers = park_each(app, clients, cursor_of(as_client(app, "c0")))
+    events, wake, answer = [], comet._Waiter.wake, app._answer
+
+    def slow_wake(waiter):                  # widened: a woken thread could answer meanwhile
+        wake(waiter)
+        events.append("woke")
+        time.sleep(0.01)
+    monkeypatch.setattr(comet._Waiter, "wake", slow_wake)
+    app._answer = lambda *args, **kwargs: events.append("answered") or answer(*args, **kwargs)
+
+    app.push({"type": "all", "listeners": ["to"], "to": clients})
+    for thread in threads:
+        thread.join(20)
+
+    assert events == ["woke"] * 6 + ["answered"] * 6
+
+
+def test_a_woken_poll_that_must_query_the_store_holds_up_no_other(tmp_path):
+    # No tail turn in the test's time: the window never starts and every read queries.
+    app = make_app(store=f"sqlite:///{tmp_path}/c.db", poll_timeout=30, tail_interval=3600)
+    cursor = cursor_of(as_client(app, "bob"))
+    threads, answers = park_each(app, ["bob", "carol"], cursor)
+    both_inside, read = threading.Barrier(2, timeout=10), app.store.read
+
+    def read_together(recipient, after, limit):     # each waits until the other reads too
+        both_inside.wait()
+        return read(recipient, after, limit)
+    app.store.read = read_together
+
+    app.push({"type": "both", "listeners": ["to"], "to": ["bob", "carol"]})
+    for thread in threads:
+        thread.join(20)
+
+    assert {c: [p["type"] for p in a["packages"]] for c, a in answers.items()} == \
+        {"bob": ["both"], "carol": ["both"]}
+
+
+def test_a_poll_woken_for_nothing_of_its_own_parks_again_and_lets_the_next_wake_through():
+    app = make_app(poll_timeout=30)
+    threads, answers = park_each(app, ["bob"], cursor_of(as_client(app, "bob")))
+
+    app._parking.wake({"bob": math.inf})        # as the tail's first turn wakes everyone
+    wait_until(lambda: app.stats()["parked"] == 1 and app._parking.wakes == 1)
+    pusher = threading.Thread(target=app.push, args=({"type": "x", "listeners": "bob"},),
+                              daemon=True)
+    pusher.start()
+    pusher.join(10)
+    threads[0].join(10)
+
+    assert not pusher.is_alive(), "the push's wake-up waited for a turn never ended"
+    assert [p["type"] for p in answers["bob"]["packages"]] == ["x"]
+
+
+def test_green_threads_take_no_turns_and_real_threads_do():
+    script = ("import sys; sys.path.insert(0, {root!r}); {patch}import comet;"
+              " print(comet._Parking(1, 1, 1)._turns is None)")
+    found = [subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), patch=patch)],
+                            capture_output=True, text=True, timeout=60).stdout.strip()
+             for patch in ("from gevent import monkey; monkey.patch_all(); ", "")]
+
+    assert found == ["True", "False"]
 
 
 def test_unparking_frees_the_clients_and_the_addresss_places():
