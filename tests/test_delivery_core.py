@@ -6,7 +6,6 @@ on 127.0.0.1); the kill -9 test runs the application in a child process.  The
 stamp tests run on every store (MariaDB and PostgreSQL databases of their own).
 """
 
-import collections
 import contextlib
 import http.client
 import json
@@ -17,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import webtest
@@ -318,17 +316,14 @@ def test_polls_woken_together_in_threads_answer_one_at_a_time(kind, request, tmp
     if app._window is not None:
         wait_until(lambda: app._window.horizon is not None)     # answered from the window
     threads, answers = park_each(app, clients, cursor)
-    answer, lock, inside = app._answer, threading.Lock(), collections.Counter()
+    answer, together, met = app._answer, threading.Barrier(2), []
 
-    def slow_answer(*args, **kwargs):       # widened, so that answers made at once overlap
-        with lock:
-            inside["now"] += 1
-            inside["most"] = max(inside["most"], inside["now"])
-        time.sleep(0.02)
-        with lock:
-            inside["now"] -= 1
+    def answer_beside_another(*args, **kwargs):     # two answers made at once meet here
+        with contextlib.suppress(threading.BrokenBarrierError):
+            together.wait(timeout=0.2)      # alone: broken, and every later one passes at once
+            met.append(True)
         return answer(*args, **kwargs)
-    app._answer = slow_answer
+    app._answer = answer_beside_another
 
     app.push({"type": "all", "listeners": ["to"], "to": clients})
     for thread in threads:
@@ -336,21 +331,26 @@ def test_polls_woken_together_in_threads_answer_one_at_a_time(kind, request, tmp
 
     assert sorted(c for c, a in answers.items() if [p["type"] for p in a["packages"]] == ["all"]) \
         == clients
-    assert inside["most"] == 1
+    assert met == []
 
 
 def test_polls_woken_in_threads_answer_once_the_waker_has_woken_them_all(monkeypatch):
     app = make_app(poll_timeout=30)
     clients = [f"c{n}" for n in range(6)]
     threads, answers = park_each(app, clients, cursor_of(as_client(app, "c0")))
-    events, wake, answer = [], comet._Waiter.wake, app._answer
+    events, wake, answer, answered = [], comet._Waiter.wake, app._answer, threading.Event()
 
-    def slow_wake(waiter):                  # widened: a woken thread could answer meanwhile
+    def wake_and_wait(waiter):              # the woken poll's answer, if it can come, comes now
         wake(waiter)
         events.append("woke")
-        time.sleep(0.01)
-    monkeypatch.setattr(comet._Waiter, "wake", slow_wake)
-    app._answer = lambda *args, **kwargs: events.append("answered") or answer(*args, **kwargs)
+        answered.wait(0.05)
+    monkeypatch.setattr(comet._Waiter, "wake", wake_and_wait)
+
+    def answer_and_tell(*args, **kwargs):
+        events.append("answered")
+        answered.set()
+        return answer(*args, **kwargs)
+    app._answer = answer_and_tell
 
     app.push({"type": "all", "listeners": ["to"], "to": clients})
     for thread in threads:
