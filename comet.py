@@ -510,9 +510,10 @@ class _SQLStore(Store):
 
     Queries are written with ``?`` placeholders; a subclass with another
     paramstyle sets ``_placeholder``.  Subclasses supply ``_connect``,
-    ``_schema``, ``_begin``, ``_take_positions`` and ``_errors`` (driver
-    exceptions meaning the database is unavailable), and ``_upsert`` where
-    ``REPLACE`` is not SQL the database speaks.
+    ``_schema``, ``_begin``, ``_take_positions`` (or a ``_flush`` of their
+    own) and ``_errors`` (driver exceptions meaning the database is
+    unavailable), and ``_upsert`` where ``REPLACE`` is not SQL the database
+    speaks.
     """
 
     shared = True
@@ -879,23 +880,18 @@ class _SQLStore(Store):
     def _flush(self, batch):
         """Write the batch's packages: positions taken last, then the inserts.
         Returns what was appended, as ``on_commit`` takes it."""
-        for start in range(0, len(batch.claims), self._max_variables):
-            claims = batch.claims[start:start + self._max_variables]
-            self._execute(batch.cur, "DELETE FROM comet_packages WHERE pos IN ("
-                          + ", ".join(["?"] * len(claims)) + ")", claims)
+        self._forget_claims(batch)
         if not batch.pending:
             return []
         last = self._take_positions(batch.cur, len(batch.pending))
-        packages, deliveries, tailored_deliveries, appended = [], [], [], []
-        for position, (stamp, ts, body, targets) in enumerate(
-                batch.pending, last - len(batch.pending) + 1):
+        first = last - len(batch.pending) + 1
+        packages, deliveries, tailored_deliveries = [], [], []
+        for position, (stamp, ts, body, targets) in enumerate(batch.pending, first):
             packages.append((position, stamp, ts, body))
             deliveries += [(recipient, position) for recipient, tailored in targets
                            if tailored is None]
             tailored_deliveries += [(recipient, position, tailored) for recipient, tailored in targets
                                     if tailored is not None]
-            appended.append((position, ts, [(recipient, tailored or body)
-                                            for recipient, tailored in targets]))
         self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES", packages)
         # A delivery of the package as stored leaves its body NULL by leaving it out:
         # a None bound is a value the driver adapts, one at a time (SQLite looks up
@@ -906,7 +902,20 @@ class _SQLStore(Store):
         if tailored_deliveries:
             self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
                          tailored_deliveries)
-        return appended
+        return self._appended(batch, first)
+
+    def _forget_claims(self, batch):
+        """Delete the provisional rows that held the batch's client stamps."""
+        for start in range(0, len(batch.claims), self._max_variables):
+            claims = batch.claims[start:start + self._max_variables]
+            self._execute(batch.cur, "DELETE FROM comet_packages WHERE pos IN ("
+                          + ", ".join(["?"] * len(claims)) + ")", claims)
+
+    @staticmethod
+    def _appended(batch, first):
+        """The batch's packages from position ``first`` on, as ``on_commit`` takes them."""
+        return [(position, ts, [(recipient, tailored or body) for recipient, tailored in targets])
+                for position, (stamp, ts, body, targets) in enumerate(batch.pending, first)]
 
     def close(self):
         with self._pool_lock:
@@ -1432,13 +1441,35 @@ class PostgreSQLStore(_SQLStore):
         # Each statement sees what is committed now, whatever the database's default.
         cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
 
-    def _take_positions(self, cur, n):
-        if not self.notify:
-            return cur.execute("UPDATE comet_meta SET head = head + %s RETURNING head",
-                               (n,)).fetchone()[0]
-        return cur.execute("UPDATE comet_meta SET head = head + %s"
-                           " RETURNING head, pg_notify('comet', head || ' ' || %s)",
-                           (n, self._origin())).fetchone()[0]
+    def _flush(self, batch):
+        """The batch's packages in one statement: the positions taken (and the
+        NOTIFY), the packages and their deliveries inserted, each in a WITH clause
+        of its own, at positions counted back from the new head.  With the COMMIT,
+        a batch's end costs two round trips to the server, not four, which under
+        gevent is two fewer waits for every other ready greenlet to run."""
+        self._forget_claims(batch)
+        if not batch.pending:
+            return []
+        n = len(batch.pending)
+        args = dict(n=n, origin=self._origin(), pos=[], stamp=[], ts=[], body=[],
+                    recipient=[], to=[], tailored=[])
+        for position, (stamp, ts, body, targets) in enumerate(batch.pending, 1 - n):
+            for column, value in (("pos", position), ("stamp", stamp), ("ts", ts), ("body", body)):
+                args[column].append(value)
+            args["recipient"] += [recipient for recipient, _ in targets]
+            args["to"] += [position] * len(targets)
+            args["tailored"] += [tailored for _, tailored in targets]    # None: the package's
+        notify = ", pg_notify('comet', head || ' ' || %(origin)s)" if self.notify else ""
+        head = batch.cur.execute(
+            f"WITH meta AS (UPDATE comet_meta SET head = head + %(n)s RETURNING head{notify}),"
+            " packages AS (INSERT INTO comet_packages (pos, stamp, ts, body)"
+            "  SELECT head + pos, stamp, ts, body FROM meta, unnest(%(pos)s::bigint[],"
+            "   %(stamp)s::text[], %(ts)s::bigint[], %(body)s::text[]) AS p (pos, stamp, ts, body)),"
+            " deliveries AS (INSERT INTO comet_deliveries (recipient, pos, body)"
+            "  SELECT recipient, head + pos, body FROM meta, unnest(%(recipient)s::text[],"
+            "   %(to)s::bigint[], %(tailored)s::text[]) AS d (recipient, pos, body))"
+            " SELECT head FROM meta", args).fetchone()[0]
+        return self._appended(batch, head - n + 1)
 
     def _origin(self):
         """The token of this process's NOTIFYs, by which its listener knows its own."""

@@ -47,7 +47,7 @@ TARGETS = (
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
     "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",
-    "_SQLStore._flush", "_SQLStore.read", "_SQLStore.tail", "_SQLTransaction",
+    "_SQLStore._flush", "_SQLStore._forget_claims", "_SQLStore.read", "_SQLStore.tail", "_SQLTransaction",
 )
 
 # Fast and deterministic: no timing assertion, no database server, no browser; the
@@ -88,7 +88,7 @@ EQUIVALENT = {
     "_SQLStore._commit | clean = batch.error is None or not batch.begun | not dropped":
         "the two differ only for a failed batch, whose connection is gone already"
         " (_break) or was never taken (_begin_part), so nothing is pooled or dropped",
-    "_SQLStore._flush | claims = batch.claims[start:start + self._max_variables] | slice upper + 1":
+    "_SQLStore._forget_claims | claims = batch.claims[start:start + self._max_variables] | slice upper + 1":
         "a claim at a slice's edge is deleted twice, which is harmless; 1000 values in one"
         " statement are too many only for an SQLite older than 3.32",
     "_SQLStore._flush | return [] | return None":

@@ -9,6 +9,7 @@ fails under CI=true).
 """
 
 import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -160,6 +161,66 @@ def test_a_package_for_an_id_holding_nul_is_400_and_its_batch_commits_without_it
     assert isinstance(group.results["hold"], str) and isinstance(group.results["kept"], str)
     assert group.flushes == [2] and sorted(group.delivered()) == ["hold", "kept"]
     assert group.log() == ["hold", "kept"]                  # the refused one's write undone
+
+
+class Counted:
+    """A psycopg connection that records what its cursors execute and its commits,
+    in the test's own thread (the app's tail and housekeeping read on theirs)."""
+
+    def __init__(self, conn, sent):
+        self._conn, self._sent = conn, sent
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def cursor(self, *args, **kwargs):
+        cur, sent = self._conn.cursor(*args, **kwargs), self._sent
+
+        class Cursor:
+            def __getattr__(self, name):
+                return getattr(cur, name)
+
+            def execute(self, sql, *args, **kwargs):
+                if threading.current_thread() is threading.main_thread():
+                    sent.append(sql.split()[0].upper())
+                return cur.execute(sql, *args, **kwargs)
+        return Cursor()
+
+    def commit(self):
+        if threading.current_thread() is threading.main_thread():
+            self._sent.append("COMMIT")
+        return self._conn.commit()
+
+
+def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkeypatch):
+    """After BEGIN and the hooks: the positions, the packages and every delivery
+    (the package's own body and a tailored one) in one statement, then COMMIT.
+    Under gevent each round trip waits for every ready greenlet."""
+    sent = []
+    connect = comet.PostgreSQLStore._connect
+    monkeypatch.setattr(comet.PostgreSQLStore, "_connect",
+                        lambda store: Counted(connect(store), sent))
+    app = make_app(store=url)
+    try:
+        app.action("note").on_emit(
+            lambda package, recipient, private, db: dict(package, to=recipient)
+            if recipient == "bob" else package)
+        cursor = app.store.head()
+        del sent[:]
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob", "carol", "dave"]})
+        assert sent == ["BEGIN", "WITH", "COMMIT"]
+        del sent[:]
+        stamp = app.push({"type": "x", "listeners": ["to"], "to": [], "_stamp": "s" * 16})
+        assert sent == ["BEGIN", "INSERT", "DELETE", "WITH", "COMMIT"]   # the stamp's claim
+        head, bob, _ = app.store.read("bob", cursor, 10)
+        _, carol, _ = app.store.read("carol", cursor, 10)
+        assert head == cursor + 2 and [json.loads(body)["to"] for _, _, body in bob] == ["bob"]
+        assert [json.loads(body)["to"] for _, _, body in carol] == [["bob", "carol", "dave"]]
+        assert [position for position, _, _ in bob] == [cursor + 1]
+        assert app.push({"type": "x", "listeners": ["to"], "to": [], "_stamp": "s" * 16}) == stamp
+        assert app.store.head() == cursor + 2                    # accepted once
+    finally:
+        app.close()
 
 
 # --------------------------------------------------------------------------
