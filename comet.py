@@ -505,6 +505,34 @@ def _escaped_size(value):
     return 24
 
 
+class _Slots:
+    """At most ``n`` of something held at once (a pool's connections).
+
+    ``threading.Semaphore`` would do, but its condition rests on a plain lock,
+    and a condition asks whether its lock is held by trying to take it again.
+    Under gevent a lock that cannot be taken at once first lets every ready
+    greenlet run, so every release did: a push on SQLite, between its commit
+    and its answer, waited there for all the polls it had just woken.  An
+    RLock knows its owner without a try.
+    """
+
+    def __init__(self, n):
+        self._free = n
+        self._cond = threading.Condition(threading.RLock())
+
+    def acquire(self, timeout):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free, timeout):
+                return False
+            self._free -= 1
+            return True
+
+    def release(self):
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+
 class _SQLStore(Store):
     """What SQLite, MySQL and PostgreSQL share: the tables, the queries, a connection pool.
 
@@ -565,7 +593,7 @@ class _SQLStore(Store):
                 return
             self._pid = os.getpid()
             self._pool = []
-            self._slots = threading.BoundedSemaphore(self._pool_size)
+            self._slots = _Slots(self._pool_size)
             self._writer = threading.Lock()
             self._batching = threading.Lock()   # guards _open and each batch's queue
             self._open = []                     # the batches new transactions may join

@@ -8,6 +8,7 @@ stamp tests run on every store (MariaDB and PostgreSQL databases of their own).
 
 import contextlib
 import http.client
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import pytest
 import webtest
 
 import comet
-from support import (HERE, ROOT, Client, ThreadedServer, free_port, fresh_store, make_app,
+from support import (HERE, ROOT, Client, ThreadedServer, free_port, fresh_store, make_app, need,
                      positions_in_store, wait_until)
 from support import close_apps  # noqa: F401  (fixture)
 
@@ -403,6 +404,47 @@ def test_green_threads_take_no_turns_and_real_threads_do():
              for patch in ("from gevent import monkey; monkey.patch_all(); ", "")]
 
     assert found == ["True", "False"]
+
+
+GEVENT_PUSH = """
+from gevent import monkey; monkey.patch_all()
+import sys; sys.path.insert(0, sys.argv[1])
+import gevent, greenlet, comet
+app = comet.Comet(None, store="sqlite:///" + sys.argv[2])
+app.listener("room")(lambda environ, package, db: ["bob", "carol"])
+app.push({"type": "m", "listeners": ["room"]})      # the housekeeping greenlets start
+ready = [gevent.spawn(lambda: None) for _ in range(10)]
+pusher, switches = greenlet.getcurrent(), []
+greenlet.settrace(lambda event, args: switches.append(event) if args[0] is pusher else None)
+for n in range(5):
+    app.push({"type": "m", "listeners": ["room"]})
+greenlet.settrace(None)
+print(len(switches), sum(not each.dead for each in ready))
+"""
+
+
+def test_under_gevent_a_push_on_sqlite_lets_no_other_greenlet_run(tmp_path):
+    """Its statements never wait, and nor may it: each greenlet let run first (the
+    polls it has just woken among them) would make its answer later."""
+    need(importlib.util.find_spec("gevent") is not None,
+         "gevent is not installed (pip install '.[test]')")
+    out = subprocess.run([sys.executable, "-c", GEVENT_PUSH, str(ROOT), str(tmp_path / "c.db")],
+                         capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "10"]            # no switch; the ready ones still wait
+
+
+def test_the_pools_slots_bound_the_connections_and_a_release_lets_a_waiter_in():
+    slots = comet._Slots(2)
+    assert slots.acquire(timeout=1) and slots.acquire(timeout=1)
+    assert not slots.acquire(timeout=0.05)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(slots.acquire(timeout=10)))
+    waiter.start()
+    slots.release()
+    waiter.join(10)
+    assert waited == [True] and not slots.acquire(timeout=0.05)
 
 
 def test_unparking_frees_the_clients_and_the_addresss_places():
