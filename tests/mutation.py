@@ -47,7 +47,8 @@ TARGETS = (
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
     "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",
-    "_SQLStore._flush", "_SQLStore._forget_claims", "_SQLStore.read", "_SQLStore.tail", "_SQLTransaction",
+    "_SQLStore._flush", "_SQLStore._forget_claims", "_SQLStore.read", "_SQLStore.tail",
+    "_SQLTransaction",
 )
 
 # Fast and deterministic: no timing assertion, no database server, no browser; the
