@@ -195,7 +195,8 @@ def settings(args):
                     duration=1.0, warmup=0.3, pushes=50, hold=1000, hold_step=500, cross=10,
                     channel=500)
     return dict(fanout=[int(n) for n in args.fanout.split(",")], rounds=args.rounds,
-                idle=args.idle, subscribers=100, publishers=[1, 4], duration=args.duration,
+                idle=args.idle, subscribers=100,
+                publishers=[int(n) for n in args.publishers.split(",")], duration=args.duration,
                 warmup=0.5, pushes=args.pushes, hold=args.hold, hold_step=1000, cross=args.cross,
                 channel=args.channel)
 
@@ -301,6 +302,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=3.0, help="throughput window, seconds")
+    parser.add_argument("--publishers", default="1,4",
+                        help="publishers of the throughput cells (later repetitions: the most)")
     parser.add_argument("--pushes", type=int, default=200)
     parser.add_argument("--hold", type=int, default=10000)
     parser.add_argument("--cross", type=int, default=30)
