@@ -1479,15 +1479,16 @@ class PostgreSQLStore(_SQLStore):
         if not batch.pending:
             return []
         n = len(batch.pending)
-        args = dict(n=n, origin=self._origin(), pos=[], stamp=[], ts=[], body=[],
-                    recipient=[], to=[], tailored=[])
-        for position, (stamp, ts, body, targets) in enumerate(batch.pending, 1 - n):
-            for column, value in (("pos", position), ("stamp", stamp), ("ts", ts), ("body", body)):
-                args[column].append(value)
-            args["recipient"] += [recipient for recipient, _ in targets]
-            args["to"] += [position] * len(targets)
-            args["tailored"] += [tailored for _, tailored in targets]    # None: the package's
-        notify = ", pg_notify('comet', head || ' ' || %(origin)s)" if self.notify else ""
+        stamps, times, bodies, targets = zip(*batch.pending)
+        args = dict(n=n, pos=list(range(1 - n, 1)), stamp=list(stamps), ts=list(times),
+                    body=list(bodies), recipient=[], to=[], tailored=[])
+        for position, each in zip(args["pos"], targets):
+            args["recipient"] += [recipient for recipient, _ in each]
+            args["to"] += [position] * len(each)
+            args["tailored"] += [tailored for _, tailored in each]     # None: the package's
+        notify = ""
+        if self.notify:
+            notify, args["origin"] = ", pg_notify('comet', head || ' ' || %(origin)s)", self._origin()
         head = batch.cur.execute(
             f"WITH meta AS (UPDATE comet_meta SET head = head + %(n)s RETURNING head{notify}),"
             " packages AS (INSERT INTO comet_packages (pos, stamp, ts, body)"
