@@ -497,6 +497,12 @@ class _MemoryTransaction:
                     members[client] = (sender, ts)
 
 
+def _json_text(values):
+    """``values`` as JSON for the database to take apart: UTF-8 as it is (a string
+    the database cannot store fails as it would as a value of its own)."""
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
 def _escaped_size(value):
     """No fewer than the bytes ``value`` takes in a statement: PyMySQL writes values
     into its text, escaping quotes and backslashes (twice the UTF-8 at worst)."""
@@ -558,6 +564,7 @@ class _SQLStore(Store):
     _batch_parts = 64                       # transactions sharing one commit, at most
     _batches = 1                            # batches open at once in a process
     _batch_queue = 4                        # parts waiting in each before another opens
+    _turn_timeout = 10                      # seconds a part waits for its turn, then 503 busy
     _one_writer = False                     # SQLite: this process's batches queue on a lock
     _transaction_type = None                # _SQLTransaction, once it is defined below
 
@@ -779,7 +786,7 @@ class _SQLStore(Store):
             if batch.parts >= self._batch_parts:
                 self._open.remove(batch)    # full: later transactions go elsewhere
         try:
-            turn = batch.turn.acquire(timeout=10)
+            turn = batch.turn.acquire(timeout=self._turn_timeout)
         except BaseException:               # interrupted while waiting: leave the queue
             self._withdraw(batch)
             raise
@@ -913,24 +920,26 @@ class _SQLStore(Store):
             return []
         last = self._take_positions(batch.cur, len(batch.pending))
         first = last - len(batch.pending) + 1
-        packages, deliveries, tailored_deliveries = [], [], []
-        for position, (stamp, ts, body, targets) in enumerate(batch.pending, first):
-            packages.append((position, stamp, ts, body))
-            deliveries += [(recipient, position) for recipient, tailored in targets
-                           if tailored is None]
-            tailored_deliveries += [(recipient, position, tailored) for recipient, tailored in targets
-                                    if tailored is not None]
-        self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES", packages)
+        self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES",
+                     [(position, stamp, ts, body) for position, (stamp, ts, body, _)
+                      in enumerate(batch.pending, first)])
+        self._insert_deliveries(batch.cur, [
+            (recipient, position, tailored)
+            for position, (_, _, _, targets) in enumerate(batch.pending, first)
+            for recipient, tailored in targets])
+        return self._appended(batch, first)
+
+    def _insert_deliveries(self, cur, rows):
+        """``rows`` of ``(recipient, position, body or None)`` into comet_deliveries."""
         # A delivery of the package as stored leaves its body NULL by leaving it out:
         # a None bound is a value the driver adapts, one at a time (SQLite looks up
         # __adapt__ and __conform__, raising and dropping an AttributeError for each).
-        if deliveries:
-            self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos) VALUES",
-                         deliveries)
-        if tailored_deliveries:
-            self._insert(batch.cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
-                         tailored_deliveries)
-        return self._appended(batch, first)
+        plain = [(recipient, position) for recipient, position, body in rows if body is None]
+        if plain:
+            self._insert(cur, "INSERT INTO comet_deliveries (recipient, pos) VALUES", plain)
+        if len(plain) < len(rows):
+            self._insert(cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
+                         [row for row in rows if row[2] is not None])
 
     def _forget_claims(self, batch):
         """Delete the provisional rows that held the batch's client stamps."""
@@ -1308,6 +1317,7 @@ class MySQLStore(_SQLStore):
     _max_variables = 65535                  # PyMySQL writes the values into the text itself
     _max_text = 16_777_215                  # a MEDIUMTEXT body
     _max_sender = 65_535                    # a TEXT sender
+    _json_table = False                     # the server has JSON_TABLE
     # UTC and arithmetic only: no time zone or daylight-saving rule of the session applies.
     _clock = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) DIV 1000"
     _batches = 4                            # a slow hook holds up a few pushes, not all
@@ -1351,6 +1361,12 @@ class MySQLStore(_SQLStore):
         super().__init__()
         # A statement longer than the server's max_allowed_packet fails whole.
         self._statement_bytes = self._query("SELECT @@max_allowed_packet")[0][0] - 65536
+        try:
+            self._query("SELECT COUNT(*) FROM JSON_TABLE('[1]', '$[*]' COLUMNS"
+                        " (v INT PATH '$')) AS t")
+            self._json_table = True
+        except pymysql.err.ProgrammingError:        # a syntax error: an older server
+            self._json_table = False
 
     def _connect(self):
         conn = self._pymysql.connect(
@@ -1368,6 +1384,20 @@ class MySQLStore(_SQLStore):
     def _take_positions(self, cur, n):
         cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
         return cur.lastrowid
+
+    def _insert_deliveries(self, cur, rows):
+        """As one JSON text the server takes apart (``JSON_TABLE``): PyMySQL escapes
+        it at once, where it would escape each value in Python (a channel of 10,000
+        is 20,000 of them).  Without JSON_TABLE (MySQL before 8.0.4, MariaDB before
+        10.6), or for rows whose text could outgrow a statement, as values."""
+        text = _json_text(rows) if self._json_table else None
+        if text is None or not self._fits(text, math.inf):
+            return super()._insert_deliveries(cur, rows)
+        cur.execute(
+            "INSERT INTO comet_deliveries (recipient, pos, body) SELECT recipient, pos, body"
+            " FROM JSON_TABLE(%s, '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4"
+            " PATH '$[0]', pos BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4"
+            " PATH '$[2]')) AS d", (text,))
 
 
 class _PostgreSQLTransaction(_SQLTransaction):
@@ -1481,11 +1511,16 @@ class PostgreSQLStore(_SQLStore):
         n = len(batch.pending)
         stamps, times, bodies, targets = zip(*batch.pending)
         args = dict(n=n, pos=list(range(1 - n, 1)), stamp=list(stamps), ts=list(times),
-                    body=list(bodies), recipient=[], to=[], tailored=[])
+                    body=list(bodies))
+        # The deliveries as JSON arrays: psycopg would quote each value of a text
+        # array in Python (17 ms for a channel of 10,000), json.dumps does it in C.
+        recipients, to, tailored = [], [], []
         for position, each in zip(args["pos"], targets):
-            args["recipient"] += [recipient for recipient, _ in each]
-            args["to"] += [position] * len(each)
-            args["tailored"] += [tailored for _, tailored in each]     # None: the package's
+            recipients += [recipient for recipient, _ in each]
+            to += [position] * len(each)
+            tailored += [body for _, body in each]             # None: the package's
+        args.update(recipient=_json_text(recipients), to=_json_text(to),
+                    tailored=_json_text(tailored))
         notify = ""
         if self.notify:
             notify, args["origin"] = ", pg_notify('comet', head || ' ' || %(origin)s)", self._origin()
@@ -1495,8 +1530,9 @@ class PostgreSQLStore(_SQLStore):
             "  SELECT head + pos, stamp, ts, body FROM meta, unnest(%(pos)s::bigint[],"
             "   %(stamp)s::text[], %(ts)s::bigint[], %(body)s::text[]) AS p (pos, stamp, ts, body)),"
             " deliveries AS (INSERT INTO comet_deliveries (recipient, pos, body)"
-            "  SELECT recipient, head + pos, body FROM meta, unnest(%(recipient)s::text[],"
-            "   %(to)s::bigint[], %(tailored)s::text[]) AS d (recipient, pos, body))"
+            "  SELECT recipient, head + pos::bigint, body FROM meta, ROWS FROM ("
+            "   json_array_elements_text(%(recipient)s::json), json_array_elements_text(%(to)s::json),"
+            "   json_array_elements_text(%(tailored)s::json)) AS d (recipient, pos, body))"
             " SELECT head FROM meta", args).fetchone()[0]
         return self._appended(batch, head - n + 1)
 

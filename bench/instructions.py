@@ -1,8 +1,8 @@
 """Instructions per push and per poll answer, counted by valgrind: an A/B that
 the machine's other work does not move.
 
-    python bench/instructions.py [--store memory|sqlite] [--subscribers 100] [--rounds 10]
-                                 [--comet DIR ...]
+    python bench/instructions.py [--store memory|sqlite|mysql|postgresql] [--subscribers 100]
+                                 [--rounds 10] [--comet DIR ...]
 
 For each comet.py (``--comet DIR``, several to compare; the repository's by
 default) it runs one Python process under ``valgrind --tool=callgrind`` three
@@ -11,6 +11,9 @@ times: a fixed set-up alone, then ``--rounds`` rounds of one push to a room of
 the same rounds with every subscriber's poll answered after each push.  The
 differences, divided by the rounds, are the instructions of one push and of
 one poll answer (``PYTHONHASHSEED=0``; repeated runs agree within 1 %).
+On MySQL and PostgreSQL (the local servers, a fresh database ``comet_bench``
+for each count) these are the Python process's instructions, the driver's
+included; the database server's own work is not counted.
 Needs valgrind (Debian's package).
 """
 
@@ -31,7 +34,9 @@ def work(comet_dir, store, rounds, subscribers, polls):
     """The counted process: set-up, then ``rounds`` pushes (and their polls)."""
     sys.path[:0] = [comet_dir, HERE]
     import apps
-    url = "memory:" if store == "memory" else f"sqlite:///{tempfile.mkdtemp()}/comet.db"
+    import run
+    url = {"memory": "memory:", "sqlite": f"sqlite:///{tempfile.mkdtemp()}/comet.db",
+           "mysql": run.MYSQL, "postgresql": run.POSTGRESQL}[store]
     app = apps.comet_app(url, tail_interval=3.0, poll_timeout=5)[0]
     app.presence_timeout = 1e6              # no presence sweep during the count
 
@@ -61,6 +66,10 @@ def work(comet_dir, store, rounds, subscribers, polls):
 
 
 def count(comet_dir, store, rounds, subscribers, polls):
+    sys.path.insert(0, HERE)
+    import run
+    if store in ("mysql", "postgresql"):
+        getattr(run, f"reset_{store}")()
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable,
@@ -74,7 +83,7 @@ def main():
         comet_dir, store, rounds, subscribers, polls = sys.argv[2:]
         return work(comet_dir, store, int(rounds), int(subscribers), polls == "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
+    parser.add_argument("--store", choices=["memory", "sqlite", "mysql", "postgresql"], default="memory")
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--comet", action="append", help="a directory holding a comet.py")

@@ -952,8 +952,10 @@ def test_a_batch_with_its_most_parts_takes_no_more_and_the_next_transaction_open
     joining.end(first, following)
 
 
-def test_a_part_that_waits_ten_seconds_for_its_turn_is_503_busy_and_leaves_the_queue(tmp_path):
+def test_a_part_whose_turn_does_not_come_in_time_is_503_busy_and_leaves_the_queue(tmp_path):
     store = comet.SQLiteStore(f"{tmp_path}/comet.db")
+    assert store._turn_timeout == 10        # seconds, by default; 1 here, for a shorter wait
+    store._turn_timeout = 1
     first = store._join()                   # holds its turn throughout
     outcome = {}
 
@@ -966,7 +968,7 @@ def test_a_part_that_waits_ten_seconds_for_its_turn_is_503_busy_and_leaves_the_q
     waiting.start()
     wait_until(lambda: first.queued == 1)
 
-    waiting.join(20)                        # its turn would come after 10 s at the most
+    waiting.join(10)                        # its turn would come after 1 s at the most
 
     try:
         assert outcome == {"error": (503, "the store is busy")}
