@@ -923,23 +923,25 @@ class _SQLStore(Store):
         self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES",
                      [(position, stamp, ts, body) for position, (stamp, ts, body, _)
                       in enumerate(batch.pending, first)])
-        self._insert_deliveries(batch.cur, [
-            (recipient, position, tailored)
-            for position, (_, _, _, targets) in enumerate(batch.pending, first)
-            for recipient, tailored in targets])
+        self._insert_deliveries(batch.cur, batch.pending, first)
         return self._appended(batch, first)
 
-    def _insert_deliveries(self, cur, rows):
-        """``rows`` of ``(recipient, position, body or None)`` into comet_deliveries."""
+    def _insert_deliveries(self, cur, pending, first):
+        """The delivery rows of ``pending`` (a batch's packages, the first at
+        position ``first``) into comet_deliveries."""
         # A delivery of the package as stored leaves its body NULL by leaving it out:
         # a None bound is a value the driver adapts, one at a time (SQLite looks up
         # __adapt__ and __conform__, raising and dropping an AttributeError for each).
-        plain = [(recipient, position) for recipient, position, body in rows if body is None]
+        plain, tailored = [], []
+        for position, (_, _, _, targets) in enumerate(pending, first):
+            plain += [(recipient, position) for recipient, body in targets if body is None]
+            tailored += [(recipient, position, body) for recipient, body in targets
+                         if body is not None]
         if plain:
             self._insert(cur, "INSERT INTO comet_deliveries (recipient, pos) VALUES", plain)
-        if len(plain) < len(rows):
+        if tailored:
             self._insert(cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
-                         [row for row in rows if row[2] is not None])
+                         tailored)
 
     def _forget_claims(self, batch):
         """Delete the provisional rows that held the batch's client stamps."""
@@ -1366,7 +1368,7 @@ class MySQLStore(_SQLStore):
                         " (v INT PATH '$')) AS t")
             self._json_table = True
         except pymysql.err.ProgrammingError:        # a syntax error: an older server
-            self._json_table = False
+            pass
 
     def _connect(self):
         conn = self._pymysql.connect(
@@ -1385,14 +1387,18 @@ class MySQLStore(_SQLStore):
         cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
         return cur.lastrowid
 
-    def _insert_deliveries(self, cur, rows):
+    def _insert_deliveries(self, cur, pending, first):
         """As one JSON text the server takes apart (``JSON_TABLE``): PyMySQL escapes
         it at once, where it would escape each value in Python (a channel of 10,000
         is 20,000 of them).  Without JSON_TABLE (MySQL before 8.0.4, MariaDB before
         10.6), or for rows whose text could outgrow a statement, as values."""
-        text = _json_text(rows) if self._json_table else None
-        if text is None or not self._fits(text, math.inf):
-            return super()._insert_deliveries(cur, rows)
+        if not self._json_table:
+            return super()._insert_deliveries(cur, pending, first)
+        text = _json_text([(recipient, position, body)
+                           for position, (_, _, _, targets) in enumerate(pending, first)
+                           for recipient, body in targets])
+        if not self._fits(text, math.inf):
+            return super()._insert_deliveries(cur, pending, first)
         cur.execute(
             "INSERT INTO comet_deliveries (recipient, pos, body) SELECT recipient, pos, body"
             " FROM JSON_TABLE(%s, '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4"
