@@ -139,19 +139,31 @@ def socketio_app(async_mode):
     return socketio.WSGIApp(sio, push)
 
 
-def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT, notify=True):
-    """comet.py with the client id in ``X-Client`` and the listener ``room``."""
+def comet_app(store, tail_interval=0.1, poll_timeout=POLL_TIMEOUT, notify=True, rooms_are=None):
+    """comet.py with the client id in ``X-Client`` and the listener ``room``.
+
+    ``rooms_are="channel"`` (or ``COMET_BENCH_ROOMS=channel``): a room R is the
+    channel ``channel:R`` instead, which every client sending ``X-Room: R``
+    (subscribers and publishers) joins once, as a socketio client enters its
+    room at the handshake; the load then addresses the channel."""
     import comet
 
     if not notify:
         store = comet.PostgreSQLStore(store, notify=False)
 
     rooms = {}                              # room -> {client: None}, filled by polls
+    channel_rooms = (rooms_are or os.environ.get("COMET_BENCH_ROOMS")) == "channel"
+    joined = set()                          # (client, room) this process enrolled
 
     def identify(environ):
         client = environ.get("HTTP_X_CLIENT")
         room = environ.get("HTTP_X_ROOM")
-        if client and room and environ.get("PATH_INFO", "").endswith("/poll"):
+        if client and room and channel_rooms:
+            if (client, room) not in joined:
+                with app.store.transaction() as tx:
+                    tx.add_member("channel:" + room, client, json.dumps(client), app.store.now())
+                joined.add((client, room))
+        elif client and room and environ.get("PATH_INFO", "").endswith("/poll"):
             rooms.setdefault(room, {})[client] = None
         return client
 

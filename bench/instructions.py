@@ -2,7 +2,7 @@
 the machine's other work does not move.
 
     python bench/instructions.py [--store memory|sqlite|mysql|postgresql] [--subscribers 100]
-                                 [--rounds 10] [--comet DIR ...]
+                                 [--rounds 10] [--rooms listener|channel] [--comet DIR ...]
 
 For each comet.py (``--comet DIR``, several to compare; the repository's by
 default) it runs one Python process under ``valgrind --tool=callgrind`` three
@@ -11,6 +11,8 @@ times: a fixed set-up alone, then ``--rounds`` rounds of one push to a room of
 the same rounds with every subscriber's poll answered after each push.  The
 differences, divided by the rounds, are the instructions of one push and of
 one poll answer (``PYTHONHASHSEED=0``; repeated runs agree within 1 %).
+``--rooms channel``: the room is a channel its clients joined (see
+``apps.comet_app``), not the listener ``room``.
 On MySQL and PostgreSQL (the local servers, a fresh database ``comet_bench``
 for each count) these are the Python process's instructions, the driver's
 included; the database server's own work is not counted.
@@ -48,9 +50,11 @@ def work(comet_dir, store, rounds, subscribers, polls):
                    "wsgi.input": io.BytesIO(body)}
         return json.loads(b"".join(app(environ, lambda status, headers: None)))
 
+    listeners = ["channel:r"] if os.environ.get("COMET_BENCH_ROOMS") == "channel" else ["room"]
+
     def push(seq):
         call("POST", "publisher", body=json.dumps(
-            {"type": "msg", "listeners": ["room"], "room": "r", "seq": seq, "text": "hello, room"}).encode())
+            {"type": "msg", "listeners": listeners, "room": "r", "seq": seq, "text": "hello, room"}).encode())
 
     subs = [f"sub-{i}" for i in range(subscribers)]
     cursors = {sub: call("GET", sub)["cursor"] for sub in subs}
@@ -65,7 +69,7 @@ def work(comet_dir, store, rounds, subscribers, polls):
     os._exit(0)                             # no teardown in the count
 
 
-def count(comet_dir, store, rounds, subscribers, polls):
+def count(comet_dir, store, rounds, subscribers, polls, rooms="listener"):
     sys.path.insert(0, HERE)
     import run
     if store in ("mysql", "postgresql"):
@@ -74,7 +78,8 @@ def count(comet_dir, store, rounds, subscribers, polls):
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable,
              __file__, "--work", comet_dir, store, str(rounds), str(subscribers), str(int(polls))],
-            env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True)
+            env={**os.environ, "PYTHONHASHSEED": "0", "COMET_BENCH_ROOMS": rooms},
+            capture_output=True, text=True)
     return int(re.search(r"Collected : (\d+)", run.stderr)[1])
 
 
@@ -86,15 +91,17 @@ def main():
     parser.add_argument("--store", choices=["memory", "sqlite", "mysql", "postgresql"], default="memory")
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rooms", choices=["listener", "channel"], default="listener")
     parser.add_argument("--comet", action="append", help="a directory holding a comet.py")
     args = parser.parse_args()
     for comet_dir in args.comet or [os.path.dirname(HERE)]:
-        alone = count(comet_dir, args.store, 0, args.subscribers, False)
-        pushes = count(comet_dir, args.store, args.rounds, args.subscribers, False)
-        rounds = count(comet_dir, args.store, args.rounds, args.subscribers, True)
+        alone = count(comet_dir, args.store, 0, args.subscribers, False, args.rooms)
+        pushes = count(comet_dir, args.store, args.rounds, args.subscribers, False, args.rooms)
+        rounds = count(comet_dir, args.store, args.rounds, args.subscribers, True, args.rooms)
         push = (pushes - alone) / args.rounds
         poll = (rounds - pushes) / args.rounds / args.subscribers
         print(json.dumps({"comet": os.path.abspath(comet_dir), "store": args.store,
+                          "rooms": args.rooms,
                           "subscribers": args.subscribers, "push_instructions": round(push),
                           "poll_instructions": round(poll)}))
 

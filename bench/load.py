@@ -105,9 +105,15 @@ class Connection:
 # Dialects: subscribers (poll) and publishers (push)
 # --------------------------------------------------------------------------
 
+ROOMS = "listener"                          # or "channel": see apps.comet_app
+
+
 def package(room, seq, kind="msg", **fields):
-    """What every publisher sends; the send time ``t`` travels inside it."""
-    return {"type": kind, "listeners": ["room"], "room": room, "seq": seq,
+    """What every publisher sends; the send time ``t`` travels inside it.  To comet.py
+    it is addressed to the listener ``room``, or with ``ROOMS = "channel"`` to the
+    room's channel."""
+    listeners = ["channel:" + room] if ROOMS == "channel" else ["room"]
+    return {"type": kind, "listeners": listeners, "room": room, "seq": seq,
             "t": time.perf_counter(), "text": "hello, room", **fields}
 
 
@@ -138,9 +144,11 @@ class CometSubscriber:
 
 
 class CometPublisher:
-    def __init__(self, port, client):
+    def __init__(self, port, client, room=None):
         self.conn = Connection(port)
         self.headers = {"X-Client": client, "Content-Type": "application/json"}
+        if room is not None:                # a member of the room's channel, where rooms are
+            self.headers["X-Room"] = room
 
     async def push(self, package):
         status, body = await self.conn.request("POST", "/comet/push", self.headers,
@@ -239,12 +247,12 @@ class Target:
             return CometSubscriber(self.port, client, room)
         raise BenchError(f"{self.app} cannot hold a poll")
 
-    def publisher(self, client):
+    def publisher(self, client, room=None):
         if self.app == "socketio":
             return PlainPublisher(self.port, "/push")
         if self.app == "hello":
             return PlainPublisher(self.port, "/")
-        return CometPublisher(self.port, client)
+        return CometPublisher(self.port, client, room)
 
     async def stats(self):
         status, body = await self._stats.request("GET", "/_bench/stats", timeout=10)
@@ -401,7 +409,7 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
     deadline = time.monotonic() + time_limit
     room = f"fan{n}-{random.randrange(10**6)}"
     clients = [f"{room}-{i}" for i in range(n)]
-    publisher = target.publisher(f"{room}-pub")
+    publisher = target.publisher(f"{room}-pub", room)
     result = {"workload": "fanout", "n": n, "rounds": 0}
     totals, latencies = [], []
     members, cursor, dialect = None, None, "comet"
@@ -472,7 +480,7 @@ async def throughput(target, subscribers=100, publishers=1, duration=4.0, warmup
             latencies.append(now - p["t"])
 
     audience = Audience(target, room, subscribers, on_package, deadline)
-    pubs = [target.publisher(f"{room}-pub{i}") for i in range(publishers)]
+    pubs = [target.publisher(f"{room}-pub{i}", room) for i in range(publishers)]
     result = {"workload": "throughput", "n": subscribers, "publishers": publishers}
     base = (await target.stats())["inflight"]
 
@@ -522,7 +530,7 @@ async def push_latency(target, count=200, subscribers=1, time_limit=60.0):
     audience = None
     if target.app != "hello":
         audience = Audience(target, room, subscribers, lambda p, now: None, deadline)
-    publisher = target.publisher(f"{room}-pub")
+    publisher = target.publisher(f"{room}-pub", room)
     times = []
     try:
         if audience:

@@ -309,6 +309,9 @@ def parse_args(argv=None):
     parser.add_argument("--cross", type=int, default=30)
     parser.add_argument("--channel", type=int, default=10000,
                         help="members of the channel cell (its floor: a fan-out to as many)")
+    parser.add_argument("--rooms", choices=["listener", "channel"], default="listener",
+                        help="what a room is to comet.py: the listener 'room' (members kept in"
+                             " the app's memory) or a channel its clients join")
     parser.add_argument("--comet", help="a directory holding the comet.py to serve")
     parser.add_argument("--out", default=HERE, help="where RESULTS.md and results.jsonl go")
     parser.add_argument("--time-limit", type=float, default=32 * 60,
@@ -325,6 +328,7 @@ def parse_args(argv=None):
 def run(args):
     """The whole matrix; the result dicts, also written as JSON lines as they come."""
     env = served_env(args.comet)
+    env["COMET_BENCH_ROOMS"] = load.ROOMS = args.rooms
     stores = Stores()
     logdir = tempfile.mkdtemp(prefix="comet-bench-logs-")
     run_id = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -345,7 +349,7 @@ def run(args):
                         lines = [{"workload": kind, "failed": repr(error)}]
                     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                     for line in lines:
-                        line.update(run=run_id, rep=rep, server=server, app=app,
+                        line.update(run=run_id, rep=rep, server=server, app=app, rooms=args.rooms,
                                     comet=args.comet or "repo", comet_md5=comet_md5(args.comet))
                         results.append(line)
                         out.write(json.dumps(line) + "\n")

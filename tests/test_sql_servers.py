@@ -76,7 +76,8 @@ def test_tables_are_created_on_first_use(server):
         app.close()
 
     assert tables == {"comet_meta", "comet_packages", "comet_deliveries", "comet_purged",
-                      "comet_purge", "comet_purge_log", "comet_members", "comet_clients"}
+                      "comet_purge", "comet_purge_log", "comet_members", "comet_clients",
+                      "comet_spans"}
 
 
 def test_push_then_poll_round_trip_through_webtest(app):
