@@ -1011,7 +1011,10 @@ class _SQLStore(Store):
             if joined:                      # a member joining again keeps the span it has
                 self._execute(batch.cur, f"{into} VALUES (?, ?, ?, ?){conflict}",
                               (channel, client, first + index, _MAX_POSITION))
-            else:
+            else:                           # a span ending where it began covered nothing
+                self._execute(batch.cur, "DELETE FROM comet_spans WHERE client = ? AND channel = ?"
+                              " AND to_pos = ? AND from_pos >= ?",
+                              (client, channel, _MAX_POSITION, first + index))
                 self._execute(batch.cur, "UPDATE comet_spans SET to_pos = ? WHERE client = ?"
                               " AND channel = ? AND to_pos = ?",
                               (first + index, client, channel, _MAX_POSITION))
@@ -1348,6 +1351,23 @@ class _SQLTransaction:
 _SQLStore._transaction_type = _SQLTransaction
 
 
+class _SQLiteTransaction(_SQLTransaction):
+
+    def member_ids(self, channel):
+        # One row, not one a member: each row is a step of SQLite's, which lets go of
+        # the GIL, and under load each step waits for its turn to take it back (on
+        # cheroot, a push to 100 members waited ~10 ms more with rows).
+        if not self._store._json_members:
+            return super().member_ids(channel)
+        members, changes = self._run(
+            "SELECT json_group_array(client), (SELECT changes FROM comet_meta)"
+            " FROM comet_members WHERE channel = ?", (channel,)).fetchone()
+        ids = json.loads(members)
+        if ids:
+            self._saw(channel, changes)
+        return ids
+
+
 class SQLiteStore(_SQLStore):
     """An SQLite file in WAL mode: durable, shared by the processes of one host.
 
@@ -1359,6 +1379,8 @@ class SQLiteStore(_SQLStore):
 
     _errors = (sqlite3.OperationalError,)
     _one_writer = True
+    _transaction_type = _SQLiteTransaction
+    _json_members = False                   # SQLite has json_group_array (JSON1)
     _schema = (
         "CREATE TABLE IF NOT EXISTS comet_meta (one INTEGER PRIMARY KEY, id TEXT NOT NULL,"
         " head INTEGER NOT NULL, purged INTEGER NOT NULL, changes INTEGER NOT NULL DEFAULT 0)",
@@ -1395,6 +1417,9 @@ class SQLiteStore(_SQLStore):
         self.path = path
         self.url = "sqlite:///" + path
         super().__init__()
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            with contextlib.suppress(sqlite3.OperationalError):     # built without JSON1
+                self._json_members = bool(conn.execute("SELECT json_group_array(1)").fetchone())
 
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,

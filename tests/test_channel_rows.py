@@ -156,6 +156,30 @@ def test_a_purged_channel_row_marks_the_members_it_reached_and_its_spans_go(url)
         app.close()
 
 
+def test_joins_and_leaves_with_no_package_between_leave_no_span_and_no_error(url):
+    """Members enrolled and removed by the application, no package in between: each
+    change is at the next position, so a span would begin and end at one position."""
+    app = open_app(url)
+    try:
+        for _ in range(3):
+            for joined in (True, False):
+                with app.store.transaction() as tx:
+                    if joined:
+                        tx.add_member("room", "x", '"x"', app.store.now())
+                    else:
+                        assert tx.remove_member("room", "x")
+        with app.store.transaction() as tx:       # and in one transaction
+            tx.add_member("room", "x", '"x"', app.store.now())
+            tx.remove_member("room", "x")
+        push(app, "a", {"type": "join", "listeners": ["room"]})
+        head = app.store.head()
+        assert read_all(app.store, "x") == []
+        assert [p for p, _ in read_all(app.store, "a")] == [head]
+        assert count(app.store, "SELECT COUNT(*) FROM comet_spans") == 1
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize("kind", ["mysql", "postgresql"])
 def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(request, tmp_path, kind):
     """Two processes (here two stores) on one database: a push reads the members,
