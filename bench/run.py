@@ -236,9 +236,17 @@ def app_args(app):
     return ("comet", app.split("-")[1]) if app.startswith("comet-") else (app, None)
 
 
+def cell_rooms(kind, rooms):
+    """What a room is in a cell: ``--rooms`` for the main cells (push latency, fan-out,
+    idle, throughput); the listener elsewhere (held polls, the channel cell and
+    cross-process address no room, and would only enrol thousands of members)."""
+    return rooms if kind == "main" else "listener"
+
+
 def run_cell(kind, server, app, s, stores, env, logdir, workloads):
     """Launch what one cell needs, run its workloads; a list of result dicts."""
     name, _ = app_args(app)
+    load.ROOMS = env["COMET_BENCH_ROOMS"]
     notify = not app.endswith("-nonotify")      # comet-postgresql-nonotify: tailing alone
     if kind == "cross":
         url = stores.url(app)
@@ -309,9 +317,10 @@ def parse_args(argv=None):
     parser.add_argument("--cross", type=int, default=30)
     parser.add_argument("--channel", type=int, default=10000,
                         help="members of the channel cell (its floor: a fan-out to as many)")
-    parser.add_argument("--rooms", choices=["listener", "channel"], default="listener",
-                        help="what a room is to comet.py: the listener 'room' (members kept in"
-                             " the app's memory) or a channel its clients join")
+    parser.add_argument("--rooms", choices=["listener", "channel"], default="channel",
+                        help="what a room is to comet.py in the main cells: a channel its"
+                             " clients join (as a socketio client enters its room), or the"
+                             " listener 'room' (the app's memory names its clients)")
     parser.add_argument("--comet", help="a directory holding the comet.py to serve")
     parser.add_argument("--out", default=HERE, help="where RESULTS.md and results.jsonl go")
     parser.add_argument("--time-limit", type=float, default=32 * 60,
@@ -328,7 +337,6 @@ def parse_args(argv=None):
 def run(args):
     """The whole matrix; the result dicts, also written as JSON lines as they come."""
     env = served_env(args.comet)
-    env["COMET_BENCH_ROOMS"] = load.ROOMS = args.rooms
     stores = Stores()
     logdir = tempfile.mkdtemp(prefix="comet-bench-logs-")
     run_id = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -343,13 +351,15 @@ def run(args):
                         print("time limit reached: no more cells", flush=True)
                         break
                     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+                    rooms = cell_rooms(kind, args.rooms)
                     try:
-                        lines = run_cell(kind, server, app, s, stores, env, logdir, args.workloads)
+                        lines = run_cell(kind, server, app, s, stores,
+                                         dict(env, COMET_BENCH_ROOMS=rooms), logdir, args.workloads)
                     except Exception as error:          # one broken cell must not end the run
                         lines = [{"workload": kind, "failed": repr(error)}]
                     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                     for line in lines:
-                        line.update(run=run_id, rep=rep, server=server, app=app, rooms=args.rooms,
+                        line.update(run=run_id, rep=rep, server=server, app=app, rooms=rooms,
                                     comet=args.comet or "repo", comet_md5=comet_md5(args.comet))
                         results.append(line)
                         out.write(json.dumps(line) + "\n")

@@ -26,3 +26,24 @@ def test_a_push_to_a_channel_of_20_members_reaches_every_member():
     assert "failed" not in result, result
     assert result["rounds"] == 1 and result["joined"] == 5
     assert "Channel" in report.markdown([dict(result, rep=1, server="wsgiref", app="comet-memory")])
+
+
+def test_a_room_that_is_a_channel_reaches_its_subscribers_from_one_channel_row(tmp_path, monkeypatch):
+    """``--rooms channel``: subscribers and publishers join the room's channel, and each
+    push is one row of the SQLite store, read by all 10 subscribers."""
+    monkeypatch.setattr(load, "ROOMS", "channel")
+    url = f"sqlite:///{tmp_path}/bench.db"
+    env = dict(run.served_env(), COMET_BENCH_ROOMS=run.cell_rooms("main", "channel"))
+    with run.Server("wsgiref", "comet", url, env=env) as server:
+        result = asyncio.run(load.throughput(server.target(), 10, 1, duration=0.5, warmup=0.2))
+    assert "failed" not in result and result["errors"] == 0, result
+    assert result["deliveries_per_s"] > 0
+    import comet
+    store = comet.open_store(url)
+    try:
+        rows = store._query("SELECT COUNT(*), COUNT(channel) FROM comet_packages"
+                            " WHERE body LIKE '%\"msg\"%'")[0]
+        assert rows[0] > 0 and rows[0] == rows[1]        # every push to the room: a channel row
+        assert store._query("SELECT COUNT(*) FROM comet_deliveries")[0][0] == 0
+    finally:
+        store.close()
