@@ -972,9 +972,8 @@ class _SQLStore(Store):
         self._forget_claims(batch)
         if not batch.pending and not batch.changes:
             return []
-        last = self._take_positions(batch.cur, len(batch.pending))
-        first = last - len(batch.pending) + 1
-        if self._changed_since_read(batch):
+        first, changed = self._positions(batch)
+        if changed:
             self._unchannel(batch)
         self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body, channel) VALUES",
                      [(position, stamp, ts, body, channel) for position, (stamp, ts, body, _, channel)
@@ -983,16 +982,23 @@ class _SQLStore(Store):
         self._write_changes(batch, first)
         return self._appended(batch, first)
 
-    def _changed_since_read(self, batch):
-        """True when the batch has a channel row whose members it read before another
-        transaction's membership change committed (asked with the positions taken,
-        so every change committed before is seen)."""
-        if self._one_writer or batch.read_changes == math.inf:
-            return False                    # SQLite: the batch read them as the writer
-        if not any(channel for *_, channel in batch.pending):
-            return False
-        return self._execute(batch.cur, "SELECT changes FROM comet_meta").fetchone()[0] \
-            > batch.read_changes
+    def _positions(self, batch):
+        """``(first, changed)``: the positions taken for the batch's packages, the
+        first of them, and whether the batch has a channel row whose members it read
+        before another transaction's membership change committed (asked once the
+        positions are taken, so that every change committed before is seen)."""
+        n = len(batch.pending)
+        first = self._take_positions(batch.cur, n) - n + 1
+        if not self._check_members(batch):
+            return first, False
+        changes, = self._execute(batch.cur, "SELECT changes FROM comet_meta").fetchone()
+        return first, changes > batch.read_changes
+
+    def _check_members(self, batch):
+        """True when the batch has channel rows and another transaction could have
+        changed their members since it read them (not on SQLite: one writer)."""
+        return not self._one_writer and batch.read_changes != math.inf and any(
+            channel for *_, channel in batch.pending)
 
     @staticmethod
     def _unchannel(batch):
@@ -2491,12 +2497,19 @@ class Comet:
         package.update(sender=sender, _stamp=stamp, _ts=_now_ms())
         stored = self.store.now()           # what retention and presence compare: the store's clock
         kind = package["type"]
-        if client is not None and kind != "join":
-            for channel in channels:
-                if not tx.is_member(channel, client):
-                    raise CometError(403, "not_member", f"not a member of channel {channel!r}")
         private = dict(private or {})
         action = self._actions.get(kind)
+        known = {}                          # channel -> its members, read once
+        if client is not None and kind != "join":
+            for channel in channels:
+                if len(channels) == 1 and not (action and action.submit):
+                    # Nothing changes the members before they are the recipients: one read.
+                    known[channel] = tx.member_ids(channel)
+                    member = client in known[channel]
+                else:
+                    member = tx.is_member(channel, client)
+                if not member:
+                    raise CometError(403, "not_member", f"not a member of channel {channel!r}")
         if action and action.submit:
             self._call(action.submit, package, private, tx.db, environ)
             package, channels = self._validate(package)
@@ -2506,7 +2519,7 @@ class Comet:
                 if may_join is not None and not self._call(may_join, environ, tx.db, channel):
                     raise Reject(f"you may not join {channel}")
                 tx.add_member(channel, client, self._json(package["sender"]), stored)
-        recipients = self._recipients(tx, package, environ)
+        recipients = self._recipients(tx, package, environ, known)
         # Encoded here, in this package's own part of the transaction: what cannot
         # be stored fails this package, never the commit it shares with others.
         body = self._json(package)
@@ -2574,14 +2587,18 @@ class Comet:
             channel = namespace and namespace[name]
         return channel
 
-    def _recipients(self, tx, package, environ):
+    def _recipients(self, tx, package, environ, known=None):
+        """The package's recipients; ``known``: members of channels read already."""
+        known = known or {}
         listeners = package["listeners"]
         if not isinstance(listeners, list):
             return [_single_recipient(listeners)]
         recipients = {}                     # a dict keeps the order and each recipient once
         for name in listeners:
             if self._channel(name) is not None:
-                recipients.update(dict.fromkeys(tx.member_ids(name)))
+                members = known.get(name)
+                recipients.update(dict.fromkeys(tx.member_ids(name) if members is None
+                                                else members))
                 continue
             found = self._call(lambda: list(self._listeners[name](environ, package, tx.db) or ()))
             ids = _client_ids(found)
