@@ -1191,12 +1191,20 @@ class _SQLStore(Store):
             for index, (rows, args) in enumerate(slices):  # marks first: from the rows deleted next
                 found, found_args = f"SELECT recipient, pos FROM comet_deliveries WHERE {rows}", args
                 if index == 0:              # whole packages: the members of channel rows too
-                    found += (" UNION ALL SELECT s.client, p.pos FROM comet_packages p"
-                              " JOIN comet_spans s ON s.channel = p.channel AND s.from_pos <= p.pos"
-                              " AND s.to_pos > p.pos WHERE p.pos > ? AND p.pos <= ?")
-                    found_args = args + args
+                    # Per span of a channel in the slice, its newest package there (one
+                    # look-up in the channel's index), not every package joined to every
+                    # member: a slice of 1,000 pushes to 2,000 members held the writer for
+                    # 0.7 s that way.
+                    lo, hi = args
+                    found += (" UNION ALL SELECT s.client, (SELECT MAX(p.pos) FROM comet_packages p"
+                              "  WHERE p.channel = s.channel AND p.pos > ? AND p.pos <= ?"
+                              "  AND p.pos >= s.from_pos AND p.pos < s.to_pos)"
+                              " FROM comet_spans s WHERE s.from_pos <= ? AND s.to_pos > ?"
+                              " AND s.channel IN (SELECT channel FROM comet_packages"
+                              "  WHERE pos > ? AND pos <= ? AND channel IS NOT NULL)")
+                    found_args = args + (lo, hi, hi, lo + 1, lo, hi)
                 tx._run(f"{marks} SELECT recipient, MAX(pos) FROM ({found}) AS r"
-                        f" GROUP BY recipient{marked}", found_args)
+                        f" WHERE pos IS NOT NULL GROUP BY recipient{marked}", found_args)
                 tx._run(f"DELETE FROM comet_deliveries WHERE {rows}", args)
             if upto > purged:
                 tx._run("DELETE FROM comet_packages WHERE pos > ? AND pos <= ?", (purged, upto))
