@@ -254,8 +254,9 @@ class Store:
       body or None)``, None meaning ``body``, under a stamp claimed or freshly
       made; raises ``CometError`` 413 if a body is larger than the store keeps
       (checked here, so that nothing of this package can fail the commit
-      later).  ``channel``: the recipients are exactly that channel's members
-      as ``tx.member_ids`` read them, each getting ``body``;
+      later).  ``channel`` (given only to a store whose ``channel_rows`` is
+      true): the recipients are exactly that channel's members as
+      ``tx.member_ids`` read them, each getting ``body``;
     - ``tx.is_member(channel, client)``, ``tx.member_ids(channel)``,
       ``tx.add_member(channel, client, sender_json, ts)``,
       ``tx.remove_member(channel, client) -> bool`` (True for the one
@@ -278,6 +279,7 @@ class Store:
     url = ""
     id = ""
     shared = False
+    channel_rows = False                    # append takes ``channel``: see above
     on_commit = None
 
     def _committed(self, appended):
@@ -457,7 +459,7 @@ class _MemoryTransaction:
         self._stamps.append(stamp)
         return False
 
-    def append(self, stamp, ts, body, deliveries, channel=None):
+    def append(self, stamp, ts, body, deliveries):
         self._packages.append((stamp, ts, body, deliveries))
         self._stamps.append(stamp)          # a stamp the server made was never claimed
 
@@ -570,6 +572,7 @@ class _SQLStore(Store):
     """
 
     shared = True
+    channel_rows = True
     _clock = None                           # SQL for the database's clock in ms, where hosts share it
     _offset = 0                             # the database's clock minus this host's, in ms
     _placeholder = "?"
@@ -2537,9 +2540,11 @@ class Comet:
         body = self._json(package)
         deliveries = self._tailor(tx, package, body, recipients, action, private)
         # Broadcast to one channel as it is, to every member: the store may keep it as one row.
-        whole = (len(channels) == 1 and package["listeners"] == channels
-                 and len(deliveries) == len(recipients) and not any(t for _, t in deliveries))
-        tx.append(stamp, stored, body, deliveries, channels[0] if whole else None)
+        if (self.store.channel_rows and len(channels) == 1 and package["listeners"] == channels
+                and len(deliveries) == len(recipients) and not any(t for _, t in deliveries)):
+            tx.append(stamp, stored, body, deliveries, channel=channels[0])
+        else:
+            tx.append(stamp, stored, body, deliveries)
         if client is not None and kind == "leave":
             for channel in channels:
                 tx.remove_member(channel, client)

@@ -6,6 +6,7 @@ accepted, the tail finds the same recipients, a purge marks the members who
 lost one, a join committed while a push was under way never reaches back,
 and tables made before there were channel rows are upgraded."""
 
+import contextlib
 import random
 import threading
 
@@ -293,5 +294,28 @@ def test_tables_made_before_channel_rows_are_upgraded_and_members_keep_getting_p
         assert [p for p, _ in read_all(app.store, "a", head)] == [head + 1, head + 2]
         assert [p for p, _ in read_all(app.store, "c", head)] == [head + 2]
         assert [p for p, _ in read_all(app.store, "b", head)] == [head + 1, head + 2]
+    finally:
+        app.close()
+
+
+def test_a_store_of_its_own_whose_append_takes_no_channel_still_broadcasts():
+    """A ``Store`` written for the protocol without channel rows (``channel_rows``
+    false, ``append`` of four arguments) is never handed a channel."""
+    class OwnStore(comet.MemoryStore):
+        @contextlib.contextmanager
+        def transaction(self):
+            with super().transaction() as tx:
+                append = tx.append
+                tx.append = lambda stamp, ts, body, deliveries: append(stamp, ts, body, deliveries)
+                yield tx
+
+    app = open_app(OwnStore())
+    try:
+        push(app, "a", {"type": "join", "listeners": ["room"]})
+        push(app, "b", {"type": "join", "listeners": ["room"]})
+        push(app, "a", {"type": "msg", "listeners": ["room"]})
+        app.push({"type": "note", "listeners": ["room"]})
+        head = app.store.head()
+        assert [p for p, _, _ in app.store.read("b", 1, 10)[1]] == [head - 2, head - 1, head]
     finally:
         app.close()
