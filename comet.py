@@ -1718,13 +1718,9 @@ class PostgreSQLStore(_SQLStore):
         of its own, at positions counted back from the new head.  With the COMMIT,
         a batch's end costs two round trips to the server, not four, which under
         gevent is two fewer waits for every other ready greenlet to run."""
-        self._forget_claims(batch)
         if not batch.pending:
-            if batch.changes:               # joins or leaves alone: after the head, locked
-                head, = batch.cur.execute("UPDATE comet_meta SET head = head RETURNING head"
-                                          ).fetchone()
-                self._write_changes(batch, head + 1)
-            return []
+            return super()._flush(batch)    # claims, joins or leaves alone
+        self._forget_claims(batch)
         n = len(batch.pending)
         stamps, times, bodies, targets, channels = zip(*batch.pending)
         args = dict(n=n, pos=list(range(1 - n, 1)), stamp=list(stamps), ts=list(times),
@@ -1758,7 +1754,7 @@ class PostgreSQLStore(_SQLStore):
             "   json_array_elements_text(%(tailored)s::json)) AS d (recipient, pos, body))"
             " SELECT head, changes FROM meta", args).fetchone()
         first = head - n + 1
-        if changes > batch.read_changes and any(channels):
+        if self._check_members(batch) and changes > batch.read_changes:
             # A join or leave committed after these members were read: delivery rows.
             batch.cur.execute("UPDATE comet_packages SET channel = NULL WHERE pos >= %s"
                               " AND pos <= %s AND channel IS NOT NULL", (first, head))
@@ -1768,6 +1764,10 @@ class PostgreSQLStore(_SQLStore):
             self._unchannel(batch)
         self._write_changes(batch, first)
         return self._appended(batch, first)
+
+    def _take_positions(self, cur, n):
+        return cur.execute("UPDATE comet_meta SET head = head + %s RETURNING head",
+                           (n,)).fetchone()[0]
 
     def _origin(self):
         """The token of this process's NOTIFYs, by which its listener knows its own."""
