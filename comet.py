@@ -905,6 +905,8 @@ class _SQLStore(Store):
         batch.stamps.clear()
         batch.claims.clear()
         batch.changes.clear()
+        batch.members.clear()
+        batch.due.clear()
 
     def _break(self, batch, error):
         """The connection failed, or a part was interrupted (a ``BaseException``)
@@ -1273,6 +1275,8 @@ class _Batch:
         self.pending = []                   # (stamp, ts, body, deliveries, channel) to insert
         self.changes = []                   # (channel, client, joined, index in pending)
         self.read_changes = math.inf        # comet_meta.changes as the first members' read saw it
+        self.members = {}                   # channel -> (ids, changes) as read in this batch
+        self.due = []                       # savepoints not opened yet in the database
         self.stamps = set()                 # their stamps
         self.claims = []                    # provisional positions holding client stamps
         self.savepoints = itertools.count()
@@ -1286,30 +1290,52 @@ class _SQLTransaction:
     def __init__(self, store, batch):
         self._store = store
         self._batch = batch
-        self.db = batch.conn
         self.cur = batch.cur
         self._read = set()                  # channels whose members this part read
+
+    @property
+    def db(self):
+        """The connection, for hooks: a hook may write, so the savepoints due open first."""
+        self._writing()
+        return self._batch.conn
 
     def _run(self, sql, args=()):
         return self._store._execute(self.cur, sql, args)
 
+    def _writing(self):
+        """Open the savepoints not yet opened, outermost first: a write follows."""
+        batch = self._batch
+        for name in batch.due:
+            self._run(f"SAVEPOINT {name}")
+        batch.due.clear()
+
     @contextlib.contextmanager
     def savepoint(self):
+        # Opened in the database only before the first write inside it (``_writing``):
+        # a part that reads and appends, as most pushes do, is undone in memory alone,
+        # and a batch of several parts costs no round trips for their savepoints.
         batch = self._batch
         name = f"comet_{next(batch.savepoints)}"
         marks = len(batch.pending), len(batch.claims), len(batch.changes)
-        self._run(f"SAVEPOINT {name}")
+        batch.due.append(name)
         try:
             yield
         except Exception:                   # (an interruption fails the whole batch instead)
-            self._run(f"ROLLBACK TO SAVEPOINT {name}")
-            self._run(f"RELEASE SAVEPOINT {name}")
+            if name in batch.due:
+                batch.due.remove(name)      # nothing was written inside
+            else:
+                self._run(f"ROLLBACK TO SAVEPOINT {name}")
+                self._run(f"RELEASE SAVEPOINT {name}")
+                batch.members.clear()       # read maybe after a change now undone
             batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[0]:])
             del batch.pending[marks[0]:]
             del batch.claims[marks[1]:]
             del batch.changes[marks[2]:]
             raise
-        self._run(f"RELEASE SAVEPOINT {name}")
+        if name in batch.due:
+            batch.due.remove(name)
+        else:
+            self._run(f"RELEASE SAVEPOINT {name}")
 
     def claim_stamp(self, stamp):
         # A row at a provisional (negative) position holds the stamp's unique key,
@@ -1317,6 +1343,7 @@ class _SQLTransaction:
         if stamp in self._batch.stamps:
             return True
         claim = -1 - secrets.randbits(62)
+        self._writing()
         into, conflict = self._store._upsert("comet_packages", ("pos", "stamp", "ts", "body"),
                                              ("stamp",), replace=False)
         if self._run(f"{into} VALUES (?, ?, 0, ''){conflict}", (claim, stamp)).rowcount == 0:
@@ -1336,18 +1363,28 @@ class _SQLTransaction:
         batch.stamps.add(stamp)
 
     def member_ids(self, channel):
+        """Read once a batch: its later parts take what the first to ask read, unless
+        a part of the batch changed the channel's members since.  (The check at the
+        flush compares membership changes committed since the earliest read.)"""
+        batch = self._batch
+        read = batch.members.get(channel)
+        if read is None:
+            read = batch.members[channel] = self._members(channel)
+        ids, changes = read
+        if ids:                             # with no members, a push to it has no row
+            self._read.add(channel)
+            batch.read_changes = min(batch.read_changes, changes)
+        return list(ids)
+
+    def _members(self, channel):
+        """``(ids, changes)``: the channel's members and comet_meta.changes, read at once."""
         rows = self._run("SELECT client, (SELECT changes FROM comet_meta) FROM comet_members"
                          " WHERE channel = ?", (channel,)).fetchall()
-        if rows:
-            self._saw(channel, rows[0][1])
-        return _texts(row[0] for row in rows)
-
-    def _saw(self, channel, changes):
-        """The members of ``channel`` were read with ``changes`` membership changes committed."""
-        self._read.add(channel)
-        self._batch.read_changes = min(self._batch.read_changes, changes)
+        return _texts(row[0] for row in rows), rows[0][1] if rows else None
 
     def is_member(self, channel, client):
+        if channel in self._batch.members:
+            return client in self._batch.members[channel][0]
         return self._run("SELECT 1 FROM comet_members WHERE channel = ? AND client = ?",
                          (channel, client)).fetchone() is not None
 
@@ -1356,12 +1393,16 @@ class _SQLTransaction:
             log.error("comet: a sender of %d characters is too large for %s",
                       len(sender), self._store.url)
             raise CometError(500, "internal", "the sender is too large for the store")
+        self._writing()
+        self._batch.members.pop(channel, None)
         into, conflict = self._store._upsert(
             "comet_members", ("channel", "client", "sender", "joined"), ("channel", "client"))
         self._run(f"{into} VALUES (?, ?, ?, ?){conflict}", (channel, client, sender, ts))
         self._batch.changes.append((channel, client, True, len(self._batch.pending)))
 
     def remove_member(self, channel, client):
+        self._writing()
+        self._batch.members.pop(channel, None)
         removed = self._run("DELETE FROM comet_members WHERE channel = ? AND client = ?",
                             (channel, client)).rowcount == 1
         if removed:
@@ -1374,19 +1415,16 @@ _SQLStore._transaction_type = _SQLTransaction
 
 class _SQLiteTransaction(_SQLTransaction):
 
-    def member_ids(self, channel):
+    def _members(self, channel):
         # One row, not one a member: each row is a step of SQLite's, which lets go of
         # the GIL, and under load each step waits for its turn to take it back (on
         # cheroot, a push to 100 members waited ~10 ms more with rows).
         if not self._store._json_members:
-            return super().member_ids(channel)
+            return super()._members(channel)
         members, changes = self._run(
             "SELECT json_group_array(client), (SELECT changes FROM comet_meta)"
             " FROM comet_members WHERE channel = ?", (channel,)).fetchone()
-        ids = json.loads(members)
-        if ids:
-            self._saw(channel, changes)
-        return ids
+        return json.loads(members), changes
 
 
 class SQLiteStore(_SQLStore):
@@ -1465,13 +1503,18 @@ class SQLiteStore(_SQLStore):
         cur.execute("BEGIN IMMEDIATE")
 
     def _take_positions(self, cur, n):
-        cur.execute("UPDATE comet_meta SET head = head + ?", (n,))    # (RETURNING needs 3.35)
+        # One statement where SQLite has RETURNING (3.35): each statement's steps let go
+        # of the GIL, and under load each waits its turn to take it back.
+        if sqlite3.sqlite_version_info >= (3, 35):
+            return cur.execute("UPDATE comet_meta SET head = head + ? RETURNING head",
+                               (n,)).fetchone()[0]
+        cur.execute("UPDATE comet_meta SET head = head + ?", (n,))
         return cur.execute("SELECT head FROM comet_meta").fetchone()[0]
 
 
 class _MySQLTransaction(_SQLTransaction):
 
-    def member_ids(self, channel):
+    def _members(self, channel):
         # One row, not one a member: PyMySQL parses each row in Python (a channel of
         # 10,000 took 13 ms as rows, 5 ms as one array).  An array the server cut short
         # (at group_concat_max_len or max_allowed_packet) is read again as rows.
@@ -1482,10 +1525,8 @@ class _MySQLTransaction(_SQLTransaction):
         with contextlib.suppress(ValueError):
             ids = json.loads(members) if count else []
             if len(ids) == count:
-                if ids:
-                    self._saw(channel, changes)
-                return ids
-        return super().member_ids(channel)
+                return ids, changes
+        return super()._members(channel)
 
 
 class MySQLStore(_SQLStore):
@@ -1589,9 +1630,12 @@ class MySQLStore(_SQLStore):
         10.6), or for rows whose text could outgrow a statement, as values."""
         if not self._json_table:
             return super()._insert_deliveries(cur, pending, first)
-        text = _json_text([(recipient, position, body)
-                           for position, (_, _, _, targets, channel) in enumerate(pending, first)
-                           if channel is None for recipient, body in targets])
+        rows = [(recipient, position, body)
+                for position, (_, _, _, targets, channel) in enumerate(pending, first)
+                if channel is None for recipient, body in targets]
+        if not rows:                        # channel rows only: nothing to send
+            return
+        text = _json_text(rows)
         if not self._fits(text, math.inf):
             return super()._insert_deliveries(cur, pending, first)
         cur.execute(

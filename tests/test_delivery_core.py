@@ -1202,3 +1202,128 @@ def test_kill_9_with_pushes_queued_behind_a_held_commit_loses_no_200_and_keeps_n
     answered_200 = sorted(text for text, status in statuses.items() if status == 200)
     assert delivered == answered_200 == ["before"], statuses
     assert stored == {"kill9-before"} and kept == ["before"]
+
+
+class TwoParts:
+    """Two transactions of one batch of ``store``: the first (``first(tx)``) runs and
+    ends its part, then the second (``second(tx)``), queued behind it meanwhile, runs
+    as the batch's next part.  ``statements`` lists the SQL each ran, in order."""
+
+    def __init__(self, store):
+        self.store = store
+        self.statements = {}
+        execute = store._execute
+
+        def recorded(cur, sql, args=()):
+            self.statements.setdefault(threading.current_thread().name, []).append(sql)
+            return execute(cur, sql, args)
+        store._execute = recorded
+
+    def run(self, first, second):
+        queued, batch, errors = threading.Event(), [], []
+
+        def part(name, body):
+            try:
+                with self.store.transaction() as tx:
+                    if name == "first":
+                        batch.append(self.store._local.batch)
+                        body(tx)
+                        assert queued.wait(10)
+                    else:
+                        body(tx)
+            except Exception as error:      # a failed assert in a part fails the test
+                errors.append(error)
+
+        threads = [threading.Thread(target=part, args=("first", first), name="first")]
+        threads[0].start()
+        wait_until(lambda: batch)
+        threads.append(threading.Thread(target=part, args=("second", second), name="second"))
+        threads[1].start()
+        wait_until(lambda: batch[0].queued == 1)
+        queued.set()
+        for thread in threads:
+            thread.join(20)
+        assert not errors, errors
+
+    def savepoints(self, name):
+        return [sql for sql in self.statements.get(name, []) if sql.startswith("SAVEPOINT")]
+
+
+@pytest.fixture(params=["sqlite", "mysql", "postgresql"])
+def sql_store(request, tmp_path):
+    store = comet.open_store(fresh_store(request.param, request, tmp_path))
+    yield store
+    store.close()
+
+
+def test_a_later_part_that_only_reads_and_appends_opens_no_savepoint(sql_store):
+    parts = TwoParts(sql_store)
+
+    def first(tx):
+        tx.add_member("c", "ann", '"ann"', 1)
+        tx.append("stamp-1", 1, '{"n":1}', [("ann", None)])
+
+    def second(tx):
+        assert tx.member_ids("c") == ["ann"]
+        tx.append("stamp-2", 1, '{"n":2}', [("ann", None)])
+    parts.run(first, second)
+    assert parts.savepoints("second") == []
+    assert [body for _, _, body in sql_store.read("ann", 0, 10)[1]] == ['{"n":1}', '{"n":2}']
+
+
+def test_a_later_part_that_fails_before_writing_is_undone_and_the_batch_commits(sql_store):
+    parts = TwoParts(sql_store)
+
+    def first(tx):
+        tx.append("stamp-1", 1, '{"n":1}', [("ann", None)])
+
+    def second(tx):
+        with contextlib.suppress(comet.Reject):
+            with tx.savepoint():
+                tx.append("stamp-2", 1, '{"n":2}', [("ann", None)])
+                raise comet.Reject("no")
+        tx.append("stamp-3", 1, '{"n":3}', [("ann", None)])
+    parts.run(first, second)
+    assert parts.savepoints("second") == []
+    assert [body for _, _, body in sql_store.read("ann", 0, 10)[1]] == ['{"n":1}', '{"n":3}']
+
+
+def test_a_later_part_that_writes_opens_its_savepoints_and_a_failure_undoes_the_write(sql_store):
+    parts = TwoParts(sql_store)
+
+    def first(tx):
+        tx.add_member("c", "ann", '"ann"', 1)
+
+    def second(tx):
+        with contextlib.suppress(comet.Reject):
+            with tx.savepoint():
+                tx.add_member("c", "bob", '"bob"', 1)
+                raise comet.Reject("no")
+    parts.run(first, second)
+    assert len(parts.savepoints("second")) == 2     # the part's, then the one inside it
+    assert sorted(sql_store.members("c")) == ["ann"]
+
+
+def test_a_part_reads_the_members_an_earlier_part_read_unless_the_batch_changed_them(sql_store):
+    parts = TwoParts(sql_store)
+
+    def first(tx):
+        tx.add_member("c", "ann", '"ann"', 1)
+        assert tx.member_ids("c") == ["ann"]
+
+    def second(tx):
+        assert tx.member_ids("c") == ["ann"]         # what the first part read
+        tx.add_member("c", "bob", '"bob"', 1)
+        assert sorted(tx.member_ids("c")) == ["ann", "bob"]
+        assert tx.is_member("c", "bob")
+        with contextlib.suppress(comet.Reject):
+            with tx.savepoint():
+                tx.add_member("c", "cy", '"cy"', 1)
+                assert sorted(tx.member_ids("c")) == ["ann", "bob", "cy"]
+                raise comet.Reject("no")
+        assert sorted(tx.member_ids("c")) == ["ann", "bob"]    # cy's join was undone
+        assert not tx.is_member("c", "cy")
+    parts.run(first, second)
+    reads = [sql for sql in parts.statements["second"] if "FROM comet_members" in sql]
+    assert len(reads) == 3                          # after each join, and after cy's undoing
+    assert sorted(sql_store.members("c")) == ["ann", "bob"]
