@@ -223,6 +223,34 @@ def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(request,
         other.close()
 
 
+def test_a_mysql_push_to_a_channel_checks_its_members_in_the_statement_taking_positions(
+        request, tmp_path, monkeypatch):
+    """The race check above costs no round trip of its own: the UPDATE that takes
+    the positions hands back whether the members changed since they were read."""
+    import pymysql
+    app = open_app(fresh_store("mysql", request, tmp_path))
+    try:
+        push(app, "a", {"type": "join", "listeners": ["room"]})
+        sent, query = [], pymysql.connections.Connection.query
+
+        def recorded(conn, sql, *args, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                sent.append(" ".join(sql.split()[:3]))
+            return query(conn, sql, *args, **kwargs)
+        monkeypatch.setattr(pymysql.connections.Connection, "query", recorded)
+        commit = pymysql.connections.Connection.commit
+        monkeypatch.setattr(pymysql.connections.Connection, "commit",
+                            lambda conn: sent.append("COMMIT") or commit(conn))
+        stamp = app.push({"type": "note", "listeners": ["room"]})
+        assert sent == ["START TRANSACTION", "SELECT COUNT(*), JSON_ARRAYAGG(CAST(client",
+                        "UPDATE comet_meta SET", "INSERT INTO comet_packages", "COMMIT"]
+        [(channel,)] = app.store._query("SELECT channel FROM comet_packages WHERE stamp = %s",
+                                        (stamp,))
+        assert comet._text(channel) == "room"
+    finally:
+        app.close()
+
+
 def test_pushes_joins_and_leaves_from_two_processes_at_once_read_as_accepted(url):
     """Both stores' commits recorded as accepted; then every client's reads agree."""
     apps = [open_app(url), open_app(url)]

@@ -8,6 +8,7 @@ own database; without a reachable PostgreSQL the module skips loudly (and
 fails under CI=true).
 """
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -163,44 +164,46 @@ def test_a_package_for_an_id_holding_nul_is_400_and_its_batch_commits_without_it
     assert group.log() == ["hold", "kept"]                  # the refused one's write undone
 
 
-class Counted:
-    """A psycopg connection that records what its cursors execute and its commits,
-    in the test's own thread (the app's tail and housekeeping read on theirs)."""
+def record_round_trips(monkeypatch):
+    """What this thread sends to PostgreSQL, a list of round trips: each the first word
+    of every statement in it, joined by "+" (statements sent in one pipeline share one)
+    or "COMMIT".  The app's tail and housekeeping send on threads of their own."""
+    import psycopg
+    sent, piped = [], []
+    execute, pipeline, commit = psycopg.Cursor.execute, psycopg.Connection.pipeline, \
+        psycopg.Connection.commit
 
-    def __init__(self, conn, sent):
-        self._conn, self._sent = conn, sent
-
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-    def cursor(self, *args, **kwargs):
-        cur, sent = self._conn.cursor(*args, **kwargs), self._sent
-
-        class Cursor:
-            def __getattr__(self, name):
-                return getattr(cur, name)
-
-            def execute(self, sql, *args, **kwargs):
-                if threading.current_thread() is threading.main_thread():
-                    sent.append(sql.split()[0].upper())
-                return cur.execute(sql, *args, **kwargs)
-        return Cursor()
-
-    def commit(self):
+    def executed(cur, sql, *args, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            self._sent.append("COMMIT")
-        return self._conn.commit()
+            word = str(sql).split()[0].upper()
+            (piped[-1].append if piped else sent.append)(word)
+        return execute(cur, sql, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def piping(conn):
+        piped.append([])
+        try:
+            with pipeline(conn) as each:
+                yield each
+        finally:
+            sent.append("+".join(piped.pop()))
+
+    def committed(conn):
+        if threading.current_thread() is threading.main_thread():
+            sent.append("COMMIT")
+        return commit(conn)
+    monkeypatch.setattr(psycopg.Cursor, "execute", executed)
+    monkeypatch.setattr(psycopg.Connection, "pipeline", piping)
+    monkeypatch.setattr(psycopg.Connection, "commit", committed)
+    return sent
 
 
 def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkeypatch):
-    """After BEGIN and the hooks: the positions, the packages and every delivery
-    (the package's own body and a tailored one) in one statement, then COMMIT.
-    Under gevent each round trip waits for every ready greenlet."""
-    sent = []
-    connect = comet.PostgreSQLStore._connect
-    monkeypatch.setattr(comet.PostgreSQLStore, "_connect",
-                        lambda store: Counted(connect(store), sent))
+    """BEGIN goes with the first statement; then the positions, the packages and
+    every delivery (the package's own body and a tailored one) in one statement,
+    then COMMIT.  Under gevent each round trip waits for every ready greenlet."""
     app = make_app(store=url)
+    sent = record_round_trips(monkeypatch)
     try:
         app.action("note").on_emit(
             lambda package, recipient, private, db: dict(package, to=recipient)
@@ -208,17 +211,21 @@ def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkey
         cursor = app.store.head()
         del sent[:]
         app.push({"type": "note", "listeners": ["to"], "to": ["bob", "carol", "dave"]})
-        assert sent == ["BEGIN", "WITH", "COMMIT"]
+        assert sent == ["BEGIN", "WITH", "COMMIT"]      # hooks were handed the connection
         del sent[:]
-        stamp = app.push({"type": "x", "listeners": ["to"], "to": [], "_stamp": "s" * 16})
-        assert sent == ["BEGIN", "INSERT", "DELETE", "WITH", "COMMIT"]   # the stamp's claim
+        stamp = app.push({"type": "x", "listeners": "bob", "_stamp": "s" * 16})
+        assert sent == ["BEGIN+INSERT", "DELETE", "WITH", "COMMIT"]     # the stamp's claim
+        del sent[:]
+        app.push({"type": "y", "listeners": "bob"})     # no hook: no round trip of its own
+        assert sent == ["BEGIN+WITH", "COMMIT"]
         head, bob, _ = app.store.read("bob", cursor, 10)
         _, carol, _ = app.store.read("carol", cursor, 10)
-        assert head == cursor + 2 and [json.loads(body)["to"] for _, _, body in bob] == ["bob"]
+        assert head == cursor + 3 and [json.loads(body).get("to") for _, _, body in bob] == [
+            "bob", None, None]
         assert [json.loads(body)["to"] for _, _, body in carol] == [["bob", "carol", "dave"]]
-        assert [position for position, _, _ in bob] == [cursor + 1]
-        assert app.push({"type": "x", "listeners": ["to"], "to": [], "_stamp": "s" * 16}) == stamp
-        assert app.store.head() == cursor + 2                    # accepted once
+        assert [position for position, _, _ in bob] == [cursor + 1, cursor + 2, cursor + 3]
+        assert app.push({"type": "x", "listeners": "bob", "_stamp": "s" * 16}) == stamp
+        assert app.store.head() == cursor + 3                    # accepted once
     finally:
         app.close()
 
