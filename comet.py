@@ -1053,10 +1053,13 @@ class _SQLStore(Store):
 
     def _forget_claims(self, batch):
         """Delete the provisional rows that held the batch's client stamps."""
-        for start in range(0, len(batch.claims), self._max_variables):
-            claims = batch.claims[start:start + self._max_variables]
-            self._execute(batch.cur, "DELETE FROM comet_packages WHERE pos IN ("
-                          + ", ".join(["?"] * len(claims)) + ")", claims)
+        self._delete_claims(batch.cur, batch.claims)
+
+    def _delete_claims(self, cur, claims):
+        for start in range(0, len(claims), self._max_variables):
+            chunk = claims[start:start + self._max_variables]
+            self._execute(cur, "DELETE FROM comet_packages WHERE pos IN ("
+                          + ", ".join(["?"] * len(chunk)) + ")", chunk)
 
     @staticmethod
     def _appended(batch, first):
@@ -1313,8 +1316,9 @@ class _SQLTransaction:
     @contextlib.contextmanager
     def savepoint(self):
         # Opened in the database only before the first write inside it (``_writing``):
-        # a part that reads and appends, as most pushes do, is undone in memory alone,
-        # and a batch of several parts costs no round trips for their savepoints.
+        # a part that reads, claims stamps and appends, as most pushes do, is undone in
+        # memory and by deleting its claims, and a batch of several parts costs no round
+        # trips for their savepoints.
         batch = self._batch
         name = f"comet_{next(batch.savepoints)}"
         marks = len(batch.pending), len(batch.claims), len(batch.changes)
@@ -1328,6 +1332,9 @@ class _SQLTransaction:
                 self._run(f"ROLLBACK TO SAVEPOINT {name}")
                 self._run(f"RELEASE SAVEPOINT {name}")
                 batch.members.clear()       # read maybe after a change now undone
+            claims = batch.claims[marks[1]:]
+            if claims:                      # made outside the savepoint maybe: undone here
+                self._store._delete_claims(self.cur, claims)
             batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[0]:])
             del batch.pending[marks[0]:]
             del batch.claims[marks[1]:]
@@ -1341,10 +1348,10 @@ class _SQLTransaction:
     def claim_stamp(self, stamp):
         # A row at a provisional (negative) position holds the stamp's unique key,
         # so a transaction claiming it at the same time waits for this one's end.
+        # No savepoint for it: a part that fails deletes its claims (``savepoint``).
         if stamp in self._batch.stamps:
             return True
         claim = -1 - secrets.randbits(62)
-        self._writing()
         into, conflict = self._store._upsert("comet_packages", ("pos", "stamp", "ts", "body"),
                                              ("stamp",), replace=False)
         if self._run(f"{into} VALUES (?, ?, 0, ''){conflict}", (claim, stamp)).rowcount == 0:

@@ -1327,3 +1327,32 @@ def test_a_part_reads_the_members_an_earlier_part_read_unless_the_batch_changed_
     reads = [sql for sql in parts.statements["second"] if "FROM comet_members" in sql]
     assert len(reads) == 3                          # after each join, and after cy's undoing
     assert sorted(sql_store.members("c")) == ["ann", "bob"]
+
+
+def test_a_later_part_claims_stamps_without_a_savepoint_and_a_failure_gives_them_back(sql_store):
+    parts = TwoParts(sql_store)
+
+    def first(tx):
+        assert not tx.claim_stamp("stamp-kept")
+        tx.append("stamp-kept", 1, '{"n":1}', [("ann", None)])
+
+    def second(tx):
+        assert tx.claim_stamp("stamp-kept")             # the first part's
+        with contextlib.suppress(comet.Reject):
+            with tx.savepoint():
+                assert not tx.claim_stamp("stamp-again")
+                raise comet.Reject("no")
+        assert not tx.claim_stamp("stamp-again")        # given back: this part's again
+        tx.append("stamp-again", 1, '{"n":2}', [("ann", None)])
+        with contextlib.suppress(comet.Reject):
+            with tx.savepoint():
+                assert not tx.claim_stamp("stamp-refused")
+                tx.add_member("c", "bob", '"bob"', 1)   # a write: the savepoint opens
+                raise comet.Reject("no")
+    parts.run(first, second)
+    assert len(parts.savepoints("second")) == 2     # for the join alone: the part's, its own
+    assert [body for _, _, body in sql_store.read("ann", 0, 10)[1]] == ['{"n":1}', '{"n":2}']
+    assert sql_store.members("c") == {}
+    with sql_store.transaction() as tx:                # claims of a failed part left nothing
+        assert tx.claim_stamp("stamp-again") and not tx.claim_stamp("stamp-refused")
+    assert sql_store._query("SELECT COUNT(*) FROM comet_packages WHERE pos < 0")[0][0] == 0
