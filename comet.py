@@ -31,7 +31,6 @@ import bisect
 import collections
 import contextlib
 import copy
-import functools
 import hashlib
 import http
 import ipaddress
@@ -1668,11 +1667,6 @@ class MySQLStore(_SQLStore):
 
 class _PostgreSQLTransaction(_SQLTransaction):
 
-    @property
-    def db(self):
-        self._batch.cur.begin()             # a hook's statements run inside the transaction
-        return super().db
-
     def append(self, stamp, ts, body, deliveries, channel=None):
         # Refused here, in this package's own part: at the commit it would fail the batch.
         if any("\x00" in recipient for recipient, _ in deliveries):
@@ -1776,12 +1770,11 @@ class PostgreSQLStore(_SQLStore):
 
     def _connect(self):
         # Every write transaction is opened by _begin; every read is one statement.
-        return self._psycopg.connect(**self._params, autocommit=True,
-                                     cursor_factory=_begin_later(self._psycopg))
+        return self._psycopg.connect(**self._params, autocommit=True)
 
     def _begin(self, cur):
         # Each statement sees what is committed now, whatever the database's default.
-        cur.begin("BEGIN ISOLATION LEVEL READ COMMITTED")
+        cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
 
     def _flush(self, batch):
         """The batch's packages in one statement: the positions taken (and the
@@ -1905,34 +1898,6 @@ class PostgreSQLStore(_SQLStore):
     def close(self):
         self._closed.set()
         super().close()
-
-
-@functools.lru_cache(maxsize=None)
-def _begin_later(psycopg):
-    """psycopg's cursor, able to send a transaction's BEGIN with its first statement
-    (libpq's pipeline mode), not alone: a round trip fewer for every batch."""
-
-    class Cursor(psycopg.Cursor):
-        _due = None                         # the BEGIN to send with the next statement
-
-        def begin(self, sql=None):
-            """Begin with the next statement (``sql``), or now (no ``sql``) if one is due."""
-            if sql is not None and psycopg.Pipeline.is_supported():
-                self._due = sql
-            elif sql is not None or self._due is not None:
-                sql, self._due = sql or self._due, None
-                super().execute(sql)
-
-        def execute(self, query, params=None, **options):
-            if self._due is None:
-                return super().execute(query, params, **options)
-            begin, self._due = self._due, None
-            with self.connection.pipeline():
-                super().execute(begin)
-                super().execute(query, params, **options)
-            return self
-
-    return Cursor
 
 
 def open_store(url):
