@@ -905,7 +905,6 @@ class _SQLStore(Store):
         batch.stamps.clear()
         batch.claims.clear()
         batch.changes.clear()
-        batch.members.clear()
         batch.due.clear()
 
     def _break(self, batch, error):
@@ -1278,7 +1277,6 @@ class _Batch:
         self.pending = []                   # (stamp, ts, body, deliveries, channel) to insert
         self.changes = []                   # (channel, client, joined, index in pending)
         self.read_changes = math.inf        # comet_meta.changes as the first members' read saw it
-        self.members = {}                   # channel -> (ids, changes) as read in this batch
         self.due = []                       # savepoints not opened yet in the database
         self.stamps = set()                 # their stamps
         self.claims = []                    # provisional positions holding client stamps
@@ -1330,7 +1328,6 @@ class _SQLTransaction:
             else:
                 self._run(f"ROLLBACK TO SAVEPOINT {name}")
                 self._run(f"RELEASE SAVEPOINT {name}")
-                batch.members.clear()       # read maybe after a change now undone
             claims = batch.claims[marks[1]:]
             if claims:                      # made outside the savepoint maybe: undone here
                 self._store._delete_claims(self.cur, claims)
@@ -1370,18 +1367,13 @@ class _SQLTransaction:
         batch.stamps.add(stamp)
 
     def member_ids(self, channel):
-        """Read once a batch: its later parts take what the first to ask read, unless
-        a part of the batch changed the channel's members since.  (The check at the
-        flush compares membership changes committed since the earliest read.)"""
-        batch = self._batch
-        read = batch.members.get(channel)
-        if read is None:
-            read = batch.members[channel] = self._members(channel)
-        ids, changes = read
+        # Read by each part, never taken from an earlier part's read: a join that
+        # committed (and was answered) before this part's push arrived is a member.
+        ids, changes = self._members(channel)
         if ids:                             # with no members, a push to it has no row
             self._read.add(channel)
-            batch.read_changes = min(batch.read_changes, changes)
-        return list(ids)
+            self._batch.read_changes = min(self._batch.read_changes, changes)
+        return ids
 
     def _members(self, channel):
         """``(ids, changes)``: the channel's members and comet_meta.changes, read at once."""
@@ -1390,8 +1382,6 @@ class _SQLTransaction:
         return _texts(row[0] for row in rows), rows[0][1] if rows else None
 
     def is_member(self, channel, client):
-        if channel in self._batch.members:
-            return client in self._batch.members[channel][0]
         return self._run("SELECT 1 FROM comet_members WHERE channel = ? AND client = ?",
                          (channel, client)).fetchone() is not None
 
@@ -1401,7 +1391,6 @@ class _SQLTransaction:
                       len(sender), self._store.url)
             raise CometError(500, "internal", "the sender is too large for the store")
         self._writing()
-        self._batch.members.pop(channel, None)
         into, conflict = self._store._upsert(
             "comet_members", ("channel", "client", "sender", "joined"), ("channel", "client"))
         self._run(f"{into} VALUES (?, ?, ?, ?){conflict}", (channel, client, sender, ts))
@@ -1409,7 +1398,6 @@ class _SQLTransaction:
 
     def remove_member(self, channel, client):
         self._writing()
-        self._batch.members.pop(channel, None)
         removed = self._run("DELETE FROM comet_members WHERE channel = ? AND client = ?",
                             (channel, client)).rowcount == 1
         if removed:
@@ -1510,11 +1498,8 @@ class SQLiteStore(_SQLStore):
         cur.execute("BEGIN IMMEDIATE")
 
     def _take_positions(self, cur, n):
-        # One statement where SQLite has RETURNING (3.35): each statement's steps let go
-        # of the GIL, and under load each waits its turn to take it back.
-        if sqlite3.sqlite_version_info >= (3, 35):
-            return cur.execute("UPDATE comet_meta SET head = head + ? RETURNING head",
-                               (n,)).fetchone()[0]
+        # Not RETURNING (SQLite 3.35): one GIL release fewer, more instructions, and no
+        # throughput shown (bench/README.md, change 17).
         cur.execute("UPDATE comet_meta SET head = head + ?", (n,))
         return cur.execute("SELECT head FROM comet_meta").fetchone()[0]
 

@@ -617,7 +617,6 @@ def test_the_sqlite_store_needs_nothing_newer_than_sqlite_3_8_2(tmp_path, monkey
         conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)   # the default before 3.32
         return conn
     monkeypatch.setattr(comet.SQLiteStore, "_connect", traced)
-    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 8, 2))     # what the store asks
     app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
     try:
         alice, bob = as_client(app, "alice"), as_client(app, "bob")
@@ -638,33 +637,6 @@ def test_the_sqlite_store_needs_nothing_newer_than_sqlite_3_8_2(tmp_path, monkey
     found = {token: s for s in statements for token in FORBIDDEN_IN_OLD_SQLITE if token in s.upper()}
     assert found == {}
     assert any("INSERT INTO comet_deliveries" in s for s in statements)
-
-
-@pytest.mark.skipif(sqlite3.sqlite_version_info < (3, 35), reason="SQLite before 3.35")
-def test_an_sqlite_with_returning_takes_a_batchs_positions_in_one_statement(tmp_path, monkeypatch):
-    statements = []
-    connect = comet.SQLiteStore._connect
-
-    def traced(store):
-        conn = connect(store)
-        conn.set_trace_callback(statements.append)
-        return conn
-    monkeypatch.setattr(comet.SQLiteStore, "_connect", traced)
-    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.1)
-    try:
-        bob = as_client(app, "bob")
-        cursor = bob.get("/comet/poll").json["cursor"]
-        del statements[:]
-        for n in range(3):
-            app.push({"type": "n", "listeners": "bob", "n": n})
-        answer = bob.get("/comet/poll", {"cursor": cursor}).json
-        assert [package["n"] for package in answer["packages"]] == [0, 1, 2]
-        assert answer["cursor"].endswith(".3")
-    finally:
-        app.close()
-    takes = [s for s in statements if "comet_meta SET head" in s]
-    assert len(takes) == 3 and all(s.endswith("RETURNING head") for s in takes)
-    assert not any(s.startswith("SELECT head FROM comet_meta") for s in statements)
 
 
 def test_an_sqlite_older_than_3_8_2_is_refused_with_a_clear_message(tmp_path, monkeypatch):
