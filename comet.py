@@ -634,8 +634,7 @@ class _SQLStore(Store):
         if not self._has_column(cur, "comet_meta", "changes"):
             with contextlib.suppress(Exception):
                 cur.execute(self._upgrades[0])
-        into, conflict = self._upsert("comet_spans", ("channel", "client", "from_pos", "to_pos"),
-                                      ("client", "channel", "to_pos"), replace=False)
+        into, conflict = self._open_span()
         self._execute(cur, f"{into} SELECT channel, client, head + 1, ? FROM comet_members,"
                            f" comet_meta{conflict}", (_MAX_POSITION,))
         try:
@@ -973,7 +972,7 @@ class _SQLStore(Store):
     def _flush(self, batch):
         """Write the batch's packages and membership changes: positions taken
         last, then the inserts.  Returns what was appended, as ``on_commit`` takes it."""
-        self._forget_claims(batch)
+        self._forget_claims(batch.cur, batch.claims)
         if not batch.pending and not batch.changes:
             return []
         first, changed = self._positions(batch)
@@ -1015,8 +1014,7 @@ class _SQLStore(Store):
         and one more in comet_meta.changes."""
         if not batch.changes:
             return
-        into, conflict = self._upsert("comet_spans", ("channel", "client", "from_pos", "to_pos"),
-                                      ("client", "channel", "to_pos"), replace=False)
+        into, conflict = self._open_span()
         for channel, client, joined, index in batch.changes:
             if joined:                      # a member joining again keeps the span it has
                 self._execute(batch.cur, f"{into} VALUES (?, ?, ?, ?){conflict}",
@@ -1029,6 +1027,11 @@ class _SQLStore(Store):
                               " AND channel = ? AND to_pos = ?",
                               (first + index, client, channel, _MAX_POSITION))
         self._execute(batch.cur, "UPDATE comet_meta SET changes = changes + 1")
+
+    def _open_span(self):
+        """``_upsert`` of a span into comet_spans; one open already is kept."""
+        return self._upsert("comet_spans", ("channel", "client", "from_pos", "to_pos"),
+                            ("client", "channel", "to_pos"), replace=False)
 
     def _insert_deliveries(self, cur, pending, first):
         """The delivery rows of ``pending`` (a batch's packages, the first at
@@ -1049,11 +1052,8 @@ class _SQLStore(Store):
             self._insert(cur, "INSERT INTO comet_deliveries (recipient, pos, body) VALUES",
                          tailored)
 
-    def _forget_claims(self, batch):
-        """Delete the provisional rows that held the batch's client stamps."""
-        self._delete_claims(batch.cur, batch.claims)
-
-    def _delete_claims(self, cur, claims):
+    def _forget_claims(self, cur, claims):
+        """Delete the provisional rows that held these client stamps."""
         for start in range(0, len(claims), self._max_variables):
             chunk = claims[start:start + self._max_variables]
             self._execute(cur, "DELETE FROM comet_packages WHERE pos IN ("
@@ -1330,7 +1330,7 @@ class _SQLTransaction:
                 self._run(f"RELEASE SAVEPOINT {name}")
             claims = batch.claims[marks[1]:]
             if claims:                      # made outside the savepoint maybe: undone here
-                self._store._delete_claims(self.cur, claims)
+                self._store._forget_claims(self.cur, claims)
             batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[0]:])
             del batch.pending[marks[0]:]
             del batch.claims[marks[1]:]
@@ -1769,7 +1769,7 @@ class PostgreSQLStore(_SQLStore):
         gevent is two fewer waits for every other ready greenlet to run."""
         if not batch.pending:
             return super()._flush(batch)    # claims, joins or leaves alone
-        self._forget_claims(batch)
+        self._forget_claims(batch.cur, batch.claims)
         n = len(batch.pending)
         stamps, times, bodies, targets, channels = zip(*batch.pending)
         args = dict(n=n, pos=list(range(1 - n, 1)), stamp=list(stamps), ts=list(times),

@@ -1256,6 +1256,10 @@ def sql_store(request, tmp_path):
     store.close()
 
 
+def bodies(store, client):
+    return [body for _, _, body in store.read(client, 0, 10)[1]]
+
+
 def test_a_later_part_that_only_reads_and_appends_opens_no_savepoint(sql_store):
     parts = TwoParts(sql_store)
 
@@ -1268,7 +1272,7 @@ def test_a_later_part_that_only_reads_and_appends_opens_no_savepoint(sql_store):
         tx.append("stamp-2", 1, '{"n":2}', [("ann", None)])
     parts.run(first, second)
     assert parts.savepoints("second") == []
-    assert [body for _, _, body in sql_store.read("ann", 0, 10)[1]] == ['{"n":1}', '{"n":2}']
+    assert bodies(sql_store, "ann") == ['{"n":1}', '{"n":2}']
 
 
 def test_a_later_part_that_fails_before_writing_is_undone_and_the_batch_commits(sql_store):
@@ -1285,7 +1289,7 @@ def test_a_later_part_that_fails_before_writing_is_undone_and_the_batch_commits(
         tx.append("stamp-3", 1, '{"n":3}', [("ann", None)])
     parts.run(first, second)
     assert parts.savepoints("second") == []
-    assert [body for _, _, body in sql_store.read("ann", 0, 10)[1]] == ['{"n":1}', '{"n":3}']
+    assert bodies(sql_store, "ann") == ['{"n":1}', '{"n":3}']
 
 
 def test_a_later_part_that_writes_opens_its_savepoints_and_a_failure_undoes_the_write(sql_store):
@@ -1354,7 +1358,7 @@ def test_a_later_part_claims_stamps_without_a_savepoint_and_a_failure_gives_them
                 raise comet.Reject("no")
     parts.run(first, second)
     assert len(parts.savepoints("second")) == 2     # for the join alone: the part's, its own
-    assert [body for _, _, body in sql_store.read("ann", 0, 10)[1]] == ['{"n":1}', '{"n":2}']
+    assert bodies(sql_store, "ann") == ['{"n":1}', '{"n":2}']
     assert sql_store.members("c") == {}
     with sql_store.transaction() as tx:                # claims of a failed part left nothing
         assert tx.claim_stamp("stamp-again") and not tx.claim_stamp("stamp-refused")
