@@ -26,6 +26,7 @@ The way of one package: ``POST /comet/push`` -> ``Comet._serve_push`` ->
 A Python rebirth of Comet.js v0.5 (node.js, 2013).  MIT licence.
 """
 
+import _thread
 import base64
 import bisect
 import collections
@@ -172,6 +173,23 @@ def _encodable(value):
 def _unicode(text):
     """True when ``text`` (a str) encodes to UTF-8: no lone surrogate."""
     return text.isascii() or not _SURROGATE.search(text)
+
+
+def _green():
+    """True when threads are green (gevent's or eventlet's monkey patching)."""
+    return type(threading.Lock()).__module__ != "_thread"
+
+
+def _section_lock():
+    """The lock of short sections of plain Python that never wait inside (no I/O, no
+    other lock taken).  Green threads switch only where one waits, so none enters
+    such a section while another is in it, and a green lock's acquire and release
+    are Python code costing more than the section.  For them it is the compiled
+    RLock that monkey patching leaves alone: it still keeps out a real thread (a
+    thread pool's), and lets through every green thread of the thread holding it."""
+    if _green() and hasattr(_thread, "RLock"):
+        return _thread.RLock()
+    return threading.Lock()
 
 
 def _single_recipient(listeners):
@@ -354,7 +372,7 @@ class MemoryStore(Store):
     def __init__(self):
         self.id = secrets.token_hex(4)      # a restart makes old cursors foreign
         self._writer = threading.RLock()    # one transaction at a time, as in SQLite
-        self._lock = threading.Lock()       # the committed state below, held briefly
+        self._lock = _section_lock()        # the committed state below, held briefly
         self._head = 0
         self._log = collections.deque()     # (position, ts, stamp, deliveries), oldest first
         self._inbox = collections.defaultdict(list)     # recipient -> [(position, ts, body)]
@@ -1907,23 +1925,47 @@ def open_store(url):
 class _Waiter:
     """One parked poll: ``wait`` blocks on a held lock until ``wake`` releases it."""
 
-    __slots__ = ("client", "address", "after", "_lock")
+    __slots__ = ("client", "address", "after", "_signal")
 
     def __init__(self, client, address, after):
         self.client = client
         self.address = address
         self.after = after
-        self._lock = threading.Lock()       # cheaper than an Event: one lock, no Condition
-        self._lock.acquire()
+        self._signal = threading.Lock()     # cheaper than an Event: one lock, no Condition
+        self._signal.acquire()
 
     def wait(self, timeout):
-        return self._lock.acquire(timeout=timeout)
+        return self._signal.acquire(timeout=timeout)
 
     def wake(self):
+        if not self._signal.locked():       # woken already, and not waiting again yet
+            return
         try:
-            self._lock.release()
-        except RuntimeError:                # woken already
+            self._signal.release()
+        except RuntimeError:                # woken meanwhile by another waker
             pass
+
+
+class _GreenWaiter(_Waiter):
+    """A ``_Waiter`` for green threads, on an Event: gevent's is compiled, its lock
+    is Python code.  A green thread is never switched between ``wait`` returning
+    and the ``clear`` after it, so no wake-up is lost there."""
+
+    __slots__ = ()
+
+    def __init__(self, client, address, after):
+        self.client = client
+        self.address = address
+        self.after = after
+        self._signal = threading.Event()
+
+    def wait(self, timeout):
+        woken = self._signal.wait(timeout)
+        self._signal.clear()
+        return woken
+
+    def wake(self):
+        self._signal.set()
 
 
 class _Turn:
@@ -1966,10 +2008,11 @@ class _Parking:
         self.wakes = 0                      # wake-ups begun so far: see Comet._poll
         self._waiters = {}                  # client -> [_Waiter]
         self._addresses = {}                # address -> polls parked
-        self._lock = threading.Lock()
-        threads = type(self._lock).__module__ == "_thread"  # not a green thread's lock
+        self._lock = _section_lock()
+        threads = not _green()
         self._turns = threading.Lock() if threads else None
         self._waking = threading.Lock() if threads else None
+        self._waiter = _Waiter if threads else _GreenWaiter
 
     def park(self, client, address, after):
         with self._lock:
@@ -1982,7 +2025,7 @@ class _Parking:
             if address is not None and self._addresses.get(address, 0) >= self.per_address:
                 raise CometError(429, "rate_limited", "too many polls at once from this address",
                                  retry_after=1)
-            waiter = _Waiter(client, address, after)
+            waiter = self._waiter(client, address, after)
             self._waiters[client] = waiters + [waiter]
             if address is not None:
                 self._addresses[address] = self._addresses.get(address, 0) + 1
@@ -2022,6 +2065,8 @@ class _Parking:
     def turn(self):
         """Wait until no wake-up is under way, then for the turn to answer; the
         caller ends it.  (A waker never waits for the polls' turns.)"""
+        if self._turns is None:
+            return _NO_TURN
         _Turn(self._waking).end()
         return _Turn(self._turns)
 
@@ -2051,7 +2096,7 @@ class _Window:
         self._inbox = collections.defaultdict(list)     # recipient -> [(position, ts, body)]
         self._log = collections.deque()     # (position, ts, delivered, bytes), oldest first
         self._ahead = {}                    # position -> (ts, delivered): committed here, past a gap
-        self._lock = threading.Lock()
+        self._lock = _section_lock()
 
     def start(self, head):
         with self._lock:
@@ -2144,7 +2189,7 @@ class _RateLimit:
         self.rate = rate
         self.burst = burst
         self._buckets = {}                  # key -> (tokens, when)
-        self._lock = threading.Lock()
+        self._lock = _section_lock()
 
     def wait(self, key):
         """0 if a request may go now, else the seconds until it may."""
@@ -2395,6 +2440,7 @@ class Comet:
         self._seen = set()                  # clients that polled since the last presence touch
         self._counts = {"accepted": 0, "delivered": 0}
         self._errors = {}
+        self._counting = _section_lock()    # the two above
         self._lock = threading.Lock()
         self._local = threading.local()     # .tx: the transaction this thread's hooks run in
         self._pid = None                    # the process whose housekeeping thread runs
@@ -2480,7 +2526,7 @@ class Comet:
             head = self.store.head()
         except CometError:
             head = None
-        with self._lock:
+        with self._counting:
             return dict(parked=self._parking.count, clients=len(self._parking.clients()),
                         errors=dict(self._errors), store=self.store.url, head=head,
                         **self._counts)
@@ -2885,11 +2931,11 @@ class Comet:
                             for recipient, _ in delivered})
 
     def _count(self, name, n=1):
-        with self._lock:
+        with self._counting:
             self._counts[name] += n
 
     def _count_error(self, code):
-        with self._lock:
+        with self._counting:
             self._errors[code] = self._errors.get(code, 0) + 1
 
     # -- WSGI

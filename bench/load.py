@@ -343,6 +343,7 @@ class Audience:
         self.stopping = False
         self.errors = []
         self.tasks = []
+        self.answers = []                   # perf_counter() of each poll answered
 
     async def start(self, concurrency=200):
         await limited([s.start() for s in self.subscribers], concurrency)
@@ -361,6 +362,7 @@ class Audience:
                 await asyncio.sleep(0.1)
                 continue
             now = time.perf_counter()
+            self.answers.append(now)
             for p in packages:
                 self.on_package(p, now)
 
@@ -506,8 +508,10 @@ async def throughput(target, subscribers=100, publishers=1, duration=4.0, warmup
         await asyncio.gather(*(publish(pub, i) for i, pub in enumerate(pubs)))
         cpu1 = cpu_seconds(target.pid)
         await asyncio.sleep(0.5)            # the last arrivals inside the window
+        answers = sum(window[0] <= t <= window[1] for t in audience.answers)
         result.update(deliveries_per_s=round(len(latencies) / duration),
                       pushes_per_s=round(len(pushes) / duration),
+                      packages_per_answer=round(len(latencies) / max(1, answers), 2),
                       p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)),
                       push_p50_ms=ms(percentile(pushes, 50)),
                       server_cpu_pct=round(100 * (cpu1 - cpu0) / (warmup + duration), 1),

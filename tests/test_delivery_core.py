@@ -406,6 +406,93 @@ def test_green_threads_take_no_turns_and_real_threads_do():
     assert found == ["True", "False"]
 
 
+GREEN_POLLS = """
+from gevent import monkey; monkey.patch_all()
+import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import json, gevent, webtest
+from support import make_app
+app = make_app(store=sys.argv[3], poll_timeout=30)
+web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c}) for c in ["pub", *"abcdef"]}
+cursor = web["a"].get("/comet/poll").json["cursor"]
+if app._window is not None:
+    app._tail()                                 # answered from the window from now on
+got, kinds = {c: [] for c in "abcdef"}, set()
+
+def listen(client, want, cursor=cursor):
+    while len(got[client]) < want:
+        answer = web[client].get("/comet/poll", {"cursor": cursor}).json
+        got[client] += [p["n"] for p in answer["packages"]]
+        cursor = answer["cursor"]
+
+def until_parked(n):
+    while app.stats()["parked"] < n:
+        gevent.sleep(0)
+
+listeners = [gevent.spawn(listen, c, 20 if c in "ace" else 33) for c in "abcdef"]
+until_parked(6)
+kinds |= {type(w).__name__ for ws in app._parking._waiters.values() for w in ws}
+# Woken for nothing of their own: each reads once and waits again, on the same waiter.
+reads, read = [], app._read
+app._read = lambda *args: reads.append(args[0]) or read(*args)
+app._parking.wake(dict.fromkeys("abcdef", float("inf")))
+for _ in range(50):
+    gevent.sleep(0)
+app._read = read
+for n in range(20):                             # bursts: several pushes before any poll runs
+    web["pub"].post_json("/comet/push", {"type": "m", "n": n, "listeners": ["to"],
+                                         "to": list("abcdef") if n % 3 else list("ace")})
+    if n % 4 == 3:
+        gevent.sleep(0)
+for n in range(20, 40):
+    web["pub"].post_json("/comet/push", {"type": "m", "n": n, "listeners": ["to"],
+                                         "to": list("bdf")})
+gevent.joinall(listeners, timeout=20)
+print(json.dumps({"kinds": sorted(kinds), "lock": type(app._parking._lock).__name__,
+                  "reads": sorted(reads), "got": got}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_green_polls_woken_in_bursts_get_each_package_once_in_order(kind, tmp_path):
+    """Under gevent a parked poll waits on an Event, the short sections take the
+    compiled lock, and a waker skips a poll it finds woken already: each poll still
+    gets every package of its own once, in order, after a wake-up for nothing."""
+    need(importlib.util.find_spec("gevent") is not None,
+         "gevent is not installed (pip install '.[test]')")
+    store = "memory:" if kind == "memory" else f"sqlite:///{tmp_path}/c.db"
+    out = subprocess.run([sys.executable, "-c", GREEN_POLLS, str(ROOT), str(HERE), store],
+                         capture_output=True, text=True, timeout=90)
+
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    everyone = [n for n in range(20) if n % 3]
+    assert found["kinds"] == ["_GreenWaiter"] and found["lock"] == "RLock"
+    assert found["reads"] == list("abcdef")
+    assert found["got"] == {c: list(range(20)) if c in "ace" else everyone + list(range(20, 40))
+                            for c in "abcdef"}
+
+
+def test_a_short_section_keeps_out_a_real_thread_under_gevent():
+    """The lock of the window, the parking and the counters: no lock between green
+    threads, a lock against a real one (gevent's thread pool)."""
+    need(importlib.util.find_spec("gevent") is not None,
+         "gevent is not installed (pip install '.[test]')")
+    script = ("from gevent import monkey; monkey.patch_all()\n"
+              "import sys; sys.path.insert(0, sys.argv[1])\n"
+              "import gevent, comet\n"
+              "lock = comet._section_lock()\n"
+              "with lock:\n"
+              "    green = gevent.spawn(lambda: lock.acquire(timeout=1) and lock.release() is None)\n"
+              "    real = gevent.get_hub().threadpool.spawn(lock.acquire, True, 0.2)\n"
+              "    print(green.get(), real.get())\n"
+              "print(gevent.get_hub().threadpool.spawn(lock.acquire, True, 0.2).get())\n")
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True,
+                         text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "True"]
+
+
 GEVENT_PUSH = """
 from gevent import monkey; monkey.patch_all()
 import sys; sys.path.insert(0, sys.argv[1])
