@@ -108,9 +108,19 @@ def green_rounds(app, respond, rounds, subscribers, publishers):
     cursors = {client: cursor(respond("GET", client)) for client in subs + pubs}
     if not floor and app._window is not None:
         app._tail()                         # the window starts now; no tail runs later
-    parked = (lambda: app.parked) if floor else (lambda: app._parking.count)
     answered = [0]
-    everyone = gevent.event.Event()
+    everyone, all_parked = gevent.event.Event(), gevent.event.Event()
+    if floor:
+        parked = lambda: app.parked     # noqa: E731  (the floor never waits on I/O: a spin ends)
+    else:                               # a spin while a store's round trip is out would count
+        park = app._parking.park
+
+        def park_and_tell(*args):       # the last to park again once every poll is answered
+            waiter = park(*args)
+            if app._parking.count == subscribers and answered[0] in (0, subscribers):
+                all_parked.set()
+            return waiter
+        app._parking.park = park_and_tell
 
     def subscriber(client):
         after = cursors[client]
@@ -121,8 +131,12 @@ def green_rounds(app, respond, rounds, subscribers, publishers):
                 everyone.set()
 
     def until_parked():
-        while parked() < subscribers:
-            gevent.sleep(0)
+        if floor:
+            while parked() < subscribers:
+                gevent.sleep(0)
+        else:
+            all_parked.wait()
+            all_parked.clear()
 
     for client in subs:
         gevent.spawn(subscriber, client)
