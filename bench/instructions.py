@@ -102,6 +102,7 @@ def green_rounds(app, respond, rounds, subscribers, publishers):
     floor = not hasattr(app, "_parking")
     subs = [f"sub-{i}" for i in range(subscribers)]
     pubs = [f"pub-{i}" for i in range(publishers)]
+
     def cursor(answer):
         return answer.split(b'"cursor":"', 1)[1].split(b'"', 1)[0].decode()
 
@@ -110,10 +111,8 @@ def green_rounds(app, respond, rounds, subscribers, publishers):
         app._tail()                         # the window starts now; no tail runs later
     answered = [0]
     everyone, all_parked = gevent.event.Event(), gevent.event.Event()
-    if floor:
-        parked = lambda: app.parked     # noqa: E731  (the floor never waits on I/O: a spin ends)
-    else:                               # a spin while a store's round trip is out would count
-        park = app._parking.park
+    if not floor:                       # comet's polls tell when the last parks again: a spin
+        park = app._parking.park        # while a store's round trip is out would be counted
 
         def park_and_tell(*args):       # the last to park again once every poll is answered
             waiter = park(*args)
@@ -131,8 +130,8 @@ def green_rounds(app, respond, rounds, subscribers, publishers):
                 everyone.set()
 
     def until_parked():
-        if floor:
-            while parked() < subscribers:
+        if floor:                       # the floor never waits on I/O: a spin ends
+            while app.parked < subscribers:
                 gevent.sleep(0)
         else:
             all_parked.wait()

@@ -482,7 +482,8 @@ def test_a_short_section_keeps_out_a_real_thread_under_gevent():
               "import gevent, comet\n"
               "lock = comet._section_lock()\n"
               "with lock:\n"
-              "    green = gevent.spawn(lambda: lock.acquire(timeout=1) and lock.release() is None)\n"
+              "    green = gevent.spawn(lambda: lock.acquire(timeout=1)"
+              " and lock.release() is None)\n"
               "    real = gevent.get_hub().threadpool.spawn(lock.acquire, True, 0.2)\n"
               "    print(green.get(), real.get())\n"
               "print(gevent.get_hub().threadpool.spawn(lock.acquire, True, 0.2).get())\n")
