@@ -185,12 +185,9 @@ def main():
     parser.add_argument("--publishers", type=int, default=4, help="pushes a round (--green)")
     args = parser.parse_args()
     if args.green:
-        for comet_dir in args.comet or [os.path.dirname(HERE)]:
-            args.rooms = "channel"
-            alone = count(comet_dir, args.store, 0, args.subscribers, True, args.rooms, True,
-                          args.publishers)
-            rounds = count(comet_dir, args.store, args.rounds, args.subscribers, True,
-                           args.rooms, True, args.publishers)
+        for comet_dir in args.comet or [os.path.dirname(HERE)]:   # always to a channel
+            alone, rounds = (count(comet_dir, args.store, n, args.subscribers, True, "channel",
+                                   True, args.publishers) for n in (0, args.rounds))
             print(json.dumps({"comet": os.path.abspath(comet_dir), "store": args.store,
                               "green": True, "subscribers": args.subscribers,
                               "publishers": args.publishers, "answer_instructions":

@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import random
@@ -60,6 +61,11 @@ def need(condition, reason):
     if IN_CI:
         pytest.fail(f"CI=true and {reason}")
     pytest.skip(f"SKIPPED LOUDLY: {reason}")
+
+
+def need_gevent():
+    need(importlib.util.find_spec("gevent") is not None,
+         "gevent is not installed (pip install '.[test]')")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ stamp tests run on every store (MariaDB and PostgreSQL databases of their own).
 
 import contextlib
 import http.client
-import importlib.util
 import json
 import math
 import os
@@ -22,8 +21,8 @@ import pytest
 import webtest
 
 import comet
-from support import (HERE, ROOT, Client, ThreadedServer, free_port, fresh_store, make_app, need,
-                     positions_in_store, wait_until)
+from support import (HERE, ROOT, Client, ThreadedServer, free_port, fresh_store, make_app,
+                     need_gevent, positions_in_store, wait_until)
 from support import close_apps  # noqa: F401  (fixture)
 
 
@@ -416,7 +415,7 @@ web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c}) for c in ["pu
 cursor = web["a"].get("/comet/poll").json["cursor"]
 if app._window is not None:
     app._tail()                                 # answered from the window from now on
-got, kinds = {c: [] for c in "abcdef"}, set()
+got = {c: [] for c in "abcdef"}
 
 def listen(client, want, cursor=cursor):
     while len(got[client]) < want:
@@ -430,7 +429,7 @@ def until_parked(n):
 
 listeners = [gevent.spawn(listen, c, 20 if c in "ace" else 33) for c in "abcdef"]
 until_parked(6)
-kinds |= {type(w).__name__ for ws in app._parking._waiters.values() for w in ws}
+kinds = {type(w).__name__ for ws in app._parking._waiters.values() for w in ws}
 # Woken for nothing of their own: each reads once and waits again, on the same waiter.
 reads, read = [], app._read
 app._read = lambda *args: reads.append(args[0]) or read(*args)
@@ -457,8 +456,7 @@ def test_green_polls_woken_in_bursts_get_each_package_once_in_order(kind, tmp_pa
     """Under gevent a parked poll waits on an Event, the short sections take the
     compiled lock, and a waker skips a poll it finds woken already: each poll still
     gets every package of its own once, in order, after a wake-up for nothing."""
-    need(importlib.util.find_spec("gevent") is not None,
-         "gevent is not installed (pip install '.[test]')")
+    need_gevent()
     store = "memory:" if kind == "memory" else f"sqlite:///{tmp_path}/c.db"
     out = subprocess.run([sys.executable, "-c", GREEN_POLLS, str(ROOT), str(HERE), store],
                          capture_output=True, text=True, timeout=90)
@@ -475,8 +473,7 @@ def test_green_polls_woken_in_bursts_get_each_package_once_in_order(kind, tmp_pa
 def test_a_short_section_keeps_out_a_real_thread_under_gevent():
     """The lock of the window, the parking and the counters: no lock between green
     threads, a lock against a real one (gevent's thread pool)."""
-    need(importlib.util.find_spec("gevent") is not None,
-         "gevent is not installed (pip install '.[test]')")
+    need_gevent()
     script = ("from gevent import monkey; monkey.patch_all()\n"
               "import sys; sys.path.insert(0, sys.argv[1])\n"
               "import gevent, comet\n"
@@ -514,8 +511,7 @@ print(len(switches), sum(not each.dead for each in ready))
 def test_under_gevent_a_push_on_sqlite_lets_no_other_greenlet_run(tmp_path):
     """Its statements never wait, and nor may it: each greenlet let run first (the
     polls it has just woken among them) would make its answer later."""
-    need(importlib.util.find_spec("gevent") is not None,
-         "gevent is not installed (pip install '.[test]')")
+    need_gevent()
     out = subprocess.run([sys.executable, "-c", GEVENT_PUSH, str(ROOT), str(tmp_path / "c.db")],
                          capture_output=True, text=True, timeout=60)
 

@@ -36,7 +36,8 @@ import zipfile
 
 import pytest
 
-from support import Client, free_port, fresh_store, need, positions_in_store, wait_until
+from support import (Client, free_port, fresh_store, need, need_gevent, positions_in_store,
+                     wait_until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -439,8 +440,7 @@ def read_answers(sockets, timeout):
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
 def test_one_gevent_worker_holds_2000_parked_polls_and_one_push_answers_all(
         store, tmp_path, report):
-    need(importlib.util.find_spec("gevent") is not None,
-         "gevent is not installed (pip install '.[test]')")
+    need_gevent()
     raise_fd_limit(2 * PARKED + 1000)
     tag = secrets.token_hex(3)
     ids = [f"g{n}-{tag}" for n in range(PARKED)]

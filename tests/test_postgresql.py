@@ -8,7 +8,6 @@ own database; without a reachable PostgreSQL the module skips loudly (and
 fails under CI=true).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 import comet
 from support import (ROOT, Client, ThreadedServer, close_apps, make_app,  # noqa: F401
-                     need, new_ids, open_group, wait_until)
+                     need, need_gevent, new_ids, open_group, wait_until)
 
 
 @pytest.fixture
@@ -389,8 +388,7 @@ store.close(), other.close()
 
 
 def test_under_gevent_a_query_and_the_listener_leave_the_hub_running(url):
-    need(importlib.util.find_spec("gevent") is not None,
-         "gevent is not installed (pip install '.[test]')")
+    need_gevent()
 
     out = subprocess.run([sys.executable, "-c", GEVENT_CHECK, url, ROOT], capture_output=True,
                          text=True, timeout=60)
