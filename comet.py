@@ -2050,12 +2050,20 @@ class _Parking:
     def wake(self, positions):
         """Wake each parked poll that has a package at a position past its cursor
         (committed, and readable, before this is called)."""
-        with self._lock:
+        waiters = self._waiters             # its lists are replaced, never changed
+        with self._lock:                    # its keys are not
             self.wakes += 1
-        waiters = self._waiters             # its lists are replaced, never changed: no lock needed
+            # In the order they parked, as a condition's waiters are: under gevent that
+            # is the order of their connections, greenlets and timers, and a fan-out to
+            # 1,000 took a seventh less CPU than in the order of a set.  Through the
+            # recipients instead when they are a few of the polls parked.
+            if 4 * len(positions) < len(waiters):
+                clients = [client for client in positions if client in waiters]
+            else:
+                clients = [client for client in waiters if client in positions]
         waking = _Turn(self._waking)        # the polls woken here wait until all are
         try:
-            for client in positions.keys() & waiters.keys():
+            for client in clients:
                 for waiter in waiters.get(client, ()):
                     if positions[client] > waiter.after:
                         waiter.wake()

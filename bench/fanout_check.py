@@ -1,7 +1,7 @@
 """A second fan-out harness, independent of load.py's client, to check its figures.
 
     python bench/fanout_check.py --servers wsgiref,gevent --apps floor,comet-memory,comet-sqlite
-                                 [--n 1000] [--reps 3] [--workers 4]
+                                 [--n 1000] [--reps 3] [--workers 4] [--comet DIR]
 
 One push to N parked polls, on its own clock: ``--workers`` processes each
 hold N/workers raw sockets (``selectors``, no asyncio), each socket one poll
@@ -14,7 +14,9 @@ take it when a poll's whole answer holding the package is in.  "All have
 it" is the last such arrival; an answer without the package (a timed-out
 poll) counts as missing, and a repetition that misses any is a failure.
 Each repetition is fresh connections on the same server process; the
-client's own CPU (the workers' and the parent's) is printed beside it.
+server's CPU from the push to the last answer (from /proc, in clock ticks:
+10 ms) and the client's own (the workers' and the parent's) are printed
+beside it.  ``--comet DIR`` serves the comet.py in DIR.
 """
 
 import argparse
@@ -133,7 +135,9 @@ def one_push(port, n, workers, seq, limit=20.0):
     pusher = http.client.HTTPConnection("127.0.0.1", port, timeout=limit)
     pusher.connect()
     body = json.dumps({"type": "msg", "listeners": ["room"], "room": room, "seq": seq}).encode()
+    server = stats(port)["pid"]
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    server0 = load.cpu_seconds(server)
     t0 = time.monotonic()
     pusher.request("POST", "/comet/push", body,
                    {"X-Client": f"{room}-pub", "Content-Type": "application/json"})
@@ -146,6 +150,7 @@ def one_push(port, n, workers, seq, limit=20.0):
         arrivals += got
         missing += lost
         client_cpu += cpu
+    server_cpu = load.cpu_seconds(server) - server0
     for proc in procs:
         proc.join(10)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -154,7 +159,8 @@ def one_push(port, n, workers, seq, limit=20.0):
         raise RuntimeError(f"{missing} of {n} polls answered without the package")
     latencies = sorted(t - t0 for t in arrivals)
     return {"all_ms": round(1000 * latencies[-1], 1), "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
-            "push_ms": round(1000 * answered, 1), "client_cpu_s": round(client_cpu, 2)}
+            "push_ms": round(1000 * answered, 1),
+            "server_cpu_ms": round(1000 * server_cpu), "client_cpu_s": round(client_cpu, 2)}
 
 
 def main():
@@ -164,9 +170,10 @@ def main():
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=4, help="client processes")
+    parser.add_argument("--comet", help="a directory holding the comet.py to serve")
     args = parser.parse_args()
     load.raise_open_files()
-    env = run.served_env()
+    env = run.served_env(args.comet)
     stores = run.Stores()
     print(f"load average {os.getloadavg()[0]:.2f}; N={args.n}, {args.workers} client processes")
     try:
@@ -183,8 +190,9 @@ def main():
                             print(f"{server:8} {app:13} rep {seq}: FAILED {error!r}", flush=True)
                     for f in figures:
                         print(f"{server:8} {app:13} all {f['all_ms']:7.1f} ms  p50 {f['p50_ms']:7.1f}"
-                              f"  push answered {f['push_ms']:6.1f}  client cpu {f['client_cpu_s']:.2f} s",
-                              flush=True)
+                              f"  push answered {f['push_ms']:6.1f}"
+                              f"  server cpu {f['server_cpu_ms']:4} ms"
+                              f"  client cpu {f['client_cpu_s']:.2f} s", flush=True)
                     if figures:
                         median = statistics.median(f["all_ms"] for f in figures)
                         if app == "floor":

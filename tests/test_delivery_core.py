@@ -554,6 +554,88 @@ def test_unparking_frees_the_clients_and_the_addresss_places():
     assert parking.count == 2
 
 
+def recording_parking(woken):
+    """A ``_Parking`` whose polls note their client in ``woken`` as they are woken."""
+    class Waiter(comet._Waiter):
+        __slots__ = ()
+
+        def wake(self):
+            woken.append(self.client)
+
+    parking = comet._Parking(per_client=5, per_address=100, total=100)
+    parking._waiter = Waiter
+    return parking
+
+
+def test_polls_woken_together_are_woken_in_the_order_they_parked():
+    """As a condition wakes its waiters; a client whose polls all left and that
+    parks again is woken after the others, and a poll that has the position
+    already is not woken."""
+    woken = []
+    parking = recording_parking(woken)
+    order = ["k", "c", "x", "a", "q", "m", "b", "z"]
+    waiters = {client: parking.park(client, None, 5) for client in order}
+    parking.park("c", None, 9)                      # c's second poll: woken at once with its first
+    parking.unpark(waiters["x"])
+    parking.park("x", None, 5)
+
+    parking.wake({client: 8 for client in sorted(order)})
+
+    assert woken == ["k", "c", "a", "q", "m", "b", "z", "x"]
+    woken.clear()
+    parking.wake({client: 10 for client in reversed(order)})
+    assert woken == ["k", "c", "c", "a", "q", "m", "b", "z", "x"]
+
+
+def test_a_few_recipients_among_many_parked_are_woken_and_no_one_else():
+    woken = []
+    parking = recording_parking(woken)
+    for n in range(40):
+        parking.park(f"c{n}", None, 5)
+
+    parking.wake({"c30": 8, "nobody": 8, "c3": 8, "c12": 5})   # c12 has position 5 already
+
+    assert sorted(woken) == ["c3", "c30"]
+
+
+def test_waking_while_other_threads_park_and_leave_never_fails():
+    """The parked clients are read under the lock that parking changes them under."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                     # a thread switch inside every loop
+    try:
+        parking = comet._Parking(per_client=5, per_address=10_000, total=10_000)
+        for n in range(500):
+            parking.park(f"c{n}", None, 0)
+        stop, failures = threading.Event(), []
+
+        def churn(k):
+            for n in range(20_000):
+                if stop.is_set():
+                    return
+                parking.unpark(parking.park(f"t{k}-{n % 50}", None, 0))
+
+        def wake():
+            try:
+                for _ in range(300):
+                    parking.wake({f"c{n}": 1 for n in range(0, 500, 2)})
+            except Exception as error:      # noqa: BLE001 (the failure the test looks for)
+                failures.append(error)
+            finally:
+                stop.set()
+
+        threads = [threading.Thread(target=churn, args=(k,)) for k in range(2)]
+        threads.append(threading.Thread(target=wake))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(old)
+
+    assert failures == [] and not any(thread.is_alive() for thread in threads)
+    assert parking.count == 500
+
+
 def test_parking_refuses_past_each_limit_exactly():
     parking = comet._Parking(per_client=2, per_address=3, total=6)
     refused = []
