@@ -255,7 +255,9 @@ class Store:
 
     Attributes: ``url`` (for ``stats``, no password), ``id`` (a short token
     naming this store in cursors; durable stores keep it in the database),
-    ``shared`` (other processes may write it, so ``Comet`` tails it).
+    ``shared`` (other processes may write it, so ``Comet`` tails it),
+    ``holds_nul`` (client ids and channel names may hold U+0000: ``Comet``
+    refuses them before they reach a store that cannot).
 
     ``transaction()`` is a context manager yielding a transaction ``tx``
     that commits on a clean exit and rolls back on an exception.  ``tx.db``
@@ -298,6 +300,7 @@ class Store:
     id = ""
     shared = False
     channel_rows = False                    # append takes ``channel``: see above
+    holds_nul = True
     on_commit = None
 
     def _committed(self, appended):
@@ -1701,6 +1704,7 @@ class PostgreSQLStore(_SQLStore):
     """
 
     _placeholder = "%s"
+    holds_nul = False                       # text cannot hold U+0000
     _max_variables = 65535                  # parameters of one statement in PostgreSQL's protocol
     # UTC by definition: no time zone of the session applies.
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
@@ -1770,6 +1774,9 @@ class PostgreSQLStore(_SQLStore):
         self._listening = None              # the process whose listening thread runs
         self._origins = {}                  # pid -> the token its NOTIFYs carry
         super().__init__()
+
+    def members(self, channel):
+        return {} if "\x00" in channel else super().members(channel)   # none can be stored
 
     def _connect(self):
         # Every write transaction is opened by _begin; every read is one statement.
@@ -2694,6 +2701,8 @@ class Comet:
         elif _single_recipient(listeners) is None:
             raise _bad_package(f"listeners must be a list of names, a client id or an integer"
                                f" of 1 to {_MAX_ID} characters")
+        if not self.store.holds_nul and any("\x00" in name for name in channels):
+            raise _bad_package("this server's store cannot hold a channel name holding U+0000")
         package = dict(package)
         package.pop("private", None)
         return package, list(dict.fromkeys(channels))
@@ -2994,6 +3003,9 @@ class Comet:
         if not (0 < len(client) <= _MAX_ID and _unicode(client)):
             raise CometError(403, "forbidden", f"a client id is 1 to {_MAX_ID} characters"
                                                " of Unicode text")
+        if not self.store.holds_nul and "\x00" in client:
+            raise CometError(403, "forbidden", "this server's store cannot hold a client id"
+                                               " holding U+0000")
         environ["comet.id"] = client
         return client
 
