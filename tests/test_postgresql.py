@@ -186,6 +186,7 @@ def test_a_channel_name_or_a_client_id_holding_nul_is_refused_where_it_cannot_be
         assert poll.status_int == 403 and poll.json["error"] == "forbidden"
         assert app.store.head() == head and app.store.members("room:a\x00b") == {}
         assert "nul\x00" not in app._seen
+        app._sweep_presence()                       # every client seen, in one statement
         with pytest.raises(comet.CometError) as refused:
             app.push({"type": "note", "listeners": ["room:a\x00b"]})
         assert refused.value.status == 400
