@@ -575,7 +575,7 @@ def test_polls_woken_together_are_woken_in_the_order_they_parked():
     parking = recording_parking(woken)
     order = ["k", "c", "x", "a", "q", "m", "b", "z"]
     waiters = {client: parking.park(client, None, 5) for client in order}
-    parking.park("c", None, 9)                      # c's second poll: woken at once with its first
+    parking.park("c", None, 9)                      # c's second: woken beside its first past 9
     parking.unpark(waiters["x"])
     parking.park("x", None, 5)
 

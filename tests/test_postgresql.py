@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import webtest
 
 import comet
 from support import (ROOT, Client, ThreadedServer, close_apps, fresh_store, make_app,  # noqa: F401
@@ -162,23 +163,23 @@ def test_a_package_for_an_id_holding_nul_is_400_and_its_batch_commits_without_it
     assert group.log() == ["hold", "kept"]                  # the refused one's write undone
 
 
-@pytest.mark.parametrize("kind", ["postgresql", "mysql", "sqlite", "memory"])
+@pytest.mark.parametrize("store", ["postgresql", "mysql", "sqlite", "memory"])
 def test_a_channel_name_or_a_client_id_holding_nul_is_refused_where_it_cannot_be_stored(
-        request, tmp_path, kind):
+        request, tmp_path, store):
     """PostgreSQL: a package to a channel whose name holds U+0000 is 400 and a
-    request from a client id holding it 403, before either reaches the database
-    (they were 500s from psycopg, and a poll's id in the presence sweep failed the
-    whole sweep); the other stores hold them as any other text."""
-    import webtest
-    app = make_app(store=fresh_store(kind, request, tmp_path))
+    request from a client id holding it 403, before either reaches the database:
+    psycopg refuses such text, which would make a 500 of the request, and of the
+    presence sweep that records every client seen in one statement.  The other
+    stores hold them as any other text."""
+    app = make_app(store=fresh_store(store, request, tmp_path))
     try:
         web = webtest.TestApp(app)
         head = app.store.head()
-        answers = [web.post_json("/comet/push", {"type": kind_, "listeners": ["room:a\x00b"]},
+        answers = [web.post_json("/comet/push", {"type": kind, "listeners": ["room:a\x00b"]},
                                  headers={"X-Client": "ann"}, expect_errors=True)
-                   for kind_ in ("join", "msg", "leave")]
+                   for kind in ("join", "msg", "leave")]
         poll = web.get("/comet/poll", headers={"X-Client": "nul\x00"}, expect_errors=True)
-        if kind != "postgresql":
+        if store != "postgresql":
             assert [answer.status_int for answer in answers] == [200, 200, 200]
             assert poll.status_int == 200
             return
