@@ -180,6 +180,11 @@ def _green():
     return type(threading.Lock()).__module__ != "_thread"
 
 
+def _gevent():
+    """True when the green threads are gevent's (its Event in place of threading's)."""
+    return threading.Event.__module__.startswith("gevent")
+
+
 def _section_lock():
     """The lock of short sections of plain Python that never wait inside (no I/O, no
     other lock taken).  Green threads switch only where one waits, so none enters
@@ -1975,6 +1980,26 @@ class _GreenWaiter(_Waiter):
         self._signal.set()
 
 
+class _GeventWaiter(_GreenWaiter):
+    """A ``_GreenWaiter`` whose timeout is a timer of gevent's loop, which sets its
+    Event: ``Event.wait(timeout)`` makes a ``gevent.Timeout`` (Python code) for
+    every wait, about 21,000 instructions a parked poll, an eighth of what a poll
+    answer costs comet under gevent."""
+
+    __slots__ = ()
+
+    def wait(self, timeout):
+        timer = sys.modules["gevent"].get_hub().loop.timer(timeout)    # made under gevent only
+        timer.start(self._signal.set)
+        try:
+            self._signal.wait()
+            woken = timer.active            # not fired: a wake-up set the Event
+        finally:
+            timer.close()
+        self._signal.clear()
+        return woken
+
+
 class _Turn:
     """A woken poll's turn to answer (``_Parking.turn``); ``end`` lets the next one
     go, once however often it is called.  ``_Turn(None)`` is no turn at all."""
@@ -2019,7 +2044,7 @@ class _Parking:
         threads = not _green()
         self._turns = threading.Lock() if threads else None
         self._waking = threading.Lock() if threads else None
-        self._waiter = _Waiter if threads else _GreenWaiter
+        self._waiter = _Waiter if threads else _GeventWaiter if _gevent() else _GreenWaiter
 
     def park(self, client, address, after):
         with self._lock:

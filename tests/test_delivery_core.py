@@ -464,10 +464,64 @@ def test_green_polls_woken_in_bursts_get_each_package_once_in_order(kind, tmp_pa
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     everyone = [n for n in range(20) if n % 3]
-    assert found["kinds"] == ["_GreenWaiter"] and found["lock"] == "RLock"
+    assert found["kinds"] == ["_GeventWaiter"] and found["lock"] == "RLock"
     assert found["reads"] == list("abcdef")
     assert found["got"] == {c: list(range(20)) if c in "ace" else everyone + list(range(20, 40))
                             for c in "abcdef"}
+
+
+GEVENT_TIMEOUTS = """
+from gevent import monkey; monkey.patch_all()
+import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import json, time, gevent, webtest
+from support import make_app
+app = make_app(store="memory:", poll_timeout=0.3)
+web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c}) for c in ["a", "pub"]}
+cursor = web["a"].get("/comet/poll").json["cursor"]
+web["a"].get("/comet/poll", {"cursor": cursor})     # the housekeeping greenlets start
+get_hub, timers = gevent.get_hub, []
+
+class Loop:                                         # the timers comet's waiters make
+    def timer(self, *args):
+        timers.append(get_hub().loop.timer(*args))
+        return timers[-1]
+
+gevent.get_hub = lambda: type("Hub", (), {"loop": Loop()})
+started = time.monotonic()
+timed_out = web["a"].get("/comet/poll", {"cursor": cursor}).json
+waited = time.monotonic() - started
+poll = gevent.spawn(lambda: web["a"].get("/comet/poll", {"cursor": cursor}).json)
+while app.stats()["parked"] < 1:
+    gevent.sleep(0)
+web["pub"].post_json("/comet/push", {"type": "m", "listeners": ["to"], "to": ["a"]})
+woken = poll.get(timeout=5)
+try:
+    with gevent.Timeout(0.05):                      # the caller's own timeout cuts a wait short
+        web["a"].get("/comet/poll", {"cursor": woken["cursor"]})
+    interrupted = False
+except gevent.Timeout:
+    interrupted = True
+gevent.get_hub = get_hub
+print(json.dumps({"timed_out": timed_out["packages"], "waited": waited,
+                  "woken": [p["type"] for p in woken["packages"]], "interrupted": interrupted,
+                  "timers": len(timers), "active": sum(t.active for t in timers),
+                  "parked": app.stats()["parked"]}))
+"""
+
+
+def test_a_green_polls_timeout_is_a_timer_of_gevents_loop_that_never_outlives_its_wait():
+    """A parked poll's timeout is a timer of gevent's loop, not a ``gevent.Timeout``:
+    the poll is answered empty when it fires, and a wake-up, or a timeout of the
+    caller's own that cuts the wait short, stops it."""
+    need_gevent()
+    out = subprocess.run([sys.executable, "-c", GEVENT_TIMEOUTS, str(ROOT), str(HERE)],
+                         capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["timed_out"] == [] and 0.29 <= found["waited"] < 3
+    assert found["woken"] == ["m"] and found["interrupted"]
+    assert found["timers"] == 3 and found["active"] == 0 and found["parked"] == 0
 
 
 def test_a_short_section_keeps_out_a_real_thread_under_gevent():
