@@ -1676,15 +1676,6 @@ class MySQLStore(_SQLStore):
             " PATH '$[2]')) AS d", (text,))
 
 
-class _PostgreSQLTransaction(_SQLTransaction):
-
-    def append(self, stamp, ts, body, deliveries, channel=None):
-        # Refused here, in this package's own part: at the commit it would fail the batch.
-        if any("\x00" in recipient for recipient, _ in deliveries):
-            raise _bad_package("a client id holding U+0000 cannot be stored in PostgreSQL")
-        super().append(stamp, ts, body, deliveries, channel)
-
-
 class PostgreSQLStore(_SQLStore):
     """A PostgreSQL database through psycopg 3: shared by processes and hosts,
     which wake each other's polls at commit by ``LISTEN``/``NOTIFY``.
@@ -1715,7 +1706,6 @@ class PostgreSQLStore(_SQLStore):
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
     _pool_size = 16                         # connections of a process, besides the LISTEN one
-    _transaction_type = _PostgreSQLTransaction
     # One statement, so one transaction: the tables are made together or not at
     # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can
     # fail), and a database that has them all is left alone (CREATE INDEX IF NOT
@@ -2674,6 +2664,9 @@ class Comet:
         # be stored fails this package, never the commit it shares with others.
         body = self._json(package)
         deliveries = self._tailor(tx, package, body, recipients, action, private)
+        # Refused in this package's own part: at the commit it would fail the batch.
+        if not self.store.holds_nul and any("\x00" in recipient for recipient, _ in deliveries):
+            raise _bad_package("this server's store cannot hold a client id holding U+0000")
         # Broadcast to one channel as it is, to every member: the store may keep it as one row.
         if (self.store.channel_rows and len(channels) == 1 and package["listeners"] == channels
                 and len(deliveries) == len(recipients) and not any(t for _, t in deliveries)):
