@@ -2035,6 +2035,22 @@ class _Parking:
         self._turns = threading.Lock() if threads else None
         self._waking = threading.Lock() if threads else None
         self._waiter = _Waiter if threads else _GeventWaiter if _gevent() else _GreenWaiter
+        self._hub = None                    # under gevent: the hub the polls park on
+        if self._waiter is _GeventWaiter:   # and the thread it runs in
+            import gevent.monkey
+            self._thread_id = gevent.monkey.get_original("_thread", "get_ident")
+
+    def soon(self, function, *args):
+        """Call ``function(*args)`` now or, under gevent in the thread of the hub the
+        polls park on, from its loop once this green thread next waits: a push is
+        answered before it wakes its recipients, and a full garbage collection met
+        while waking thousands of polls (~250 ms with 10,000 parked) no longer
+        delays that answer."""
+        hub = self._hub
+        if hub is not None and hub.thread_ident == self._thread_id():
+            hub.loop.run_callback(function, *args)
+        else:
+            function(*args)
 
     def park(self, client, address, after):
         with self._lock:
@@ -2048,6 +2064,8 @@ class _Parking:
                 raise CometError(429, "rate_limited", "too many polls at once from this address",
                                  retry_after=1)
             waiter = self._waiter(client, address, after)
+            if self._waiter is _GeventWaiter:
+                self._hub = sys.modules["gevent"].get_hub()
             self._waiters[client] = waiters + [waiter]
             if address is not None:
                 self._addresses[address] = self._addresses.get(address, 0) + 1
@@ -2921,8 +2939,7 @@ class Comet:
             return
         head, appended = self.store.tail(self._window.horizon)
         self._window.fill(head, appended)
-        self._parking.wake({recipient: position for position, _, delivered in appended
-                            for recipient, _ in delivered})
+        self._wake(appended)
 
     def _committed_elsewhere(self, head):
         """The store's word that another process committed through ``head`` (None:
@@ -2962,6 +2979,10 @@ class Comet:
         """Committed here: into the window, and wake the recipients' polls."""
         if self._window is not None:
             self._window.add(appended)
+        self._parking.soon(self._wake, appended)
+
+    def _wake(self, appended):
+        """Wake the polls of ``appended``'s recipients."""
         self._parking.wake({recipient: position for position, _, delivered in appended
                             for recipient, _ in delivered})
 

@@ -486,7 +486,11 @@ class Loop:                                         # the timers comet's waiters
         timers.append(get_hub().loop.timer(*args))
         return timers[-1]
 
-gevent.get_hub = lambda: type("Hub", (), {"loop": Loop()})
+    def __getattr__(self, name):                    # the rest is the real loop's
+        return getattr(get_hub().loop, name)
+
+hub = type("Hub", (), {"loop": Loop(), "thread_ident": get_hub().thread_ident})
+gevent.get_hub = lambda: hub
 started = time.monotonic()
 timed_out = web["a"].get("/comet/poll", {"cursor": cursor}).json
 waited = time.monotonic() - started
@@ -522,6 +526,46 @@ def test_a_green_polls_timeout_is_a_timer_of_gevents_loop_that_never_outlives_it
     assert found["timed_out"] == [] and 0.29 <= found["waited"] < 3
     assert found["woken"] == ["m"] and found["interrupted"]
     assert found["timers"] == 3 and found["active"] == 0 and found["parked"] == 0
+
+
+GEVENT_WAKE = """
+from gevent import monkey; monkey.patch_all()
+import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import json, gevent, webtest
+from support import make_app
+app = make_app(store="memory:", poll_timeout=30)     # no tail to wake a poll as well
+web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c}) for c in ["a", "pub"]}
+cursor = web["a"].get("/comet/poll").json["cursor"]
+poll = gevent.spawn(lambda: web["a"].get("/comet/poll", {"cursor": cursor}).json)
+while app.stats()["parked"] < 1:
+    gevent.sleep(0)
+waiter, = app._parking._waiters["a"]
+web["pub"].post_json("/comet/push", {"type": "m", "listeners": ["to"], "to": ["a"]})
+answered_first = not waiter._signal.is_set()        # the push is answered, nobody woken yet
+woken = poll.get(timeout=5)                         # this greenlet waits: the wake-up runs
+pool = gevent.get_hub().threadpool                  # a real thread, with no hub of its own
+poll = gevent.spawn(lambda: web["a"].get("/comet/poll", {"cursor": woken["cursor"]}).json)
+while app.stats()["parked"] < 1:
+    gevent.sleep(0)
+pool.spawn(app.push, {"type": "n", "listeners": ["to"], "to": ["a"]}).get(timeout=5)
+from_thread = poll.get(timeout=5)
+print(json.dumps({"answered_first": answered_first,
+                  "woken": [p["type"] for p in woken["packages"]],
+                  "from_thread": [p["type"] for p in from_thread["packages"]]}))
+"""
+
+
+def test_under_gevent_a_push_is_answered_before_it_wakes_the_polls():
+    """The recipients' polls are woken from gevent's loop once the pushing greenlet
+    waits, after its answer; a push from a real thread (which has no loop running)
+    wakes them itself."""
+    need_gevent()
+    out = subprocess.run([sys.executable, "-c", GEVENT_WAKE, str(ROOT), str(HERE)],
+                         capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found == {"answered_first": True, "woken": ["m"], "from_thread": ["n"]}
 
 
 def test_a_short_section_keeps_out_a_real_thread_under_gevent():
