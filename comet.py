@@ -32,6 +32,7 @@ import bisect
 import collections
 import contextlib
 import copy
+import functools
 import hashlib
 import http
 import ipaddress
@@ -2229,6 +2230,33 @@ class _Window:
             return self.horizon, inbox[start:start + limit]
 
 
+class _Then:
+    """A response of one body that calls ``then()`` once the server is done with it:
+    when it closes it, as every server and middleware must, or else drops it.  A
+    push answers its publisher this way before it wakes its recipients' polls,
+    which would otherwise take the interpreter from the thread still writing that
+    answer."""
+
+    __slots__ = ("_body", "_then")
+
+    def __init__(self, body, then):
+        self._body = body
+        self._then = then
+
+    def __iter__(self):
+        return iter((self._body,))
+
+    def __len__(self):
+        return 1
+
+    def close(self):
+        then, self._then = self._then, None
+        if then is not None:
+            then()
+
+    __del__ = close
+
+
 class _RateLimit:
     """A token bucket per key (a client, an address): ``rate`` requests a second,
     bursts of ``burst``."""
@@ -2976,10 +3004,16 @@ class Comet:
                 tx.remove_member(channel, client)
 
     def _delivered(self, appended):
-        """Committed here: into the window, and wake the recipients' polls."""
+        """Committed here: into the window at once, and the recipients' polls woken
+        once the answer of the push this thread serves is written (``_Then``), or
+        else now (``_Parking.soon``)."""
         if self._window is not None:
             self._window.add(appended)
-        self._parking.soon(self._wake, appended)
+        later = getattr(self._local, "later", None)
+        if later is not None:               # a push is being answered in this thread
+            later.append(appended)
+        else:
+            self._parking.soon(self._wake, appended)
 
     def _wake(self, appended):
         """Wake the polls of ``appended``'s recipients."""
@@ -3027,6 +3061,10 @@ class Comet:
             headers.append(("Set-Cookie", environ["comet.set_cookie"]))
         headers.append(("Content-Length", str(len(body))))
         start_response(_STATUS_LINES[status], headers)
+        later = environ.get("comet.later")
+        if later:                           # this thread's commits, their polls not yet woken
+            appended = [package for commit in later for package in commit]
+            return _Then(body, functools.partial(self._parking.soon, self._wake, appended))
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def _identify(self, environ):
@@ -3083,7 +3121,12 @@ class Comet:
             packages = [packages]
         elif len(packages) > self.max_batch:
             raise _bad_package(f"a batch holds at most {self.max_batch} packages")
-        stamps = self._accept(packages, client, environ)
+        # What this thread commits is woken once the answer is written (``_Then``).
+        self._local.later = environ["comet.later"] = []
+        try:
+            stamps = self._accept(packages, client, environ)
+        finally:
+            self._local.later = None
         return 200, [_JSON, _NO_STORE], _dumps({"accepted": stamps}).encode()
 
     def _serve_script(self, environ):

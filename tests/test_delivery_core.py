@@ -665,6 +665,31 @@ def recording_parking(woken):
     return parking
 
 
+@pytest.mark.parametrize("ending", ["closed", "dropped"])
+def test_a_push_wakes_its_recipients_polls_once_the_server_is_done_with_its_answer(ending):
+    """Answered first: the wake-up runs when the server closes the push's response
+    (as every server must), or drops it unclosed; not before, not twice."""
+    woken = []
+    app = make_app(store="memory:")
+    app._parking = recording_parking(woken)
+    app._parking.park("bob", None, app.store.head())
+    body = json.dumps({"type": "m", "listeners": ["to"], "to": ["bob"]}).encode()
+    environ = webtest.TestRequest.blank("/comet/push", method="POST", body=body, headers={
+        "Content-Type": "application/json", "X-Client": "ann"}).environ
+    answer = []
+
+    response = app(environ, lambda status, headers: answer.append(status))
+    written = b"".join(response)
+
+    assert answer == ["200 OK"] and json.loads(written)["accepted"] and woken == []
+    if ending == "closed":
+        response.close()
+        response.close()
+    else:
+        del response
+    assert woken == ["bob"]
+
+
 def test_polls_woken_together_are_woken_in_the_order_they_parked():
     """As a condition wakes its waiters; a client whose polls all left and that
     parks again is woken after the others, and a poll that has the position
