@@ -3060,12 +3060,18 @@ class Comet:
         if "comet.set_cookie" in environ:
             headers.append(("Set-Cookie", environ["comet.set_cookie"]))
         headers.append(("Content-Length", str(len(body))))
-        start_response(_STATUS_LINES[status], headers)
+        response = [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
         later = environ.get("comet.later")
         if later:                           # this thread's commits, their polls not yet woken
             appended = [package for commit in later for package in commit]
-            return _Then(body, functools.partial(self._parking.soon, self._wake, appended))
-        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+            response = _Then(body, functools.partial(self._parking.soon, self._wake, appended))
+        try:
+            start_response(_STATUS_LINES[status], headers)
+        except BaseException:
+            if later:
+                response.close()            # no answer after all: wake them now
+            raise
+        return response
 
     def _identify(self, environ):
         """The client id of a poll or push, issuing the cookie to a new client."""

@@ -665,10 +665,11 @@ def recording_parking(woken):
     return parking
 
 
-@pytest.mark.parametrize("ending", ["closed", "dropped"])
+@pytest.mark.parametrize("ending", ["closed", "dropped", "refused"])
 def test_a_push_wakes_its_recipients_polls_once_the_server_is_done_with_its_answer(ending):
     """Answered first: the wake-up runs when the server closes the push's response
-    (as every server must), or drops it unclosed; not before, not twice."""
+    (as every server must), or drops it unclosed, or its start_response raises;
+    not before, not twice."""
     woken = []
     app = make_app(store="memory:")
     app._parking = recording_parking(woken)
@@ -676,6 +677,14 @@ def test_a_push_wakes_its_recipients_polls_once_the_server_is_done_with_its_answ
     body = json.dumps({"type": "m", "listeners": ["to"], "to": ["bob"]}).encode()
     environ = webtest.TestRequest.blank("/comet/push", method="POST", body=body, headers={
         "Content-Type": "application/json", "X-Client": "ann"}).environ
+    if ending == "refused":
+        def start_response(status, headers):
+            raise OSError("the connection is gone")
+
+        with pytest.raises(OSError) as refused:         # its traceback keeps the response
+            app(environ, start_response)
+        assert woken == ["bob"] and refused.traceback
+        return
     answer = []
 
     response = app(environ, lambda status, headers: answer.append(status))
