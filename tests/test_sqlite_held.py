@@ -1,0 +1,255 @@
+"""The SQLite store runs a push's own statements holding the GIL, through ctypes
+on the libsqlite3 the sqlite3 module loaded: what they bind and read back, that
+no other thread runs meanwhile, that a statement the file makes wait lets the
+GIL go, that their prepared statements go with the connection, and the store
+without them."""
+
+import contextlib
+import gc
+import os
+import sqlite3
+import sys
+import threading
+import time
+
+import pytest
+
+import comet
+from support import make_app, wait_until
+
+SLOW = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000)"
+        " SELECT count(*) FROM n")
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = comet.SQLiteStore(str(tmp_path / "comet.db"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def conn(store):
+    conn = store._checkout()
+    yield conn
+    store._checkin(conn)
+
+
+def held(store, conn):
+    cursor = conn.held(store._library, 5000)
+    assert isinstance(cursor, comet._HeldCursor)
+    return cursor
+
+
+class Spinner:
+    """A thread counting as fast as it can: how much it ran says whether it had the GIL."""
+
+    def __init__(self):
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self):
+        while not self._stop.is_set():
+            self.ticks += 1
+
+    def __enter__(self):
+        self._thread.start()
+        wait_until(lambda: self.ticks > 0)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_the_library_loads_on_this_python(store):
+    # CPython 3.8 to 3.14 with a GIL: the tests below must not pass by falling back.
+    assert comet._HeldSQLite.load() is not None and store._library is not None
+
+
+def test_a_held_statement_lets_no_other_thread_run_and_the_modules_does(store, conn):
+    def ticks_beside(cursor):
+        with Spinner() as spinner:
+            before = spinner.ticks
+            assert cursor.execute(SLOW).fetchone() == (1500000,)
+            return spinner.ticks - before
+    beside_held, beside_module = ticks_beside(held(store, conn)), ticks_beside(conn.cursor())
+    # Held, the spinner runs at most around the call (a switch interval or two);
+    # through the module it runs all the while SQLite counts.
+    assert beside_held * 5 < beside_module, (beside_held, beside_module)
+
+
+def test_a_held_cursor_binds_and_reads_what_the_module_does(store, conn):
+    cursor = held(store, conn)
+    values = [0, -1, 2 ** 63 - 1, -2 ** 63, 1.5, "", "plain", "é中\U0001F600", "nul\x00inside",
+              None, b"\x00\xffbytes", b"", True]
+    cursor.execute("CREATE TEMP TABLE t (v)")
+    for value in values:
+        assert cursor.execute("INSERT INTO t VALUES (?)", (value,)).rowcount == 1
+    select = "SELECT v FROM t ORDER BY rowid"
+    expected = [(1 if value is True else value,) for value in values]
+    assert cursor.execute(select).fetchall() == conn.execute(select).fetchall() == expected
+    assert cursor.execute("SELECT v FROM t WHERE v IS NULL").fetchone() == (None,)
+    assert cursor.execute("SELECT v FROM t WHERE 0").fetchone() is None
+    assert cursor.execute("UPDATE t SET v = 7 WHERE typeof(v) = 'integer'").rowcount == 5
+    assert cursor.execute("SELECT 1").rowcount == -1
+    assert cursor.execute("SELECT ?, ?", [3, "x"]).fetchall() == [(3, "x")]
+
+
+def test_a_held_cursor_raises_as_the_module_does_and_goes_on(store, conn):
+    cursor = held(store, conn)
+    cursor.execute("CREATE TEMP TABLE u (k INTEGER PRIMARY KEY)")
+    cursor.execute("INSERT INTO u VALUES (?)", (1,))
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        cursor.execute("INSERT INTO u VALUES (?)", (1,))
+    with pytest.raises(sqlite3.OperationalError, match="syntax"):
+        cursor.execute("SELEC 1")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        cursor.execute("SELECT * FROM nowhere")
+    with pytest.raises(sqlite3.ProgrammingError):
+        cursor.execute("SELECT ?", ([1],))
+    assert cursor.execute("INSERT INTO u VALUES (?)", (2,)).rowcount == 1
+    assert cursor.execute("SELECT k FROM u ORDER BY k").fetchall() == [(1,), (2,)]
+
+
+def test_a_held_cursor_keeps_64_statements_prepared_and_runs_the_rest_once(store, conn):
+    cursor = held(store, conn)
+    for turn in range(2):
+        assert [cursor.execute(f"SELECT {i} + ?", (turn,)).fetchone()[0] for i in range(100)] \
+            == [i + turn for i in range(100)]
+    assert len(cursor._statements) == 64
+
+
+def open_files(path):
+    """This process's descriptors open on ``path``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                found.append(fd)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("how", ["closed", "dropped"])
+def test_a_connection_closed_or_dropped_closes_its_file_with_its_held_statements(
+        tmp_path, how):
+    path = str(tmp_path / "comet.db")
+    store = comet.SQLiteStore(path)
+    store.close()
+    assert open_files(path) == []
+    conn = store._connect()
+    cursor = held(store, conn)
+    assert cursor.execute("SELECT head FROM comet_meta").fetchone() == (0,)
+    assert cursor._statements and open_files(path)
+    if how == "closed":
+        conn.close()
+    else:
+        del conn, cursor
+        gc.collect()
+    # A statement left prepared would keep the database, and its file, open.
+    assert open_files(path) == []
+
+
+def test_a_push_batch_holds_the_gil_and_a_purge_step_does_not(store, conn):
+    batch = comet._Batch()
+    batch.conn = conn
+    assert isinstance(store._cursor(batch), comet._HeldCursor)
+    batch = comet._Batch(alone=True)
+    batch.conn = conn
+    assert type(store._cursor(batch)) is sqlite3.Cursor
+
+
+def waiting_in_sqlite(thread):
+    """True when ``thread`` is inside a held cursor's steps (waiting for the file)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code.co_name != "_step_all":
+        frame = frame.f_back
+    return frame is not None
+
+
+def test_a_push_the_file_keeps_waiting_lets_the_gil_go_and_goes_through(tmp_path):
+    path = str(tmp_path / "comet.db")
+    app = make_app(store=f"sqlite:///{path}", poll_timeout=0.2)
+    try:
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "first"})
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")   # another process's transaction, say
+        results = []
+        pusher = threading.Thread(target=lambda: results.append(app.push(
+            {"type": "note", "listeners": ["to"], "to": ["bob"], "text": "second"})))
+        with Spinner() as spinner:
+            started = time.monotonic()
+            pusher.start()
+            wait_until(lambda: waiting_in_sqlite(pusher))
+            # Waiting, the push lets the others run: a wait holding the GIL would
+            # stop the spinner, and this thread, for SQLite's busy timeout (5 s).
+            before = spinner.ticks
+            wait_until(lambda: spinner.ticks > before + 100000, timeout=10)
+            assert time.monotonic() - started < 1
+            assert waiting_in_sqlite(pusher) and results == []
+            other.execute("COMMIT")
+            pusher.join(10)
+        other.close()
+        assert len(results) == 1 and isinstance(results[0], str)
+        assert app.store.head() == 2
+    finally:
+        app.close()
+
+
+def test_the_store_runs_without_the_library(tmp_path, monkeypatch):
+    monkeypatch.setattr(comet._HeldSQLite, "load", classmethod(lambda cls: None))
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.2)
+    try:
+        assert app.store._library is None
+        conn = app.store._checkout()
+        assert type(conn.held(None, 5000)) is sqlite3.Cursor
+        app.store._checkin(conn)
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "hi"})
+        assert app.store.head() == 1
+    finally:
+        app.close()
+
+
+def test_a_connection_whose_handle_does_not_answer_as_it_does_is_not_held(store, monkeypatch):
+    monkeypatch.setattr(store._library, "total_changes", lambda db: -1)
+    conn = store._connect()
+    try:
+        assert type(conn.held(store._library, 5000)) is sqlite3.Cursor
+    finally:
+        conn.close()
+
+
+class Counted:
+    """A library function that counts its calls."""
+
+    def __init__(self, function):
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+
+@pytest.mark.parametrize("disk", ["fast", "slow"])
+def test_a_commit_holds_the_gil_on_a_disk_that_syncs_fast_and_lets_it_go_on_a_slow_one(
+        tmp_path, monkeypatch, disk):
+    app = make_app(store=f"sqlite:///{tmp_path}/comet.db", poll_timeout=0.2)
+    try:
+        library = app.store._library
+        # Every commit times as fast, or as slow, as the threshold makes it.
+        monkeypatch.setattr(library, "fast_sync", 1e9 if disk == "fast" else 0.0)
+        released = Counted(library.step_released)
+        monkeypatch.setattr(library, "step_released", released)
+        commits = library.commits
+        for n in range(130):
+            app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
+        commits = library.commits - commits
+        assert commits == 130 and app.store.head() == 130
+        # Slow: held one commit in 64, to time the disk again.
+        timed = sum(1 for n in range(library.commits - 130, library.commits) if (n + 1) % 64 == 0)
+        assert released.calls == (0 if disk == "fast" else 130 - timed)
+    finally:
+        app.close()
