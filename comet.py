@@ -679,6 +679,7 @@ class _SQLStore(Store):
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
+            self._green = _green()              # gevent's worker patches after the fork
             self._pool = []
             self._slots = _Slots(self._pool_size)
             self._writer = threading.Lock()
@@ -1789,7 +1790,7 @@ class SQLiteStore(_SQLStore):
         # Not for a purge step, which lets other threads run; nor under gevent, where
         # the hub's one thread has the GIL to itself and ctypes' calls cost a push an
         # eighth more instructions than the module's.
-        if batch.alone or _green():
+        if batch.alone or self._green:
             return batch.conn.cursor()
         return batch.conn.held(self._library, int(self._timeout * 1000))
 

@@ -161,6 +161,13 @@ def test_a_push_batch_holds_the_gil_and_a_purge_step_does_not(store, conn):
     assert type(store._cursor(batch)) is sqlite3.Cursor
 
 
+def test_under_green_threads_a_push_batch_runs_through_the_module(store, conn, monkeypatch):
+    monkeypatch.setattr(store, "_green", True)      # one thread: no GIL to hand over
+    batch = comet._Batch()
+    batch.conn = conn
+    assert type(store._cursor(batch)) is sqlite3.Cursor
+
+
 def waiting_in_sqlite(thread):
     """True when ``thread`` is inside a held cursor's steps (waiting for the file)."""
     frame = sys._current_frames().get(thread.ident)
