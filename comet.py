@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 
 __version__ = "0.6.0"
 __all__ = ["Comet", "CometError", "Reject", "Store", "MemoryStore",
@@ -1488,7 +1489,7 @@ class _HeldSQLite:
     def __init__(self, module):
         import ctypes
         self._ctypes = ctypes
-        self.sync_ms = 0.0                  # a held COMMIT's time, a moving average
+        self.synced = collections.deque(maxlen=8)   # the last held COMMITs' times, ms
         self.commits = 0
         held, free = ctypes.PyDLL(module.__file__), ctypes.CDLL(module.__file__)
         pointer, integer, text = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
@@ -1559,7 +1560,7 @@ class _SQLiteConnection(sqlite3.Connection):
         """The cursor for a batch's statements: held if it can be, else a plain one."""
         if self._held is None:
             db = library.handle(self) if library is not None else None
-            self._held = _HeldCursor(library, db, timeout_ms) if db else False
+            self._held = _HeldCursor(self, library, db, timeout_ms) if db else False
         return self._held or self.cursor()
 
     def close(self):
@@ -1568,8 +1569,10 @@ class _SQLiteConnection(sqlite3.Connection):
         super().close()
 
     def __del__(self):
-        with contextlib.suppress(Exception):
+        try:
             self.close()
+        except Exception:                   # (at interpreter exit, say)
+            pass
 
 
 class _HeldCursor:
@@ -1582,8 +1585,14 @@ class _HeldCursor:
     (``sqlite3.OperationalError``), as SQLite asks: the transaction is rolled back."""
 
     _cached = 64
+    # A value bound through ctypes costs ~8,000 instructions, several times the
+    # module's (a push's 100 delivery rows, 200 values, took 3.6M instructions
+    # instead of 1.9M): a statement binding more values than this, which would hold
+    # the GIL for over half a millisecond, goes through the module and lets it go.
+    _most_bound = 256
 
-    def __init__(self, library, db, timeout_ms):
+    def __init__(self, conn, library, db, timeout_ms):
+        self._conn = weakref.ref(conn)      # (the connection holds this cursor)
         self._lib = library
         self._db = db
         self._timeout = timeout_ms
@@ -1592,6 +1601,11 @@ class _HeldCursor:
         self.rowcount = -1
 
     def execute(self, sql, args=()):
+        self._open()
+        if len(args) > self._most_bound:   # many rows: the module binds them for less
+            cur = self._conn().execute(sql, args)
+            self._rows, self.rowcount = cur.fetchall(), cur.rowcount
+            return self
         lib, db = self._lib, self._db
         statement = self._statements.get(sql) or self._prepare(sql)
         try:
@@ -1616,18 +1630,20 @@ class _HeldCursor:
         return self
 
     def commit(self):
-        """COMMIT, holding the GIL while the disk syncs as fast as the store's commits
-        have (``_HeldSQLite.fast_sync``); on a slower disk letting it go, so that the
-        other threads run while it syncs, and holding it one commit in 64 to time the
-        disk again.  (The store's commits are one at a time: ``_one_writer``.)"""
+        """COMMIT, holding the GIL while the disk syncs fast (one of the last 8 held
+        commits took under ``_HeldSQLite.fast_sync`` ms: a thread switch around the
+        call can only make one look slower); on a slower disk letting it go, so that
+        the other threads run while it syncs, and holding it one commit in 64 to time
+        the disk again.  (The store's commits are one at a time: ``_one_writer``.)"""
+        self._open()
         lib = self._lib
         statement = self._statements.get("COMMIT") or self._prepare("COMMIT")
         lib.commits += 1
-        hold = lib.sync_ms < lib.fast_sync or lib.commits % 64 == 0
+        hold = min(lib.synced, default=0) < lib.fast_sync or lib.commits % 64 == 0
         started = time.perf_counter()
         code = (lib.step if hold else lib.step_released)(statement)
         if hold:
-            lib.sync_ms += ((time.perf_counter() - started) * 1000 - lib.sync_ms) / 4
+            lib.synced.append((time.perf_counter() - started) * 1000)
         lib.reset(statement)
         if code != _HeldSQLite._DONE:
             raise self._error(code)
@@ -1642,9 +1658,14 @@ class _HeldCursor:
         pass                                # its statements go with the connection
 
     def finalize(self):
-        statements, self._statements = self._statements, {}
+        """Finalize the prepared statements; the cursor is closed with its connection."""
+        statements, self._statements, self._db = self._statements, {}, None
         for statement in statements.values():
             self._lib.finalize(statement)
+
+    def _open(self):
+        if self._db is None:                # a closed database's handle is freed memory
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
 
     def _prepare(self, sql):
         ctypes = self._lib._ctypes

@@ -80,6 +80,25 @@ def test_a_held_statement_lets_no_other_thread_run_and_the_modules_does(store, c
     assert beside_held * 5 < beside_module, (beside_held, beside_module)
 
 
+def test_a_statement_binding_many_values_goes_through_the_module(store, conn):
+    # ctypes binds a value for several times the module's instructions: past 256
+    # values a statement (a big push's delivery rows) lets the GIL go at its steps.
+    many = SLOW + " WHERE 0 NOT IN (" + ", ".join(["?"] * 257) + ")"
+    cursor = held(store, conn)
+
+    def ticks_beside(sql, args):
+        with Spinner() as spinner:
+            before = spinner.ticks
+            assert cursor.execute(sql, args).fetchall() == [(1500000,)]
+            return spinner.ticks - before
+    assert ticks_beside(SLOW, ()) * 5 < ticks_beside(many, list(range(1, 258)))
+    cursor.execute("CREATE TEMP TABLE m (v)")
+    for n in (256, 300):                # held, then through the module
+        inserted = cursor.execute("INSERT INTO m VALUES " + ", ".join(["(?)"] * n), range(n))
+        assert inserted.rowcount == n
+    assert cursor.execute("SELECT count(*), sum(v) FROM m").fetchone() == (556, 32640 + 44850)
+
+
 def test_a_held_cursor_binds_and_reads_what_the_module_does(store, conn):
     cursor = held(store, conn)
     values = [0, -1, 2 ** 63 - 1, -2 ** 63, 1.5, "", "plain", "é中\U0001F600", "nul\x00inside",
@@ -145,6 +164,9 @@ def test_a_connection_closed_or_dropped_closes_its_file_with_its_held_statements
     assert cursor._statements and open_files(path)
     if how == "closed":
         conn.close()
+        for call in (lambda: cursor.execute("SELECT 1"), cursor.commit):
+            with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+                call()                      # not the freed handle
     else:
         del conn, cursor
         gc.collect()
