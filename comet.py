@@ -1466,14 +1466,14 @@ class _HeldSQLite:
     The module lets go of the GIL at every step and reset of a statement.  On a
     threaded server each time the pushing thread wants it back it waits for the
     threads answering polls to give it up, at their next socket call or when the
-    switch interval (5 ms) makes them: beside 8 threads running Python, a
-    transaction of six statements took 161 ms through the module and 0.24 ms
-    held, in process.  A statement holding the GIL stops every other thread for
-    as long as it runs, so only a batch's own statements hold it (a few each,
-    each a fraction of a millisecond on pages in memory), and the COMMIT while
-    the disk syncs in under ``fast_sync`` ms.  Hooks' statements, reads, purges
-    and a ``BEGIN IMMEDIATE`` that must wait for another process's transaction
-    let it go.
+    switch interval (5 ms) makes them: beside 8 threads running Python, a push
+    to 100 recipients took 81 ms through the module and 1.1 ms held, in
+    process (``bench/push_under_load.py``).  A statement holding the GIL stops
+    every other thread for as long as it runs, so only a batch's own statements
+    hold it (a few each, each a fraction of a millisecond on pages in memory),
+    and the COMMIT while the disk syncs in under ``fast_sync`` ms.  Hooks'
+    statements, reads, purges and a ``BEGIN IMMEDIATE`` that must wait for
+    another process's transaction let it go.
 
     The connection's ``sqlite3 *`` is read from the module's connection object,
     where CPython 3.8 to 3.14 keep it first after the object's header; anywhere
