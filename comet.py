@@ -1579,10 +1579,11 @@ class _HeldCursor:
     """A cursor that runs each statement to its end holding the GIL, keeps its rows,
     and keeps the statement prepared for the next time (64 statements at most).
 
-    A statement SQLite would wait on (busy: another process's transaction holds
-    the file) is tried without a wait; outside a transaction it runs again with
-    the GIL let go, waiting as the module's statements do; inside one it fails
-    (``sqlite3.OperationalError``), as SQLite asks: the transaction is rolled back."""
+    Outside a transaction (its ``BEGIN IMMEDIATE``) a statement SQLite would wait
+    on, the file busy with another process's transaction, is tried without a wait,
+    then again with the GIL let go, waiting as the module's statements do.  Inside
+    the transaction, which holds the file's write lock in WAL mode, no statement
+    waits for another connection."""
 
     _cached = 64
     # A value bound through ctypes costs ~8,000 instructions, several times the
@@ -1596,33 +1597,40 @@ class _HeldCursor:
         self._lib = library
         self._db = db
         self._timeout = timeout_ms
-        self._statements = {}               # SQL text -> prepared statement
+        self._statements = {}               # SQL text -> (statement, its columns, read-only)
         self._rows = []
-        self.rowcount = -1
+        self._changed = -1                  # True: the last statement wrote (SQLite counts)
+
+    @property
+    def rowcount(self):
+        """Rows the last statement changed, -1 when it writes nothing (as the module's)."""
+        return self._lib.changes(self._db) if self._changed is True else self._changed
 
     def execute(self, sql, args=()):
         self._open()
         if len(args) > self._most_bound:   # many rows: the module binds them for less
             cur = self._conn().execute(sql, args)
-            self._rows, self.rowcount = cur.fetchall(), cur.rowcount
+            self._rows, self._changed = cur.fetchall(), cur.rowcount
             return self
         lib, db = self._lib, self._db
-        statement = self._statements.get(sql) or self._prepare(sql)
+        statement, columns, read_only = self._statements.get(sql) or self._prepare(sql)
         try:
             for index, value in enumerate(args, 1):
                 self._bind(statement, index, value)
-            lib.busy_timeout(db, 0)
-            try:
-                rows, code = self._step_all(statement, lib.step)
-            finally:
-                lib.busy_timeout(db, self._timeout)
-            if code in (_HeldSQLite._BUSY, _HeldSQLite._LOCKED) and lib.get_autocommit(db):
-                lib.reset(statement)        # again, waiting for the file with the GIL let go
-                rows, code = self._step_all(statement, lib.step_released)
+            if lib.get_autocommit(db):      # not in a transaction: it may find the file busy
+                lib.busy_timeout(db, 0)
+                try:
+                    rows, code = self._step_all(statement, columns, lib.step)
+                finally:
+                    lib.busy_timeout(db, self._timeout)
+                if code in (_HeldSQLite._BUSY, _HeldSQLite._LOCKED):
+                    lib.reset(statement)    # again, waiting for the file with the GIL let go
+                    rows, code = self._step_all(statement, columns, lib.step_released)
+            else:
+                rows, code = self._step_all(statement, columns, lib.step)
             if code != _HeldSQLite._DONE:
                 raise self._error(code)
-            self.rowcount = -1 if lib.stmt_readonly(statement) else lib.changes(db)
-            self._rows = rows
+            self._rows, self._changed = rows, -1 if read_only else True
         finally:
             lib.reset(statement)
             if sql not in self._statements:
@@ -1637,7 +1645,7 @@ class _HeldCursor:
         the disk again.  (The store's commits are one at a time: ``_one_writer``.)"""
         self._open()
         lib = self._lib
-        statement = self._statements.get("COMMIT") or self._prepare("COMMIT")
+        statement = (self._statements.get("COMMIT") or self._prepare("COMMIT"))[0]
         lib.commits += 1
         hold = min(lib.synced, default=0) < lib.fast_sync or lib.commits % 64 == 0
         started = time.perf_counter()
@@ -1660,7 +1668,7 @@ class _HeldCursor:
     def finalize(self):
         """Finalize the prepared statements; the cursor is closed with its connection."""
         statements, self._statements, self._db = self._statements, {}, None
-        for statement in statements.values():
+        for statement, _, _ in statements.values():
             self._lib.finalize(statement)
 
     def _open(self):
@@ -1668,21 +1676,26 @@ class _HeldCursor:
             raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
 
     def _prepare(self, sql):
-        ctypes = self._lib._ctypes
+        """``(statement, its columns, read-only)``, kept for the next time if there is room."""
+        lib, ctypes = self._lib, self._lib._ctypes
         statement = ctypes.c_void_p()
-        code = self._lib.prepare_v2(self._db, sql.encode(), -1, ctypes.byref(statement), None)
+        code = lib.prepare_v2(self._db, sql.encode(), -1, ctypes.byref(statement), None)
         if code:
-            self._lib.finalize(statement)
+            lib.finalize(statement)
             raise self._error(code)
+        prepared = (statement, range(lib.column_count(statement)),
+                    bool(lib.stmt_readonly(statement)))
         if len(self._statements) < self._cached:
-            self._statements[sql] = statement
-        return statement
+            self._statements[sql] = prepared
+        return prepared
 
     def _bind(self, statement, index, value):
         lib, kind = self._lib, type(value)
         if value is None:
             code = lib.bind_null(statement, index)
         elif kind is int or kind is bool:
+            if not -2 ** 63 <= value < 2 ** 63:     # ctypes would wrap it round silently
+                raise OverflowError("Python int too large to convert to SQLite INTEGER")
             code = lib.bind_int64(statement, index, value)
         elif kind is str:
             data = value.encode()
@@ -1696,16 +1709,13 @@ class _HeldCursor:
         if code:
             raise self._error(code)
 
-    def _step_all(self, statement, step):
+    def _step_all(self, statement, columns, step):
         """Every row of ``statement`` and the code its last ``step`` returned."""
-        lib, rows = self._lib, []
-        columns = None
+        rows = []
         while True:
             code = step(statement)
             if code != _HeldSQLite._ROW:
                 return rows, code
-            if columns is None:
-                columns = range(lib.column_count(statement))
             rows.append(tuple(self._column(statement, column) for column in columns))
 
     def _column(self, statement, column):

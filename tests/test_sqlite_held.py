@@ -128,6 +128,11 @@ def test_a_held_cursor_raises_as_the_module_does_and_goes_on(store, conn):
         cursor.execute("SELECT * FROM nowhere")
     with pytest.raises(sqlite3.ProgrammingError):
         cursor.execute("SELECT ?", ([1],))
+    for value in (2 ** 63, -2 ** 63 - 1):   # the module's error, not a value wrapped round
+        with pytest.raises(OverflowError):
+            conn.execute("SELECT ?", (value,))
+        with pytest.raises(OverflowError):
+            cursor.execute("SELECT ?", (value,))
     assert cursor.execute("INSERT INTO u VALUES (?)", (2,)).rowcount == 1
     assert cursor.execute("SELECT k FROM u ORDER BY k").fetchall() == [(1,), (2,)]
 
