@@ -1520,10 +1520,12 @@ class _HeldSQLite:
             "sqlite3_libversion": (text, []),
         }
         for name, (restype, argtypes) in signatures.items():
-            for lib in (held, free):
-                function = getattr(lib, name)
-                function.restype, function.argtypes = restype, argtypes
-                setattr(self, name[8:] + ("" if lib is held else "_released"), function)
+            function = getattr(held, name)
+            function.restype, function.argtypes = restype, argtypes
+            setattr(self, name[8:], function)
+        # The one call made with the GIL let go: a step that waits (the disk, the file).
+        self.step_released = free.sqlite3_step
+        self.step_released.restype, self.step_released.argtypes = integer, [pointer]
         if self.libversion().decode() != sqlite3.sqlite_version:
             raise OSError("ctypes reached another libsqlite3 than the sqlite3 module's")
 
