@@ -44,6 +44,7 @@ import operator
 import os
 import re
 import secrets
+import select
 import sqlite3
 import sys
 import threading
@@ -1989,6 +1990,243 @@ class MySQLStore(_SQLStore):
             " PATH '$[2]')) AS d", (text,))
 
 
+class _Quick:
+    """Whether a call may hold the GIL while it waits: yes while one of the last 8
+    held calls took under ``limit`` ms (a thread switch around a call can only make
+    it look slower), and one call in 64 whatever they took, to time it again."""
+
+    def __init__(self, limit):
+        self.limit = limit                  # ms
+        self.times = collections.deque(maxlen=8)    # the last held calls', ms
+        self.calls = 0
+
+    def hold(self):
+        self.calls += 1
+        return min(self.times, default=0) < self.limit or self.calls % 64 == 0
+
+    def took(self, started):
+        """A held call that began at ``started`` (``time.perf_counter()``) is done."""
+        self.times.append((time.perf_counter() - started) * 1000)
+
+
+class _HeldPQ:
+    """libpq as psycopg has it loaded, called through ctypes, so that a push's
+    statements go to PostgreSQL and back without letting go of the GIL.
+
+    psycopg lets go of the GIL around each libpq call and while it waits for the
+    server, several times a statement.  On a threaded server each time the
+    pushing thread wants it back it waits for the threads answering polls to give
+    it up (at their next socket call, or when the switch interval, 5 ms, makes
+    them): beside 8 threads running Python, a push to 100 recipients took 215 ms
+    through psycopg and a few held (``bench/push_under_load.py``).
+
+    Held, a statement stops every other thread until its answer comes, so the
+    answer is waited for holding the GIL for ``budget`` ms at most, and only while
+    the server answers quickly (``_Quick``): a statement that waits longer, for
+    another transaction's lock (perhaps one of this process's, whose thread needs
+    the GIL to commit) or a server far away, goes on waiting with the GIL let go.
+
+    psycopg still turns the parameters into PostgreSQL's (``PostgresQuery``) and
+    the values read back into Python's (its loaders), so both are what its own
+    cursor makes of them; where its internals or the library cannot be reached
+    (not Linux, another psycopg, a library that is not psycopg's), the store runs
+    every statement through psycopg.
+    """
+
+    _COMMAND_OK, _TUPLES_OK = 1, 2
+    _POLLIN, _POLLOUT = 1, 4
+    budget = 5                              # ms a wait for the server holds the GIL
+
+    def __init__(self, psycopg, path):
+        import ctypes
+        from psycopg._queries import PostgresQuery
+        self._ctypes = ctypes
+        self._psycopg = psycopg
+        self.query = PostgresQuery
+        self.waits = _Quick(self.budget)
+        lib = ctypes.PyDLL(path)
+        pointer, integer, text, oid = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+        signatures = {
+            "PQsendQueryParams": (integer, [pointer, text, integer, ctypes.POINTER(oid),
+                                            ctypes.POINTER(text), ctypes.POINTER(integer),
+                                            ctypes.POINTER(integer), integer]),
+            "PQflush": (integer, [pointer]),
+            "PQconsumeInput": (integer, [pointer]),
+            "PQisBusy": (integer, [pointer]),
+            "PQgetResult": (pointer, [pointer]),
+            "PQresultStatus": (integer, [pointer]),
+            "PQntuples": (integer, [pointer]),
+            "PQnfields": (integer, [pointer]),
+            "PQftype": (oid, [pointer, integer]),
+            "PQgetvalue": (pointer, [pointer, integer, integer]),
+            "PQgetlength": (integer, [pointer, integer, integer]),
+            "PQgetisnull": (integer, [pointer, integer, integer]),
+            "PQcmdTuples": (text, [pointer]),
+            "PQresultErrorField": (text, [pointer, integer]),
+            "PQresultErrorMessage": (text, [pointer]),
+            "PQerrorMessage": (text, [pointer]),
+            "PQclear": (None, [pointer]),
+            "PQsocket": (integer, [pointer]),
+            "PQlibVersion": (integer, []),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+            setattr(self, name[2:], function)
+        self.poll = ctypes.PyDLL(None).poll         # libc's, holding the GIL too
+        self.poll.restype = integer
+        self.poll.argtypes = [pointer, ctypes.c_ulong, integer]
+        self.pollfd = type("pollfd", (ctypes.Structure,), {"_fields_": [
+            ("fd", integer), ("events", ctypes.c_short), ("revents", ctypes.c_short)]})
+        if self.libVersion() != psycopg.pq.version():
+            raise OSError("ctypes reached another libpq than psycopg's")
+
+    @classmethod
+    def load(cls, psycopg):
+        """The library, or None where the store cannot hold the GIL through it."""
+        if (sys.implementation.name != "cpython"
+                or not getattr(sys, "_is_gil_enabled", lambda: True)()):
+            return None
+        try:
+            with open("/proc/self/maps") as maps:   # the file psycopg's libpq was loaded from
+                paths = {line.split(None, 5)[-1].strip() for line in maps if "libpq" in line}
+            paths = [path for path in paths if os.path.basename(path).startswith("libpq")]
+            if len(paths) != 1:
+                raise OSError(f"libpq loaded from {len(paths)} files")
+            return cls(psycopg, paths[0])
+        except (ImportError, OSError, AttributeError) as error:
+            log.debug("comet: PostgreSQL statements through psycopg only: %s", error)
+            return None
+
+
+class _HeldPQCursor:
+    """A cursor of a psycopg connection whose statements run through ``_HeldPQ``,
+    each to its end (every result read), so that psycopg finds the connection as
+    its own statements leave it; its rows are kept until the next."""
+
+    def __init__(self, conn, library):
+        self._conn = conn
+        self._lib = library
+        self._tx = library._psycopg.adapt.Transformer(conn)
+        self._loaders = {}                  # type oid -> psycopg's loader of its text
+        self._rows = []
+        self.rowcount = -1
+
+    def execute(self, sql, args=()):
+        lib, ctypes = self._lib, self._lib._ctypes
+        pgconn = self._conn.pgconn.pgconn_ptr
+        if pgconn is None:
+            raise self._lib._psycopg.OperationalError("the connection is closed")
+        query = lib.query(self._tx)
+        query.convert(sql, args)
+        params = [None if value is None else bytes(value) for value in query.params or ()]
+        n = len(params)
+        if not lib.sendQueryParams(
+                pgconn, query.query, n, (ctypes.c_uint * n)(*query.types) if query.types else None,
+                (ctypes.c_char_p * n)(*params),
+                (ctypes.c_int * n)(*(0 if value is None else len(value) for value in params)),
+                (ctypes.c_int * n)(*query.formats or ()), 0):
+            raise self._lost(pgconn)
+        hold = lib.waits.hold()
+        started = time.perf_counter()
+        deadline = started + lib.budget / 1000 if hold else started
+        while lib.flush(pgconn):            # the rest of a large statement, as it drains
+            self._wait(pgconn, deadline, lib._POLLIN | lib._POLLOUT)
+        error = None
+        while True:
+            while lib.isBusy(pgconn):
+                self._wait(pgconn, deadline, lib._POLLIN)
+            result = lib.getResult(pgconn)
+            if not result:
+                break
+            try:
+                error = self._read(result) or error
+            finally:
+                lib.clear(result)
+        if hold:
+            lib.waits.took(started)
+        if error is not None:
+            raise error
+        return self
+
+    def _wait(self, pgconn, deadline, events):
+        """Until the server's answer (or room to send) comes: holding the GIL until
+        ``deadline``, then letting it go."""
+        lib = self._lib
+        fd = lib.socket(pgconn)
+        left = math.ceil((deadline - time.perf_counter()) * 1000)
+        if left > 0:
+            ready = lib.poll(lib._ctypes.byref(lib.pollfd(fd, events, 0)), 1, left)
+        else:
+            readable, writable, _ = select.select(  # letting go of the GIL
+                [fd], [fd] if events & lib._POLLOUT else [], [], 1.0)
+            ready = readable or writable
+        if ready and not lib.consumeInput(pgconn):
+            raise self._lost(pgconn)
+
+    def _read(self, result):
+        """Keeps ``result``'s rows and count, or returns its error."""
+        lib = self._lib
+        status = lib.resultStatus(result)
+        if status == lib._TUPLES_OK:
+            loaders = [self._loader(lib.ftype(result, column))
+                       for column in range(lib.nfields(result))]
+            string_at, value, length, isnull = (
+                lib._ctypes.string_at, lib.getvalue, lib.getlength, lib.getisnull)
+            self._rows = [tuple(
+                None if isnull(result, row, column)
+                else load(string_at(value(result, row, column), length(result, row, column)))
+                for column, load in enumerate(loaders)) for row in range(lib.ntuples(result))]
+        elif status == lib._COMMAND_OK:
+            self._rows = []
+        else:
+            return self._error(result)
+        count = lib.cmdTuples(result)
+        self.rowcount = int(count) if count else -1
+        return None
+
+    def _loader(self, oid):
+        load = self._loaders.get(oid)
+        if load is None:
+            load = self._loaders[oid] = self._tx.get_loader(oid, 0).load    # text format
+        return load
+
+    def _error(self, result):
+        psycopg = self._lib._psycopg
+        message = (self._lib.resultErrorMessage(result) or b"").decode(errors="replace").strip()
+        state = (self._lib.resultErrorField(result, ord("C")) or b"").decode()
+        try:
+            kind = psycopg.errors.lookup(state)
+        except KeyError:
+            kind = psycopg.DatabaseError
+        return kind(message or "the statement failed")
+
+    def _lost(self, pgconn):
+        message = (self._lib.errorMessage(pgconn) or b"").decode(errors="replace").strip()
+        return self._lib._psycopg.OperationalError(message or "the connection was lost")
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self):
+        return self._rows
+
+    def close(self):
+        pass
+
+
+
+class _PostgreSQLTransaction(_SQLTransaction):
+
+    def _members(self, channel):
+        # One row, not one a member: each value read back through ctypes costs a
+        # few calls of libpq's (``_HeldPQ``), and json.loads reads them all in C.
+        members, changes = self._run(
+            "SELECT json_agg(client)::text, (SELECT changes FROM comet_meta)"
+            " FROM comet_members WHERE channel = ?", (channel,)).fetchone()
+        return (json.loads(members) if members else []), changes
+
+
 class PostgreSQLStore(_SQLStore):
     """A PostgreSQL database through psycopg 3: shared by processes and hosts,
     which wake each other's polls at commit by ``LISTEN``/``NOTIFY``.
@@ -2019,6 +2257,7 @@ class PostgreSQLStore(_SQLStore):
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
     _pool_size = 16                         # connections of a process, besides the LISTEN one
+    _transaction_type = _PostgreSQLTransaction
     # One statement, so one transaction: the tables are made together or not at
     # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can
     # fail), and a database that has them all is left alone (CREATE INDEX IF NOT
@@ -2070,6 +2309,7 @@ class PostgreSQLStore(_SQLStore):
                               ' pip install "comet-py[postgresql]"') from None
         self._psycopg = psycopg
         self._errors = (psycopg.OperationalError, psycopg.InterfaceError)
+        self._library = _HeldPQ.load(psycopg)
         self.notify = notify
         # keepalives: a connection whose host is gone fails in 5 + 3 x 1 s, not hours.
         self._params = dict(connect_timeout=3, keepalives=1, keepalives_idle=5,
@@ -2089,6 +2329,19 @@ class PostgreSQLStore(_SQLStore):
     def _connect(self):
         # Every write transaction is opened by _begin; every read is one statement.
         return self._psycopg.connect(**self._params, autocommit=True)
+
+    def _cursor(self, batch):
+        # Not for a purge step, which lets other threads run; nor under gevent, where
+        # the hub's one thread has the GIL to itself.
+        if batch.alone or self._green or self._library is None:
+            return batch.conn.cursor()
+        return _HeldPQCursor(batch.conn, self._library)
+
+    def _commit_connection(self, batch):
+        if isinstance(batch.cur, _HeldPQCursor):
+            batch.cur.execute("COMMIT")
+        else:
+            batch.conn.commit()
 
     def _begin(self, cur):
         # Each statement sees what is committed now, whatever the database's default.

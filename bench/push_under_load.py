@@ -18,6 +18,7 @@ pushes/s is the publishers over a push's round trip.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +28,23 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+STORES = {"memory": "memory:", "sqlite": "sqlite:///{scratch}/{busy}.db",
+          "mysql": "mysql://root@127.0.0.1:3306/test",
+          "postgresql": "postgresql://postgres@127.0.0.1:5432/test"}
+
+
+def fresh(comet, url):
+    """Drops the comet tables of a server store, so each measurement starts empty."""
+    store = comet.open_store(url)
+    with contextlib.closing(store._connect()) as conn:
+        cur = conn.cursor()
+        for table in ("meta", "packages", "deliveries", "purged", "purge_log", "members",
+                      "clients", "spans", "purge"):
+            cur.execute(f"DROP TABLE IF EXISTS comet_{table}")
+        conn.commit()
+    store.close()
 
 
 def push_times(comet, store, busy, pushes):
@@ -69,6 +87,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--busy", type=int, default=8, help="busy threads beside the pusher")
     parser.add_argument("--pushes", type=int, default=150)
+    parser.add_argument("--stores", default="memory,sqlite",
+                        help="of memory, sqlite, mysql, postgresql (the local test servers)")
     parser.add_argument("--comet", default=os.path.dirname(HERE),
                         help="a directory holding the comet.py to measure")
     args = parser.parse_args()
@@ -77,9 +97,10 @@ def main():
     print(f"comet.py: {comet.__file__}; {args.pushes} pushes to 100 recipients each")
     with tempfile.TemporaryDirectory() as scratch:
         for busy in (0, args.busy):
-            for name in ("memory", "sqlite"):
-                store = "memory:" if name == "memory" else \
-                    f"sqlite:///{scratch}/{busy}.db"
+            for name in args.stores.split(","):
+                store = STORES[name].format(scratch=scratch, busy=busy)
+                if name in ("mysql", "postgresql"):
+                    fresh(comet, store)
                 median, mean = push_times(comet, store, busy, args.pushes)
                 print(f"{busy:2d} busy threads  {name:7s} push: median {median:7.2f} ms,"
                       f" mean {mean:7.2f} ms", flush=True)

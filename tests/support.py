@@ -98,6 +98,40 @@ def wait_until(predicate, timeout=10.0, interval=0.01):
         time.sleep(interval)
 
 
+class Spinner:
+    """A thread counting as fast as it can: how much it ran says whether it had the GIL."""
+
+    def __init__(self):
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self):
+        while not self._stop.is_set():
+            self.ticks += 1
+
+    def __enter__(self):
+        self._thread.start()
+        wait_until(lambda: self.ticks > 0)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class Counted:
+    """A library function that counts its calls."""
+
+    def __init__(self, function):
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+
 def make_app(**options):
     """The standard test application as a ``Comet``."""
     options.setdefault("id", lambda environ: environ.get("HTTP_X_CLIENT"))

@@ -197,22 +197,25 @@ def test_a_channel_name_or_a_client_id_holding_nul_is_refused_where_it_cannot_be
 
 def record_round_trips(monkeypatch):
     """What this thread sends to PostgreSQL, a list of round trips: the first word of
-    each statement, or "COMMIT".  The app's tail and housekeeping send on threads of
-    their own."""
+    each statement, or "COMMIT", through psycopg or held (``_HeldPQCursor``).  The
+    app's tail and housekeeping send on threads of their own."""
     import psycopg
     sent = []
-    execute, commit = psycopg.Cursor.execute, psycopg.Connection.commit
+    commit = psycopg.Connection.commit
 
-    def executed(cur, sql, *args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            sent.append(str(sql).split()[0].upper())
-        return execute(cur, sql, *args, **kwargs)
+    def recorded(execute):
+        def executed(cur, sql, *args, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                sent.append(str(sql).split()[0].upper())
+            return execute(cur, sql, *args, **kwargs)
+        return executed
 
     def committed(conn):
         if threading.current_thread() is threading.main_thread():
             sent.append("COMMIT")
         return commit(conn)
-    monkeypatch.setattr(psycopg.Cursor, "execute", executed)
+    monkeypatch.setattr(psycopg.Cursor, "execute", recorded(psycopg.Cursor.execute))
+    monkeypatch.setattr(comet._HeldPQCursor, "execute", recorded(comet._HeldPQCursor.execute))
     monkeypatch.setattr(psycopg.Connection, "commit", committed)
     return sent
 

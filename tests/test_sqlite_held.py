@@ -15,7 +15,7 @@ import time
 import pytest
 
 import comet
-from support import make_app, wait_until
+from support import Counted, Spinner, make_app, wait_until
 
 SLOW = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000)"
         " SELECT count(*) FROM n")
@@ -39,28 +39,6 @@ def held(store, conn):
     cursor = conn.held(store._library, 5000)
     assert isinstance(cursor, comet._HeldCursor)
     return cursor
-
-
-class Spinner:
-    """A thread counting as fast as it can: how much it ran says whether it had the GIL."""
-
-    def __init__(self):
-        self.ticks = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-
-    def _spin(self):
-        while not self._stop.is_set():
-            self.ticks += 1
-
-    def __enter__(self):
-        self._thread.start()
-        wait_until(lambda: self.ticks > 0)
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def test_the_library_loads_on_this_python(store):
@@ -253,18 +231,6 @@ def test_a_connection_whose_handle_does_not_answer_as_it_does_is_not_held(store,
         assert type(conn.held(store._library, 5000)) is sqlite3.Cursor
     finally:
         conn.close()
-
-
-class Counted:
-    """A library function that counts its calls."""
-
-    def __init__(self, function):
-        self.function = function
-        self.calls = 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.function(*args)
 
 
 @pytest.mark.parametrize("disk", ["fast", "slow"])

@@ -1,0 +1,257 @@
+"""The PostgreSQL store runs a push's own statements holding the GIL, through ctypes
+on the libpq psycopg loaded: what they send and read back, that no other thread
+runs while the server answers quickly, that a statement the server keeps waiting
+(another transaction's lock) lets the GIL go, errors and a lost connection as
+psycopg raises them, and the store without the library."""
+
+import json
+import select
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+import comet
+from support import Counted, Spinner, make_app, wait_until
+
+
+@pytest.fixture
+def url(postgres):
+    return postgres.create_database()
+
+
+@pytest.fixture
+def store(url):
+    store = comet.PostgreSQLStore(url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def conn(store):
+    conn = store._checkout()
+    yield conn
+    store._checkin(conn)
+
+
+def held(store, conn):
+    batch = comet._Batch()
+    batch.conn = conn
+    cursor = store._cursor(batch)
+    assert isinstance(cursor, comet._HeldPQCursor)
+    return cursor
+
+
+def test_the_library_loads_here(store):
+    # Linux, CPython with a GIL and psycopg's libpq: the tests below must not pass by
+    # falling back.
+    assert comet._HeldPQ.load(store._psycopg) is not None and store._library is not None
+
+
+def test_a_held_statement_lets_no_other_thread_run_and_psycopgs_does(store, conn):
+    def ticks_beside(cursor):
+        with Spinner() as spinner:
+            before = spinner.ticks
+            cursor.execute("SELECT pg_sleep(0.003), 7")
+            assert cursor.fetchone()[1] == 7
+            return spinner.ticks - before
+    beside_held = min(ticks_beside(held(store, conn)) for _ in range(3))
+    beside_psycopg = min(ticks_beside(conn.cursor()) for _ in range(3))
+    # Held, the spinner runs at most around the call; through psycopg it runs all the
+    # while the server sleeps.
+    assert beside_held * 5 < beside_psycopg, (beside_held, beside_psycopg)
+
+
+def test_a_held_cursor_sends_and_reads_what_psycopgs_does(store, conn):
+    cursor, plain = held(store, conn), conn.cursor()
+    statements = [
+        ("SELECT %s, %s, %s, %s, %s", (0, -1, 2 ** 63 - 1, -2 ** 63, None)),
+        ("SELECT %s, %s, %s", ("", "plain", "é中\U0001F600 'q' \"d\" \\b")),
+        ("SELECT %s::bigint[], %s::text[], %s::text[]", ([1, 2, 3], ["a", 'b"c', None], [])),
+        ("SELECT %(a)s + %(b)s, %(a)s", dict(a=2, b=40)),
+        ("SELECT true, false, 1.5::float8, 2.25::numeric, '{\"k\": [1]}'::json, 5::int2", ()),
+        ("SELECT x, x::text FROM generate_series(1, 300) AS x", ()),
+        ("SELECT 1 WHERE false", ()),
+        ("SELECT 100 %% 7", ()),
+    ]
+    for sql, args in statements:
+        assert cursor.execute(sql, args).fetchall() == plain.execute(sql, args).fetchall()
+        assert cursor.rowcount == plain.rowcount, sql
+    assert cursor.execute("SELECT 1 WHERE false").fetchone() is None
+    cursor.execute("CREATE TEMP TABLE t (k bigint PRIMARY KEY, v text)")
+    assert cursor.rowcount == -1 and cursor.fetchall() == []
+    assert cursor.execute("INSERT INTO t SELECT k, 'v' || k FROM unnest(%s::bigint[]) AS k",
+                          ([1, 2, 3],)).rowcount == 3
+    assert cursor.execute("UPDATE t SET v = %s WHERE k > %s", ("w", 1)).rowcount == 2
+    assert cursor.execute("DELETE FROM t WHERE k = %s RETURNING v", (3,)).fetchall() == [("w",)]
+    assert conn.execute("SELECT k, v FROM t ORDER BY k").fetchall() == [(1, "v1"), (2, "w")]
+
+
+def test_a_held_cursor_sends_and_reads_a_large_statement(store, conn):
+    # Larger than the socket takes at once: sent as the server drains it.
+    cursor = held(store, conn)
+    text = "é" * 3_000_000
+    assert cursor.execute("SELECT length(%s), %s", (text, text)).fetchone() == (len(text), text)
+
+
+def test_a_held_cursor_raises_as_psycopg_does_and_goes_on(store, conn):
+    psycopg = store._psycopg
+    cursor = held(store, conn)
+    cursor.execute("CREATE TEMP TABLE u (k bigint PRIMARY KEY)")
+    cursor.execute("INSERT INTO u VALUES (%s)", (1,))
+    for sql, args, kind, match in [
+            ("INSERT INTO u VALUES (%s)", (1,), psycopg.errors.UniqueViolation, "duplicate"),
+            ("SELEC 1", (), psycopg.errors.SyntaxError, "syntax"),
+            ("SELECT * FROM nowhere", (), psycopg.errors.UndefinedTable, "nowhere"),
+            ("SELECT 1 / %s", (0,), psycopg.errors.DivisionByZero, "division")]:
+        with pytest.raises(kind, match=match):
+            cursor.execute(sql, args)
+        with pytest.raises(kind, match=match):
+            conn.cursor().execute(sql, args)
+    with pytest.raises(psycopg.ProgrammingError):
+        cursor.execute("SELECT %s, %s", (1,))   # psycopg's own check, before sending
+    cursor.execute("BEGIN")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        cursor.execute("INSERT INTO u VALUES (%s)", (1,))
+    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+        cursor.execute("SELECT 1")
+    conn.rollback()                         # psycopg finds the transaction as the cursor left it
+    assert cursor.execute("INSERT INTO u VALUES (%s)", (2,)).rowcount == 1
+    assert cursor.execute("SELECT k FROM u ORDER BY k").fetchall() == [(1,), (2,)]
+
+
+def test_a_connection_lost_raises_an_operational_error_and_the_store_goes_on(url, postgres):
+    psycopg = pytest.importorskip("psycopg")
+    app = make_app(store=url, poll_timeout=0.2)
+    try:
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "first"})
+        conn = app.store._checkout()
+        cursor = held(app.store, conn)
+        postgres.query(url, "SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            cursor.execute("SELECT 1")
+        app.store._drop(conn)
+        postgres.query(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        answers = []
+        for n in range(3):                  # a pooled connection found dead fails a push
+            try:
+                answers.append(app.push({"type": "note", "listeners": ["to"], "to": ["bob"]}))
+            except comet.CometError as error:
+                assert error.status == 503
+        assert answers and app.store.head() == 1 + len(answers)
+    finally:
+        app.close()
+
+
+def test_a_push_batch_holds_the_gil_and_a_purge_step_does_not(store, conn):
+    held(store, conn)
+    batch = comet._Batch(alone=True)
+    batch.conn = conn
+    assert not isinstance(store._cursor(batch), comet._HeldPQCursor)
+
+
+def test_under_green_threads_a_push_batch_runs_through_psycopg(store, conn, monkeypatch):
+    monkeypatch.setattr(store, "_green", True)      # one thread: no GIL to hand over
+    batch = comet._Batch()
+    batch.conn = conn
+    assert not isinstance(store._cursor(batch), comet._HeldPQCursor)
+
+
+def waiting_for_the_server(thread):
+    """True when ``thread`` is inside a held cursor's wait for the server."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code.co_name != "_wait":
+        frame = frame.f_back
+    return frame is not None
+
+
+def test_a_push_waiting_for_another_transactions_lock_lets_the_gil_go_and_goes_through(
+        url, store):
+    app = make_app(store=url, poll_timeout=0.2)
+    try:
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "first"})
+        other = store._connect()
+        other.execute("BEGIN")
+        other.execute("UPDATE comet_meta SET changes = changes")  # its row lock, held
+        results = []
+        pusher = threading.Thread(target=lambda: results.append(app.push(
+            {"type": "note", "listeners": ["to"], "to": ["bob"], "text": "second"})))
+        with Spinner() as spinner:
+            started = time.monotonic()
+            pusher.start()
+            wait_until(lambda: waiting_for_the_server(pusher))
+            # Waiting, the push lets the others run: a wait holding the GIL would stop
+            # the spinner, and this thread, until the other transaction ends, never.
+            before = spinner.ticks
+            wait_until(lambda: spinner.ticks > before + 100000, timeout=10)
+            assert time.monotonic() - started < 1
+            assert waiting_for_the_server(pusher) and results == []
+            other.execute("COMMIT")
+            pusher.join(10)
+        other.close()
+        assert len(results) == 1 and isinstance(results[0], str)
+        assert app.store.head() == 2
+    finally:
+        app.close()
+
+
+def test_the_store_runs_without_the_library(url, monkeypatch):
+    monkeypatch.setattr(comet._HeldPQ, "load", classmethod(lambda cls, psycopg: None))
+    app = make_app(store=url, poll_timeout=0.2)
+    try:
+        assert app.store._library is None
+        conn = app.store._checkout()
+        batch = comet._Batch()
+        batch.conn = conn
+        assert not isinstance(app.store._cursor(batch), comet._HeldPQCursor)
+        app.store._checkin(conn)
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "hi"})
+        assert app.store.head() == 1
+    finally:
+        app.close()
+
+
+def test_a_library_that_is_not_psycopgs_is_not_used(store, monkeypatch):
+    monkeypatch.setattr(store._psycopg.pq, "version", lambda: 1)
+    assert comet._HeldPQ.load(store._psycopg) is None
+
+
+@pytest.mark.parametrize("server", ["near", "far"])
+def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if_not(
+        url, monkeypatch, server):
+    app = make_app(store=url, poll_timeout=0.2)
+    try:
+        library = app.store._library
+        # Every round trip times as quick, or as slow, as the limit makes it.
+        monkeypatch.setattr(library.waits, "limit", 1e9 if server == "near" else 0.0)
+        if server == "near":                # and no commit's sync outlasts the hold
+            monkeypatch.setattr(library, "budget", 60_000)
+        timed = Counted(library.waits.took)
+        monkeypatch.setattr(library.waits, "took", timed)
+        released = Counted(select.select)
+        monkeypatch.setattr(comet, "select", types.SimpleNamespace(select=released))
+        calls = library.waits.calls
+        for n in range(50):
+            app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
+        assert library.waits.calls - calls == 150 and app.store.head() == 50
+        # BEGIN, the flush, COMMIT: far, each waits with the GIL let go but one in 64.
+        holds = sum(1 for n in range(calls + 1, calls + 151) if n % 64 == 0)
+        assert timed.calls == (150 if server == "near" else holds)
+        assert (released.calls == 0) if server == "near" else released.calls >= 150 - holds
+    finally:
+        app.close()
+
+
+def test_a_channels_members_are_read_as_one_row(store, conn):
+    tx = comet._PostgreSQLTransaction(store, comet._Batch())
+    tx.cur = held(store, conn)
+    assert tx._members("nobody")[0] == []
+    ids = [f"c{i}é" for i in range(1000)]
+    conn.execute("INSERT INTO comet_members SELECT 'room', c, 's', 0 FROM unnest(%s::text[]) c",
+                 (ids,))
+    members, changes = tx._members("room")
+    assert sorted(members) == sorted(ids) and changes == 0
+    assert json.dumps(members)                  # plain strs
