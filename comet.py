@@ -32,6 +32,7 @@ import bisect
 import collections
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import http
@@ -45,6 +46,7 @@ import os
 import re
 import secrets
 import select
+import socket
 import sqlite3
 import sys
 import threading
@@ -1861,6 +1863,96 @@ class _MySQLTransaction(_SQLTransaction):
         return super()._members(channel)
 
 
+class _HeldReader:
+    """What PyMySQL reads from its socket (in place of its buffered file): while
+    ``held``, through ``_HeldIO``, waiting for the server holding the GIL while it
+    answers quickly; otherwise, and once such a wait goes on too long, through the
+    socket, letting the GIL go and keeping its timeout."""
+
+    _chunk = 65536
+
+    def __init__(self, sock, io):
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._io = io
+        self._buffer = io.ctypes.create_string_buffer(self._chunk)
+        self._data = b""
+        self._at = 0
+        self.held = False                   # set for a push's own statements
+
+    def read(self, size):
+        while len(self._data) - self._at < size:
+            more = self._fill()
+            if not more:
+                break                       # the end: PyMySQL finds it short, a lost connection
+            self._data, self._at = self._data[self._at:] + more, 0
+        piece = self._data[self._at:self._at + size]
+        self._at += len(piece)
+        return piece
+
+    def _fill(self):
+        if self.held:
+            io = self._io
+            started, deadline = io.begin()
+            try:
+                while True:
+                    data = io.recv(self._fd, self._buffer)
+                    if data is not None:
+                        return data
+                    if io.ctypes.get_errno() not in (errno.EAGAIN, errno.EINTR) \
+                            or not io.wait(self._fd, io.POLLIN, deadline):
+                        break               # an error, or a long wait: the socket's own
+            finally:
+                io.end(started, deadline)
+        return self._sock.recv(self._chunk)
+
+    def send(self, data):
+        """How much of ``data`` went out at once, holding the GIL, while ``held``."""
+        return self._io.send(self._fd, data) if self.held else 0
+
+    def close(self):
+        pass                                # the socket is PyMySQL's to close
+
+
+def _held_mysql(pymysql, io):
+    """PyMySQL's connection and cursor classes, such that the cursor's statements
+    (and the connection's ``commit``) read and write through a ``_HeldReader``."""
+
+    class Connection(pymysql.connections.Connection):
+
+        def connect(self, sock=None):
+            super().connect(sock)
+            if type(self._sock) is socket.socket:   # not TLS: bytes on the socket as they are
+                self._rfile = _HeldReader(self._sock, io)
+
+        def _write_bytes(self, data):
+            if isinstance(self._rfile, _HeldReader):
+                data = data[self._rfile.send(data):]
+                if not data:
+                    return
+            super()._write_bytes(data)
+
+    class Cursor(pymysql.cursors.Cursor):
+
+        def execute(self, query, args=None):
+            with _holding(self.connection._rfile):
+                return super().execute(query, args)
+
+    return Connection, Cursor
+
+
+@contextlib.contextmanager
+def _holding(reader):
+    if not isinstance(reader, _HeldReader):
+        yield
+        return
+    reader.held = True
+    try:
+        yield
+    finally:
+        reader.held = False
+
+
 class MySQLStore(_SQLStore):
     """A MySQL or MariaDB database through PyMySQL: shared by processes and hosts.
 
@@ -1921,6 +2013,8 @@ class MySQLStore(_SQLStore):
             raise ImportError("a mysql:// store needs PyMySQL: pip install pymysql") from None
         self._pymysql = pymysql
         self._errors = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+        io = _HeldIO.load()
+        self._held = _held_mysql(pymysql, io) if io is not None else None
         parts = urllib.parse.urlsplit(url)
         self._params = dict(
             host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
@@ -1939,7 +2033,7 @@ class MySQLStore(_SQLStore):
             pass
 
     def _connect(self):
-        conn = self._pymysql.connect(
+        conn = (self._held[0] if self._held else self._pymysql.connect)(
             **self._params, charset="utf8mb4", autocommit=True,
             connect_timeout=3, read_timeout=4, write_timeout=4)
         with conn.cursor() as cur:
@@ -1947,6 +2041,18 @@ class MySQLStore(_SQLStore):
             cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             cur.execute("SET SESSION group_concat_max_len = 4294967295")   # JSON_ARRAYAGG's
         return conn
+
+    def _cursor(self, batch):
+        # Not for a purge step, which lets other threads run; nor under gevent, where
+        # the hub's one thread has the GIL to itself.
+        if batch.alone or self._green or not self._held:
+            return batch.conn.cursor()
+        return self._held[1](batch.conn)
+
+    def _commit_connection(self, batch):
+        held = self._held and isinstance(batch.cur, self._held[1])
+        with _holding(batch.conn._rfile) if held else contextlib.nullcontext():
+            batch.conn.commit()
 
     def _begin(self, cur):
         cur.execute("START TRANSACTION")
@@ -2009,6 +2115,72 @@ class _Quick:
         self.times.append((time.perf_counter() - started) * 1000)
 
 
+class _HeldIO:
+    """libc's ``poll``, ``recv`` and ``send`` through ``ctypes.PyDLL``: socket calls that
+    keep the GIL, for the drivers' round trips of a push (``_HeldPQ``, ``_HeldReader``).
+
+    Each wait for the server holds the GIL for ``budget`` ms at most, and only while
+    the server answers quickly (``waits``); a wait that goes on past it lets the GIL go."""
+
+    POLLIN, POLLOUT = 1, 4
+    _DONTWAIT, _NOSIGNAL = 0x40, 0x4000     # Linux's MSG_ flags
+    budget = 5                              # ms a wait for the server holds the GIL
+
+    def __init__(self):
+        import ctypes
+        self.ctypes = ctypes
+        self.waits = _Quick(1.0)            # a server on the same host answers in under 1 ms
+        libc = ctypes.PyDLL(None, use_errno=True)
+        pointer, integer, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        for name, restype, argtypes in (
+                ("poll", integer, [pointer, ctypes.c_ulong, integer]),
+                ("recv", ctypes.c_ssize_t, [integer, pointer, size, integer]),
+                ("send", ctypes.c_ssize_t, [integer, ctypes.c_char_p, size, integer])):
+            function = getattr(libc, name)
+            function.restype, function.argtypes = restype, argtypes
+            setattr(self, "_" + name, function)
+        self._pollfd = type("pollfd", (ctypes.Structure,), {"_fields_": [
+            ("fd", integer), ("events", ctypes.c_short), ("revents", ctypes.c_short)]})
+
+    @classmethod
+    def load(cls):
+        """The calls, or None where they cannot hold the GIL (not Linux, not CPython, no GIL)."""
+        if (sys.implementation.name != "cpython" or not sys.platform.startswith("linux")
+                or not getattr(sys, "_is_gil_enabled", lambda: True)()):
+            return None
+        try:
+            return cls()
+        except (ImportError, OSError, AttributeError) as error:
+            log.debug("comet: socket calls through the drivers only: %s", error)
+            return None
+
+    def begin(self):
+        """``(started, deadline)`` of a round trip: its waits may hold the GIL until
+        ``deadline`` (``started`` itself while the server has not been answering quickly)."""
+        started = time.perf_counter()
+        return started, (started + self.budget / 1000 if self.waits.hold() else started)
+
+    def end(self, started, deadline):
+        """The round trip ``begin`` gave these is done: timed if it held the GIL."""
+        if deadline > started:
+            self.waits.took(started)
+
+    def wait(self, fd, events, deadline):
+        """Whether ``fd`` became ready before ``deadline``, waiting holding the GIL."""
+        left = math.ceil((deadline - time.perf_counter()) * 1000)
+        pollfd = self.ctypes.byref(self._pollfd(fd, events, 0))
+        return left > 0 and self._poll(pollfd, 1, left) > 0
+
+    def recv(self, fd, buffer):
+        """What ``fd`` has now (b"" at its end), or None if nothing yet or an error."""
+        got = self._recv(fd, buffer, len(buffer), self._DONTWAIT)
+        return self.ctypes.string_at(buffer, got) if got >= 0 else None
+
+    def send(self, fd, data):
+        """How much of ``data`` went out now (0 when none could)."""
+        return max(self._send(fd, data, len(data), self._DONTWAIT | self._NOSIGNAL), 0)
+
+
 class _HeldPQ:
     """libpq as psycopg has it loaded, called through ctypes, so that a push's
     statements go to PostgreSQL and back without letting go of the GIL.
@@ -2018,11 +2190,11 @@ class _HeldPQ:
     pushing thread wants it back it waits for the threads answering polls to give
     it up (at their next socket call, or when the switch interval, 5 ms, makes
     them): beside 8 threads running Python, a push to 100 recipients took 215 ms
-    through psycopg and a few held (``bench/push_under_load.py``).
+    through psycopg and 2.8 ms held (``bench/push_under_load.py``).
 
     Held, a statement stops every other thread until its answer comes, so the
-    answer is waited for holding the GIL for ``budget`` ms at most, and only while
-    the server answers quickly (``_Quick``): a statement that waits longer, for
+    answer is waited for holding the GIL for ``_HeldIO.budget`` ms at most, and only
+    while the server answers quickly (``_Quick``): a statement that waits longer, for
     another transaction's lock (perhaps one of this process's, whose thread needs
     the GIL to commit) or a server far away, goes on waiting with the GIL let go.
 
@@ -2034,16 +2206,14 @@ class _HeldPQ:
     """
 
     _COMMAND_OK, _TUPLES_OK = 1, 2
-    _POLLIN, _POLLOUT = 1, 4
-    budget = 5                              # ms a wait for the server holds the GIL
 
-    def __init__(self, psycopg, path):
+    def __init__(self, psycopg, path, io):
         import ctypes
         from psycopg._queries import PostgresQuery
         self._ctypes = ctypes
         self._psycopg = psycopg
         self.query = PostgresQuery
-        self.waits = _Quick(self.budget)
+        self.io = io
         lib = ctypes.PyDLL(path)
         pointer, integer, text, oid = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
         signatures = {
@@ -2073,19 +2243,14 @@ class _HeldPQ:
             function = getattr(lib, name)
             function.restype, function.argtypes = restype, argtypes
             setattr(self, name[2:], function)
-        self.poll = ctypes.PyDLL(None).poll         # libc's, holding the GIL too
-        self.poll.restype = integer
-        self.poll.argtypes = [pointer, ctypes.c_ulong, integer]
-        self.pollfd = type("pollfd", (ctypes.Structure,), {"_fields_": [
-            ("fd", integer), ("events", ctypes.c_short), ("revents", ctypes.c_short)]})
         if self.libVersion() != psycopg.pq.version():
             raise OSError("ctypes reached another libpq than psycopg's")
 
     @classmethod
     def load(cls, psycopg):
         """The library, or None where the store cannot hold the GIL through it."""
-        if (sys.implementation.name != "cpython"
-                or not getattr(sys, "_is_gil_enabled", lambda: True)()):
+        io = _HeldIO.load()
+        if io is None:
             return None
         try:
             with open("/proc/self/maps") as maps:   # the file psycopg's libpq was loaded from
@@ -2093,7 +2258,7 @@ class _HeldPQ:
             paths = [path for path in paths if os.path.basename(path).startswith("libpq")]
             if len(paths) != 1:
                 raise OSError(f"libpq loaded from {len(paths)} files")
-            return cls(psycopg, paths[0])
+            return cls(psycopg, paths[0], io)
         except (ImportError, OSError, AttributeError) as error:
             log.debug("comet: PostgreSQL statements through psycopg only: %s", error)
             return None
@@ -2127,15 +2292,13 @@ class _HeldPQCursor:
                 (ctypes.c_int * n)(*(0 if value is None else len(value) for value in params)),
                 (ctypes.c_int * n)(*query.formats or ()), 0):
             raise self._lost(pgconn)
-        hold = lib.waits.hold()
-        started = time.perf_counter()
-        deadline = started + lib.budget / 1000 if hold else started
+        started, deadline = lib.io.begin()
         while lib.flush(pgconn):            # the rest of a large statement, as it drains
-            self._wait(pgconn, deadline, lib._POLLIN | lib._POLLOUT)
+            self._wait(pgconn, deadline, _HeldIO.POLLIN | _HeldIO.POLLOUT)
         error = None
         while True:
             while lib.isBusy(pgconn):
-                self._wait(pgconn, deadline, lib._POLLIN)
+                self._wait(pgconn, deadline, _HeldIO.POLLIN)
             result = lib.getResult(pgconn)
             if not result:
                 break
@@ -2143,8 +2306,7 @@ class _HeldPQCursor:
                 error = self._read(result) or error
             finally:
                 lib.clear(result)
-        if hold:
-            lib.waits.took(started)
+        lib.io.end(started, deadline)
         if error is not None:
             raise error
         return self
@@ -2154,12 +2316,10 @@ class _HeldPQCursor:
         ``deadline``, then letting it go."""
         lib = self._lib
         fd = lib.socket(pgconn)
-        left = math.ceil((deadline - time.perf_counter()) * 1000)
-        if left > 0:
-            ready = lib.poll(lib._ctypes.byref(lib.pollfd(fd, events, 0)), 1, left)
-        else:
+        ready = lib.io.wait(fd, events, deadline)
+        if not ready:
             readable, writable, _ = select.select(  # letting go of the GIL
-                [fd], [fd] if events & lib._POLLOUT else [], [], 1.0)
+                [fd], [fd] if events & _HeldIO.POLLOUT else [], [], 1.0)
             ready = readable or writable
         if ready and not lib.consumeInput(pgconn):
             raise self._lost(pgconn)

@@ -226,17 +226,17 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
     try:
         library = app.store._library
         # Every round trip times as quick, or as slow, as the limit makes it.
-        monkeypatch.setattr(library.waits, "limit", 1e9 if server == "near" else 0.0)
+        monkeypatch.setattr(library.io.waits, "limit", 1e9 if server == "near" else 0.0)
         if server == "near":                # and no commit's sync outlasts the hold
-            monkeypatch.setattr(library, "budget", 60_000)
-        timed = Counted(library.waits.took)
-        monkeypatch.setattr(library.waits, "took", timed)
+            monkeypatch.setattr(library.io, "budget", 60_000)
+        timed = Counted(library.io.waits.took)
+        monkeypatch.setattr(library.io.waits, "took", timed)
         released = Counted(select.select)
         monkeypatch.setattr(comet, "select", types.SimpleNamespace(select=released))
-        calls = library.waits.calls
+        calls = library.io.waits.calls
         for n in range(50):
             app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
-        assert library.waits.calls - calls == 150 and app.store.head() == 50
+        assert library.io.waits.calls - calls == 150 and app.store.head() == 50
         # BEGIN, the flush, COMMIT: far, each waits with the GIL let go but one in 64.
         holds = sum(1 for n in range(calls + 1, calls + 151) if n % 64 == 0)
         assert timed.calls == (150 if server == "near" else holds)
