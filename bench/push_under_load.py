@@ -1,15 +1,21 @@
 """How long one push takes while other threads keep the GIL busy, in process.
 
-    python bench/push_under_load.py [--busy 8] [--pushes 150] [--comet DIR]
+    python bench/push_under_load.py [--busy 8] [--pushes 150] [--stores memory,sqlite]
+        [--comet DIR]
 
-A push to 100 recipients (``Comet.push``, a listener returning them) on
-``memory:`` and on a fresh SQLite file, first alone, then beside ``--busy``
+A push to 100 recipients (``Comet.push``, a listener returning them) on each of
+``--stores``: ``memory:``, a fresh SQLite file, and the local MySQL
+(``mysql://root@127.0.0.1:3306/test``) and PostgreSQL
+(``postgresql://postgres@127.0.0.1:5432/test``), whose comet tables it drops
+first; each first alone, then beside ``--busy``
 threads that each run Python (``json.dumps``) and write a byte to /dev/null
 now and then, as threads answering polls run Python and write to sockets.  It
 prints the median and mean time of a push.
 
-What it shows: a push that lets go of the GIL (SQLite steps and resets each
-statement with the GIL released) waits, each time it wants the GIL back, for
+What it shows: a push that lets go of the GIL (Python's ``sqlite3`` steps and
+resets each statement with the GIL released, the MySQL and PostgreSQL drivers
+let it go at each socket call; the stores hold it for a push's own
+statements on threaded servers) waits, each time it wants the GIL back, for
 the busy threads to give it up (at their next write, or when the switch
 interval, 5 ms, forces them).  A push on ``memory:`` lets go nowhere and is
 done within one turn.  In the throughput cells this wait, not the CPU a push

@@ -4,9 +4,14 @@ import asyncio
 import os
 import sys
 
+import pytest
+
+from support import fresh_store
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import load  # noqa: E402
+import push_under_load  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 
@@ -47,3 +52,11 @@ def test_a_room_that_is_a_channel_reaches_its_subscribers_from_one_channel_row(t
         assert store._query("SELECT COUNT(*) FROM comet_deliveries")[0][0] == 0
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "mysql", "postgresql"])
+def test_push_under_load_times_a_push_on_every_store(kind, request, tmp_path):
+    import comet
+    url = fresh_store(kind, request, tmp_path)
+    median, mean = push_under_load.push_times(comet, url, busy=1, pushes=3)
+    assert median > 0 and mean > 0
