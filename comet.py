@@ -2317,10 +2317,10 @@ class _HeldPQCursor:
         lib = self._lib
         fd = lib.socket(pgconn)
         ready = lib.io.wait(fd, events, deadline)
-        if not ready:
-            readable, writable, _ = select.select(  # letting go of the GIL
-                [fd], [fd] if events & _HeldIO.POLLOUT else [], [], 1.0)
-            ready = readable or writable
+        if not ready:                       # letting go of the GIL (poll: any fd number)
+            poller = select.poll()
+            poller.register(fd, events)
+            ready = poller.poll(1000)
         if ready and not lib.consumeInput(pgconn):
             raise self._lost(pgconn)
 

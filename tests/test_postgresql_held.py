@@ -5,6 +5,7 @@ runs while the server answers quickly, that a statement the server keeps waiting
 psycopg raises them, and the store without the library."""
 
 import json
+import os
 import select
 import sys
 import threading
@@ -231,8 +232,8 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
             monkeypatch.setattr(library.io, "budget", 60_000)
         timed = Counted(library.io.waits.took)
         monkeypatch.setattr(library.io.waits, "took", timed)
-        released = Counted(select.select)
-        monkeypatch.setattr(comet, "select", types.SimpleNamespace(select=released))
+        released = Counted(select.poll)
+        monkeypatch.setattr(comet, "select", types.SimpleNamespace(poll=released))
         calls = library.io.waits.calls
         for n in range(50):
             app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
@@ -243,6 +244,25 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
         assert (released.calls == 0) if server == "near" else released.calls >= 150 - holds
     finally:
         app.close()
+
+
+def test_a_wait_letting_the_gil_go_works_on_a_descriptor_past_1024(store, monkeypatch):
+    # A server holding thousands of polls has descriptors past select()'s FD_SETSIZE.
+    spare = []
+    try:
+        while not spare or spare[-1] < 1100:
+            spare.append(os.open(os.devnull, os.O_RDONLY))
+        conn = store._connect()
+        try:
+            assert conn.fileno() > 1024
+            monkeypatch.setattr(store._library.io, "budget", 0)    # every wait lets go
+            cursor = held(store, conn)
+            assert cursor.execute("SELECT pg_sleep(0.01), %s", (5,)).fetchone() == ("", 5)
+        finally:
+            conn.close()
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 def test_a_channels_members_are_read_as_one_row(store, conn):
