@@ -1881,11 +1881,16 @@ class _HeldReader:
         self.held = False                   # set for a push's own statements
 
     def read(self, size):
-        while len(self._data) - self._at < size:
-            more = self._fill()
-            if not more:
-                break                       # the end: PyMySQL finds it short, a lost connection
-            self._data, self._at = self._data[self._at:] + more, 0
+        if len(self._data) - self._at < size:
+            parts = [self._data[self._at:]]
+            missing = size - len(parts[0])
+            while missing > 0:              # joined once: a 16 MB body is 256 reads
+                more = self._fill()
+                if not more:
+                    break                   # the end: PyMySQL finds it short, a lost connection
+                parts.append(more)
+                missing -= len(more)
+            self._data, self._at = b"".join(parts), 0
         piece = self._data[self._at:self._at + size]
         self._at += len(piece)
         return piece

@@ -4,6 +4,8 @@ other thread runs while the server answers quickly, that a statement the server
 keeps waiting (another transaction's lock) lets the GIL go, a lost connection,
 and the store without them."""
 
+import random
+import socket
 import sys
 import threading
 import time
@@ -229,3 +231,31 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
             assert polled.calls <= timed.calls <= 5 and sum(released) >= 100
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("held_reads", [True, False])
+def test_the_reader_hands_back_every_byte_in_order_whatever_the_sizes(held_reads):
+    io = comet._HeldIO.load()
+    near, far = socket.socketpair()
+    near.settimeout(5)
+    try:
+        reader = comet._HeldReader(near, io)
+        reader.held = held_reads
+        sent = bytes(random.Random(7).getrandbits(8) for _ in range(300_000))
+        writer = threading.Thread(target=lambda: [far.sendall(sent[at:at + 7_001])
+                                                  for at in range(0, len(sent), 7_001)])
+        writer.start()
+        sizes = random.Random(8)
+        got = []
+        while sum(map(len, got)) < len(sent):
+            size = min(sizes.choice([1, 4, 100, 65_535, 65_536, 65_537, 140_000]),
+                       len(sent) - sum(map(len, got)))
+            got.append(reader.read(size))
+            assert len(got[-1]) == size     # all of it: PyMySQL takes a short read for the end
+        writer.join()
+        assert b"".join(got) == sent
+        far.close()
+        assert reader.read(4) == b""        # the end: short, as PyMySQL finds a lost connection
+    finally:
+        near.close()
+        far.close()
