@@ -1900,13 +1900,14 @@ class _HeldReader:
             io = self._io
             started, deadline = io.begin()
             try:
-                while True:
+                # Waited for first: a read follows a statement sent, whose answer is
+                # never there yet (a recv tried first costs two calls more).
+                while io.wait(self._fd, io.POLLIN, deadline):
                     data = io.recv(self._fd, self._buffer)
                     if data is not None:
                         return data
-                    if io.ctypes.get_errno() not in (errno.EAGAIN, errno.EINTR) \
-                            or not io.wait(self._fd, io.POLLIN, deadline):
-                        break               # an error, or a long wait: the socket's own
+                    if io.ctypes.get_errno() not in (errno.EAGAIN, errno.EINTR):
+                        break               # an error: the socket's own raises it
             finally:
                 io.end(started, deadline)
         return self._sock.recv(self._chunk)
