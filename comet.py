@@ -2039,7 +2039,8 @@ class MySQLStore(_SQLStore):
             pass
 
     def _connect(self):
-        conn = (self._held[0] if self._held else self._pymysql.connect)(
+        # Under gevent, PyMySQL's own: its socket file is C, and nothing holds the GIL.
+        conn = (self._held[0] if self._held and not self._green else self._pymysql.connect)(
             **self._params, charset="utf8mb4", autocommit=True,
             connect_timeout=3, read_timeout=4, write_timeout=4)
         with conn.cursor() as cur:

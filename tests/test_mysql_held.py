@@ -141,6 +141,12 @@ def test_under_green_threads_a_push_batch_runs_through_pymysql(store, conn, monk
     batch = comet._Batch()
     batch.conn = conn
     assert type(store._cursor(batch)) is store._pymysql.cursors.Cursor
+    green = store._connect()                # PyMySQL's own connection and socket file
+    try:
+        assert type(green) is store._pymysql.connections.Connection
+        assert not isinstance(green._rfile, comet._HeldReader)
+    finally:
+        green.close()
 
 
 def waiting_for_the_server(thread):
