@@ -922,11 +922,22 @@ class _SQLStore(Store):
             raise
 
     def _cursor(self, batch):
-        """The cursor ``batch``'s own statements run on."""
-        return batch.conn.cursor()
+        """The cursor ``batch``'s own statements run on: the store's held one
+        (``_held_cursor``) where it has one, but not for a purge step, which lets
+        the other threads run, nor under gevent, where the hub's one thread has the
+        GIL to itself (and a held wait for the database would stop the loop)."""
+        if batch.alone or self._green:
+            return batch.conn.cursor()
+        return self._held_cursor(batch) or batch.conn.cursor()
+
+    def _held_cursor(self, batch):
+        """A cursor whose statements run holding the GIL, with a ``commit`` of its own;
+        None where the store has none."""
+        return None
 
     def _commit_connection(self, batch):
-        batch.conn.commit()
+        commit = getattr(batch.cur, "commit", None)     # a held cursor's
+        (commit or batch.conn.commit)()
 
     def _rollback(self, batch):
         """Undo the whole open transaction (only its first part ran in it)."""
@@ -1462,6 +1473,35 @@ class _SQLiteTransaction(_SQLTransaction):
         return json.loads(members), changes
 
 
+def _declare(target, library, signatures, strip=0, prefix=""):
+    """Each function of the ctypes ``library`` named in ``signatures`` (name ->
+    ``(restype, argtypes)``), declared, as an attribute of ``target``: its name
+    less its first ``strip`` characters, after ``prefix``."""
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
+        setattr(target, prefix + name[strip:], function)
+
+
+class _Quick:
+    """Whether a call may hold the GIL while it waits: yes while one of the last 8
+    held calls took under ``limit`` ms (a thread switch around a call can only make
+    it look slower), and one call in 64 whatever they took, to time it again."""
+
+    def __init__(self, limit):
+        self.limit = limit                  # ms
+        self.times = collections.deque(maxlen=8)    # the last held calls', ms
+        self.calls = 0
+
+    def hold(self):
+        self.calls += 1
+        return min(self.times, default=0) < self.limit or self.calls % 64 == 0
+
+    def took(self, started):
+        """A held call that began at ``started`` (``time.perf_counter()``) is done."""
+        self.times.append((time.perf_counter() - started) * 1000)
+
+
 class _HeldSQLite:
     """libsqlite3 as the ``sqlite3`` module has it loaded, called through ctypes,
     so that a push's statements run without letting go of the GIL.
@@ -1492,8 +1532,7 @@ class _HeldSQLite:
     def __init__(self, module):
         import ctypes
         self._ctypes = ctypes
-        self.synced = collections.deque(maxlen=8)   # the last held COMMITs' times, ms
-        self.commits = 0
+        self.syncs = _Quick(self.fast_sync)         # whether a COMMIT holds the GIL
         held, free = ctypes.PyDLL(module.__file__), ctypes.CDLL(module.__file__)
         pointer, integer, text = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
         signatures = {
@@ -1522,10 +1561,7 @@ class _HeldSQLite:
             "sqlite3_stmt_readonly": (integer, [pointer]),
             "sqlite3_libversion": (text, []),
         }
-        for name, (restype, argtypes) in signatures.items():
-            function = getattr(held, name)
-            function.restype, function.argtypes = restype, argtypes
-            setattr(self, name[8:], function)
+        _declare(self, held, signatures, strip=len("sqlite3_"))
         # The one call made with the GIL let go: a step that waits (the disk, the file).
         self.step_released = free.sqlite3_step
         self.step_released.restype, self.step_released.argtypes = integer, [pointer]
@@ -1651,12 +1687,11 @@ class _HeldCursor:
         self._open()
         lib = self._lib
         statement = (self._statements.get("COMMIT") or self._prepare("COMMIT"))[0]
-        lib.commits += 1
-        hold = min(lib.synced, default=0) < lib.fast_sync or lib.commits % 64 == 0
+        hold = lib.syncs.hold()
         started = time.perf_counter()
         code = (lib.step if hold else lib.step_released)(statement)
         if hold:
-            lib.synced.append((time.perf_counter() - started) * 1000)
+            lib.syncs.took(started)
         lib.reset(statement)
         if code != _HeldSQLite._DONE:
             raise self._error(code)
@@ -1822,19 +1857,10 @@ class SQLiteStore(_SQLStore):
         conn.execute("PRAGMA synchronous=FULL")     # a 200 survives a crash of the machine too
         return conn
 
-    def _cursor(self, batch):
-        # Not for a purge step, which lets other threads run; nor under gevent, where
-        # the hub's one thread has the GIL to itself and ctypes' calls cost a push an
-        # eighth more instructions than the module's.
-        if batch.alone or self._green:
-            return batch.conn.cursor()
+    def _held_cursor(self, batch):
+        # (Under gevent ctypes' calls would cost a push an eighth more instructions
+        # than the module's, which lets go of nothing there.)
         return batch.conn.held(self._library, int(self._timeout * 1000))
-
-    def _commit_connection(self, batch):
-        if isinstance(batch.cur, _HeldCursor):
-            batch.cur.commit()
-        else:
-            batch.conn.commit()
 
     def _begin(self, cur):
         cur.execute("BEGIN IMMEDIATE")
@@ -1922,7 +1948,7 @@ class _HeldReader:
 
 def _held_mysql(pymysql, io):
     """PyMySQL's connection and cursor classes, such that the cursor's statements
-    (and the connection's ``commit``) read and write through a ``_HeldReader``."""
+    (and its ``commit``, the connection's) read and write through a ``_HeldReader``."""
 
     class Connection(pymysql.connections.Connection):
 
@@ -1943,6 +1969,10 @@ def _held_mysql(pymysql, io):
         def execute(self, query, args=None):
             with _holding(self.connection._rfile):
                 return super().execute(query, args)
+
+        def commit(self):
+            with _holding(self.connection._rfile):
+                self.connection.commit()
 
     return Connection, Cursor
 
@@ -2049,17 +2079,8 @@ class MySQLStore(_SQLStore):
             cur.execute("SET SESSION group_concat_max_len = 4294967295")   # JSON_ARRAYAGG's
         return conn
 
-    def _cursor(self, batch):
-        # Not for a purge step, which lets other threads run; nor under gevent, where
-        # the hub's one thread has the GIL to itself.
-        if batch.alone or self._green or not self._held:
-            return batch.conn.cursor()
-        return self._held[1](batch.conn)
-
-    def _commit_connection(self, batch):
-        held = self._held and isinstance(batch.cur, self._held[1])
-        with _holding(batch.conn._rfile) if held else contextlib.nullcontext():
-            batch.conn.commit()
+    def _held_cursor(self, batch):
+        return self._held[1](batch.conn) if self._held else None
 
     def _begin(self, cur):
         cur.execute("START TRANSACTION")
@@ -2103,25 +2124,6 @@ class MySQLStore(_SQLStore):
             " PATH '$[2]')) AS d", (text,))
 
 
-class _Quick:
-    """Whether a call may hold the GIL while it waits: yes while one of the last 8
-    held calls took under ``limit`` ms (a thread switch around a call can only make
-    it look slower), and one call in 64 whatever they took, to time it again."""
-
-    def __init__(self, limit):
-        self.limit = limit                  # ms
-        self.times = collections.deque(maxlen=8)    # the last held calls', ms
-        self.calls = 0
-
-    def hold(self):
-        self.calls += 1
-        return min(self.times, default=0) < self.limit or self.calls % 64 == 0
-
-    def took(self, started):
-        """A held call that began at ``started`` (``time.perf_counter()``) is done."""
-        self.times.append((time.perf_counter() - started) * 1000)
-
-
 class _HeldIO:
     """libc's ``poll``, ``recv`` and ``send`` through ``ctypes.PyDLL``: socket calls that
     keep the GIL, for the drivers' round trips of a push (``_HeldPQ``, ``_HeldReader``).
@@ -2139,13 +2141,11 @@ class _HeldIO:
         self.waits = _Quick(1.0)            # a server on the same host answers in under 1 ms
         libc = ctypes.PyDLL(None, use_errno=True)
         pointer, integer, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
-        for name, restype, argtypes in (
-                ("poll", integer, [pointer, ctypes.c_ulong, integer]),
-                ("recv", ctypes.c_ssize_t, [integer, pointer, size, integer]),
-                ("send", ctypes.c_ssize_t, [integer, ctypes.c_char_p, size, integer])):
-            function = getattr(libc, name)
-            function.restype, function.argtypes = restype, argtypes
-            setattr(self, "_" + name, function)
+        _declare(self, libc, {
+            "poll": (integer, [pointer, ctypes.c_ulong, integer]),
+            "recv": (ctypes.c_ssize_t, [integer, pointer, size, integer]),
+            "send": (ctypes.c_ssize_t, [integer, ctypes.c_char_p, size, integer]),
+        }, prefix="_")
         self._pollfd = type("pollfd", (ctypes.Structure,), {"_fields_": [
             ("fd", integer), ("events", ctypes.c_short), ("revents", ctypes.c_short)]})
 
@@ -2246,10 +2246,7 @@ class _HeldPQ:
             "PQsocket": (integer, [pointer]),
             "PQlibVersion": (integer, []),
         }
-        for name, (restype, argtypes) in signatures.items():
-            function = getattr(lib, name)
-            function.restype, function.argtypes = restype, argtypes
-            setattr(self, name[2:], function)
+        _declare(self, lib, signatures, strip=len("PQ"))
         if self.libVersion() != psycopg.pq.version():
             raise OSError("ctypes reached another libpq than psycopg's")
 
@@ -2371,6 +2368,9 @@ class _HeldPQCursor:
     def _lost(self, pgconn):
         message = (self._lib.errorMessage(pgconn) or b"").decode(errors="replace").strip()
         return self._lib._psycopg.OperationalError(message or "the connection was lost")
+
+    def commit(self):
+        self.execute("COMMIT")
 
     def fetchone(self):
         return self._rows[0] if self._rows else None
@@ -2497,18 +2497,8 @@ class PostgreSQLStore(_SQLStore):
         # Every write transaction is opened by _begin; every read is one statement.
         return self._psycopg.connect(**self._params, autocommit=True)
 
-    def _cursor(self, batch):
-        # Not for a purge step, which lets other threads run; nor under gevent, where
-        # the hub's one thread has the GIL to itself.
-        if batch.alone or self._green or self._library is None:
-            return batch.conn.cursor()
-        return _HeldPQCursor(batch.conn, self._library)
-
-    def _commit_connection(self, batch):
-        if isinstance(batch.cur, _HeldPQCursor):
-            batch.cur.execute("COMMIT")
-        else:
-            batch.conn.commit()
+    def _held_cursor(self, batch):
+        return _HeldPQCursor(batch.conn, self._library) if self._library else None
 
     def _begin(self, cur):
         # Each statement sees what is committed now, whatever the database's default.

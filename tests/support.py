@@ -132,6 +132,37 @@ class Counted:
         return self.function(*args)
 
 
+def inside(thread, function):
+    """True while ``thread`` runs inside a function named ``function``."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code.co_name != function:
+        frame = frame.f_back
+    return frame is not None
+
+
+def push_kept_waiting(app, waiting_in, release):
+    """A second push to ``app`` (one push stored, its store kept busy by another
+    transaction) waits inside the function ``waiting_in`` letting the other threads
+    run, and goes through once ``release()`` ends the other transaction."""
+    results = []
+    pusher = threading.Thread(target=lambda: results.append(app.push(
+        {"type": "note", "listeners": ["to"], "to": ["bob"], "text": "second"})))
+    with Spinner() as spinner:
+        started = time.monotonic()
+        pusher.start()
+        wait_until(lambda: inside(pusher, waiting_in))
+        # Waiting, the push lets the others run: a wait holding the GIL would stop
+        # the spinner, and this thread, until the store gave up (SQLite's busy
+        # timeout, 5 s) or the other transaction ended (never).
+        before = spinner.ticks
+        wait_until(lambda: spinner.ticks > before + 100000, timeout=10)
+        assert time.monotonic() - started < 1
+        assert inside(pusher, waiting_in) and results == []
+        release()
+        pusher.join(10)
+    assert len(results) == 1 and isinstance(results[0], str)
+    assert app.store.head() == 2
+
 def make_app(**options):
     """The standard test application as a ``Comet``."""
     options.setdefault("id", lambda environ: environ.get("HTTP_X_CLIENT"))

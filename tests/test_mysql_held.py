@@ -6,14 +6,12 @@ and the store without them."""
 
 import random
 import socket
-import sys
 import threading
-import time
 
 import pytest
 
 import comet
-from support import Counted, Spinner, make_app, wait_until
+from support import Counted, Spinner, make_app, push_kept_waiting
 
 
 @pytest.fixture
@@ -149,14 +147,6 @@ def test_under_green_threads_a_push_batch_runs_through_pymysql(store, conn, monk
         green.close()
 
 
-def waiting_for_the_server(thread):
-    """True when ``thread`` is inside a held read, waiting for the server."""
-    frame = sys._current_frames().get(thread.ident)
-    while frame is not None and frame.f_code.co_name != "_fill":
-        frame = frame.f_back
-    return frame is not None
-
-
 def test_a_push_waiting_for_another_transactions_lock_lets_the_gil_go_and_goes_through(
         url, store):
     app = make_app(store=url, poll_timeout=0.2)
@@ -165,24 +155,8 @@ def test_a_push_waiting_for_another_transactions_lock_lets_the_gil_go_and_goes_t
         other = store._connect()
         other.cursor().execute("START TRANSACTION")
         other.cursor().execute("UPDATE comet_meta SET changes = changes + 0")   # its row lock
-        results = []
-        pusher = threading.Thread(target=lambda: results.append(app.push(
-            {"type": "note", "listeners": ["to"], "to": ["bob"], "text": "second"})))
-        with Spinner() as spinner:
-            started = time.monotonic()
-            pusher.start()
-            wait_until(lambda: waiting_for_the_server(pusher))
-            # Waiting, the push lets the others run: a wait holding the GIL would stop
-            # the spinner, and this thread, until the other transaction ends, never.
-            before = spinner.ticks
-            wait_until(lambda: spinner.ticks > before + 100000, timeout=10)
-            assert time.monotonic() - started < 1
-            assert waiting_for_the_server(pusher) and results == []
-            other.commit()
-            pusher.join(10)
+        push_kept_waiting(app, "_fill", other.commit)
         other.close()
-        assert len(results) == 1 and isinstance(results[0], str)
-        assert app.store.head() == 2
     finally:
         app.close()
 

@@ -8,14 +8,11 @@ import contextlib
 import gc
 import os
 import sqlite3
-import sys
-import threading
-import time
 
 import pytest
 
 import comet
-from support import Counted, Spinner, make_app, wait_until
+from support import Counted, Spinner, make_app, push_kept_waiting
 
 SLOW = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000)"
         " SELECT count(*) FROM n")
@@ -173,14 +170,6 @@ def test_under_green_threads_a_push_batch_runs_through_the_module(store, conn, m
     assert type(store._cursor(batch)) is sqlite3.Cursor
 
 
-def waiting_in_sqlite(thread):
-    """True when ``thread`` is inside a held cursor's steps (waiting for the file)."""
-    frame = sys._current_frames().get(thread.ident)
-    while frame is not None and frame.f_code.co_name != "_step_all":
-        frame = frame.f_back
-    return frame is not None
-
-
 def test_a_push_the_file_keeps_waiting_lets_the_gil_go_and_goes_through(tmp_path):
     path = str(tmp_path / "comet.db")
     app = make_app(store=f"sqlite:///{path}", poll_timeout=0.2)
@@ -188,24 +177,8 @@ def test_a_push_the_file_keeps_waiting_lets_the_gil_go_and_goes_through(tmp_path
         app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "first"})
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")   # another process's transaction, say
-        results = []
-        pusher = threading.Thread(target=lambda: results.append(app.push(
-            {"type": "note", "listeners": ["to"], "to": ["bob"], "text": "second"})))
-        with Spinner() as spinner:
-            started = time.monotonic()
-            pusher.start()
-            wait_until(lambda: waiting_in_sqlite(pusher))
-            # Waiting, the push lets the others run: a wait holding the GIL would
-            # stop the spinner, and this thread, for SQLite's busy timeout (5 s).
-            before = spinner.ticks
-            wait_until(lambda: spinner.ticks > before + 100000, timeout=10)
-            assert time.monotonic() - started < 1
-            assert waiting_in_sqlite(pusher) and results == []
-            other.execute("COMMIT")
-            pusher.join(10)
+        push_kept_waiting(app, "_step_all", lambda: other.execute("COMMIT"))
         other.close()
-        assert len(results) == 1 and isinstance(results[0], str)
-        assert app.store.head() == 2
     finally:
         app.close()
 
@@ -240,16 +213,17 @@ def test_a_commit_holds_the_gil_on_a_disk_that_syncs_fast_and_lets_it_go_on_a_sl
     try:
         library = app.store._library
         # Every commit times as fast, or as slow, as the threshold makes it.
-        monkeypatch.setattr(library, "fast_sync", 1e9 if disk == "fast" else 0.0)
+        monkeypatch.setattr(library.syncs, "limit", 1e9 if disk == "fast" else 0.0)
         released = Counted(library.step_released)
         monkeypatch.setattr(library, "step_released", released)
-        commits = library.commits
+        commits = library.syncs.calls
         for n in range(130):
             app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
-        commits = library.commits - commits
+        commits = library.syncs.calls - commits
         assert commits == 130 and app.store.head() == 130
         # Slow: held one commit in 64, to time the disk again.
-        timed = sum(1 for n in range(library.commits - 130, library.commits) if (n + 1) % 64 == 0)
+        calls = library.syncs.calls
+        timed = sum(1 for n in range(calls - 130, calls) if (n + 1) % 64 == 0)
         assert released.calls == (0 if disk == "fast" else 130 - timed)
     finally:
         app.close()
