@@ -577,6 +577,33 @@ class _Slots:
             self._cond.notify()
 
 
+class _Members:
+    """Channels' members as transactions last read them, each with comet_meta.changes
+    as the read saw it (``_SQLTransaction._members_now``): a push to a channel whose
+    members did not change reads one number, not every member.  At most ``most``
+    member ids in all; the channels read longest ago are forgotten first."""
+
+    def __init__(self, most=100_000):
+        self._most = most
+        self._size = 0
+        self._known = {}                    # channel -> (changes, ids)
+        self._lock = threading.Lock()
+
+    def get(self, channel):
+        """``(changes, ids)`` as last read, or None."""
+        return self._known.get(channel)
+
+    def put(self, channel, changes, ids):
+        if changes is None or len(ids) > self._most:
+            return
+        with self._lock:
+            old = self._known.pop(channel, None)
+            self._size += len(ids) - (len(old[1]) if old else 0)
+            self._known[channel] = changes, tuple(ids)
+            while self._size > self._most:
+                self._size -= len(self._known.pop(next(iter(self._known)))[1])
+
+
 class _SQLStore(Store):
     """What SQLite, MySQL and PostgreSQL share: the tables, the queries, a connection pool.
 
@@ -690,6 +717,7 @@ class _SQLStore(Store):
             self._batching = threading.Lock()   # guards _open and each batch's queue
             self._open = []                     # the batches new transactions may join
             self._local = threading.local()
+            self._member_cache = _Members()
 
     # -- connections
 
@@ -1420,14 +1448,30 @@ class _SQLTransaction:
     def member_ids(self, channel):
         # Read by each part, never taken from an earlier part's read: a join that
         # committed (and was answered) before this part's push arrived is a member.
-        ids, changes = self._members(channel)
+        ids, changes = self._members_now(channel)
         if ids:                             # with no members, a push to it has no row
             self._read.add(channel)
             self._batch.read_changes = min(self._batch.read_changes, changes)
         return ids
 
-    def _members(self, channel):
-        """``(ids, changes)``: the channel's members and comet_meta.changes, read at once."""
+    def _members_now(self, channel):
+        """``(ids, changes)`` as committed now.  The members come from the store's
+        cache (``_Members``) when comet_meta.changes, read now, is the count it had
+        when they were read: every transaction that changes members adds one to it,
+        in the same commit.  A batch with joins or leaves of its own reads them."""
+        cache = self._store._member_cache
+        if self._batch.changes:             # uncommitted, seen only by this transaction
+            return self._members(channel)
+        known = cache.get(channel)
+        ids, changes = self._members(channel, None if known is None else known[0])
+        if ids is None:                     # none changed since: the members known
+            return known[1], changes
+        cache.put(channel, changes, ids)
+        return ids, changes
+
+    def _members(self, channel, unless=None):
+        """``(ids, changes)``: the channel's members and comet_meta.changes, read at
+        once; ``ids`` None, not read, if ``changes`` is ``unless``."""
         rows = self._run("SELECT client, (SELECT changes FROM comet_meta) FROM comet_members"
                          " WHERE channel = ?", (channel,)).fetchall()
         return _texts(row[0] for row in rows), rows[0][1] if rows else None
@@ -1461,16 +1505,17 @@ _SQLStore._transaction_type = _SQLTransaction
 
 class _SQLiteTransaction(_SQLTransaction):
 
-    def _members(self, channel):
+    def _members(self, channel, unless=None):
         # One row, not one a member: each row is a step of SQLite's, which lets go of
         # the GIL, and under load each step waits for its turn to take it back (on
         # cheroot, a push to 100 members waited ~10 ms more with rows).
         if not self._store._json_members:
             return super()._members(channel)
-        members, changes = self._run(
-            "SELECT json_group_array(client), (SELECT changes FROM comet_meta)"
-            " FROM comet_members WHERE channel = ?", (channel,)).fetchone()
-        return json.loads(members), changes
+        changes, members = self._run(
+            "SELECT changes, CASE WHEN changes = ? THEN NULL ELSE (SELECT json_group_array(client)"
+            " FROM comet_members WHERE channel = ?) END FROM comet_meta",
+            (unless, channel)).fetchone()
+        return (None if members is None else json.loads(members)), changes
 
 
 def _declare(target, library, signatures, strip=0, prefix=""):
@@ -1874,10 +1919,17 @@ class SQLiteStore(_SQLStore):
 
 class _MySQLTransaction(_SQLTransaction):
 
-    def _members(self, channel):
+    def _members(self, channel, unless=None):
         # One row, not one a member: PyMySQL parses each row in Python (a channel of
         # 10,000 took 13 ms as rows, 5 ms as one array).  An array the server cut short
         # (at group_concat_max_len or max_allowed_packet) is read again as rows.
+        # The count alone first, where it may do: MySQL and MariaDB work out a subquery
+        # that names no column of the outer query (to be a constant) whether or not a
+        # CASE or IF would take it, so one statement would read every member each time.
+        if unless is not None:
+            changes, = self._run("SELECT changes FROM comet_meta").fetchone()
+            if changes == unless:
+                return None, changes
         count, members, changes = self._run(
             "SELECT COUNT(*), JSON_ARRAYAGG(CAST(client AS CHAR CHARACTER SET utf8mb4)),"
             " (SELECT changes FROM comet_meta) FROM comet_members WHERE channel = ?",
@@ -2227,6 +2279,10 @@ class _HeldPQ:
             "PQsendQueryParams": (integer, [pointer, text, integer, ctypes.POINTER(oid),
                                             ctypes.POINTER(text), ctypes.POINTER(integer),
                                             ctypes.POINTER(integer), integer]),
+            "PQsendPrepare": (integer, [pointer, text, text, integer, ctypes.POINTER(oid)]),
+            "PQsendQueryPrepared": (integer, [pointer, text, integer, ctypes.POINTER(text),
+                                              ctypes.POINTER(integer), ctypes.POINTER(integer),
+                                              integer]),
             "PQflush": (integer, [pointer]),
             "PQconsumeInput": (integer, [pointer]),
             "PQisBusy": (integer, [pointer]),
@@ -2249,6 +2305,8 @@ class _HeldPQ:
         _declare(self, lib, signatures, strip=len("PQ"))
         if self.libVersion() != psycopg.pq.version():
             raise OSError("ctypes reached another libpq than psycopg's")
+        self.prepared = weakref.WeakKeyDictionary()     # connection -> {statement: name}
+        self.names = itertools.count()      # never one name twice in a process
 
     @classmethod
     def load(cls, psycopg):
@@ -2271,7 +2329,19 @@ class _HeldPQ:
 class _HeldPQCursor:
     """A cursor of a psycopg connection whose statements run through ``_HeldPQ``,
     each to its end (every result read), so that psycopg finds the connection as
-    its own statements leave it; its rows are kept until the next."""
+    its own statements leave it; its rows are kept until the next.
+
+    A statement with parameters is prepared on its connection the first time
+    (``_most_prepared`` of them a connection), as psycopg prepares a statement
+    run often: PostgreSQL then plans a push's statements once, not at each push
+    (planning the members' read took it longer than running it).  psycopg
+    prepares nothing of its own on these connections (``PostgreSQLStore._connect``):
+    a rollback through psycopg deallocates every statement of the connection if
+    psycopg has prepared one.  A statement deallocated all the same (``DEALLOCATE``
+    sent by an application's hook) fails its transaction once, and the
+    connection's statements are prepared again, under new names."""
+
+    _most_prepared = 64
 
     def __init__(self, conn, library):
         self._conn = conn
@@ -2290,12 +2360,40 @@ class _HeldPQCursor:
         query.convert(sql, args)
         params = [None if value is None else bytes(value) for value in query.params or ()]
         n = len(params)
-        if not lib.sendQueryParams(
-                pgconn, query.query, n, (ctypes.c_uint * n)(*query.types) if query.types else None,
-                (ctypes.c_char_p * n)(*params),
-                (ctypes.c_int * n)(*(0 if value is None else len(value) for value in params)),
-                (ctypes.c_int * n)(*query.formats or ()), 0):
+        types = (ctypes.c_uint * n)(*query.types) if query.types else None
+        name = self._prepared(pgconn, query, n, types)
+        values = (ctypes.c_char_p * n)(*params)
+        lengths = (ctypes.c_int * n)(*(0 if value is None else len(value) for value in params))
+        formats = (ctypes.c_int * n)(*query.formats or ())
+        if not (lib.sendQueryPrepared(pgconn, name, n, values, lengths, formats, 0) if name
+                else lib.sendQueryParams(pgconn, query.query, n, types, values, lengths,
+                                         formats, 0)):
             raise self._lost(pgconn)
+        try:
+            return self._finish(pgconn)
+        except self._lib._psycopg.errors.InvalidSqlStatementName:
+            self._lib.prepared.pop(self._conn, None)    # deallocated: prepared again
+            raise
+
+    def _prepared(self, pgconn, query, n, types):
+        """The name ``query`` is prepared under on this connection (prepared now if it
+        was not), or None to send it with its parameters."""
+        if not n:
+            return None
+        prepared = self._lib.prepared.setdefault(self._conn, {})
+        key = query.query, tuple(query.types)    # the same text with other types: another
+        name = prepared.get(key)
+        if name is None and len(prepared) < self._most_prepared:
+            name = b"comet_%d" % next(self._lib.names)
+            if not self._lib.sendPrepare(pgconn, name, query.query, n, types):
+                raise self._lost(pgconn)
+            self._finish(pgconn)
+            prepared[key] = name
+        return name
+
+    def _finish(self, pgconn):
+        """Waits for the statement sent, and reads every result; raises the first error."""
+        lib = self._lib
         started, deadline = lib.io.begin()
         while lib.flush(pgconn):            # the rest of a large statement, as it drains
             self._wait(pgconn, deadline, _HeldIO.POLLIN | _HeldIO.POLLOUT)
@@ -2385,13 +2483,14 @@ class _HeldPQCursor:
 
 class _PostgreSQLTransaction(_SQLTransaction):
 
-    def _members(self, channel):
+    def _members(self, channel, unless=None):
         # One row, not one a member: each value read back through ctypes costs a
         # few calls of libpq's (``_HeldPQ``), and json.loads reads them all in C.
-        members, changes = self._run(
-            "SELECT json_agg(client)::text, (SELECT changes FROM comet_meta)"
-            " FROM comet_members WHERE channel = ?", (channel,)).fetchone()
-        return (json.loads(members) if members else []), changes
+        changes, members = self._run(
+            "SELECT changes, CASE WHEN changes = ?::bigint THEN NULL ELSE (SELECT"
+            " coalesce(json_agg(client), '[]')::text FROM comet_members WHERE channel = ?) END"
+            " FROM comet_meta", (unless, channel)).fetchone()
+        return (None if members is None else json.loads(members)), changes
 
 
 class PostgreSQLStore(_SQLStore):
@@ -2495,7 +2594,11 @@ class PostgreSQLStore(_SQLStore):
 
     def _connect(self):
         # Every write transaction is opened by _begin; every read is one statement.
-        return self._psycopg.connect(**self._params, autocommit=True)
+        # Where a push's statements are held (and prepared by _HeldPQCursor), psycopg
+        # prepares none of its own, whose rollback would deallocate those.
+        held = self._library is not None and not _green()
+        return self._psycopg.connect(**self._params, autocommit=True,
+                                     prepare_threshold=None if held else 5)
 
     def _held_cursor(self, batch):
         return _HeldPQCursor(batch.conn, self._library) if self._library else None

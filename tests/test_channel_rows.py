@@ -133,6 +133,76 @@ def test_a_push_to_a_channel_of_500_members_writes_one_row(url):
         app.close()
 
 
+def test_a_push_reads_a_channels_members_again_only_once_members_changed(url):
+    apps = [open_app(url), open_app(url)]           # two processes' stores on one database
+    try:
+        app, other = apps
+        seen = recorder(app)
+        with app.store.transaction() as tx:
+            for client in ("a", "b"):
+                tx.add_member("room", client, '"x"', app.store.now())
+        app.push({"type": "note", "listeners": ["room"]})
+        assert set(seen[app.store.head()]) == {"a", "b"}
+        # Behind the store's back, with comet_meta.changes as it was: the members known
+        # are used, not read again.
+        with app.store._connection() as conn:
+            app.store._execute(conn.cursor(), "DELETE FROM comet_members WHERE client = ?",
+                               ("b",))
+            conn.commit()
+        app.push({"type": "note", "listeners": ["room"]})
+        assert set(seen[app.store.head()]) == {"a", "b"}
+        # A join the other store commits counts in comet_meta.changes: read again.
+        with other.store.transaction() as tx:
+            tx.add_member("room", "c", '"x"', other.store.now())
+        app.push({"type": "note", "listeners": ["room"]})
+        assert set(seen[app.store.head()]) == {"a", "c"}
+        with other.store.transaction() as tx:
+            tx.remove_member("room", "a")
+        app.push({"type": "note", "listeners": ["room"]})
+        assert set(seen[app.store.head()]) == {"c"}
+    finally:
+        for app in apps:
+            app.close()
+
+
+def test_a_transaction_that_changed_members_reads_them_with_its_own_changes(url):
+    app = open_app(url)
+    try:
+        with app.store.transaction() as tx:
+            tx.add_member("room", "a", '"x"', app.store.now())
+        app.push({"type": "note", "listeners": ["room"]})       # the members now known
+        with app.store.transaction() as tx:
+            tx.add_member("room", "d", '"x"', app.store.now())
+            assert sorted(tx.member_ids("room")) == ["a", "d"]
+            tx.remove_member("room", "a")
+            assert sorted(tx.member_ids("room")) == ["d"]
+        with app.store.transaction() as tx:
+            assert sorted(tx.member_ids("room")) == ["d"]
+        # Undone with its savepoint: the members as committed again.
+        with contextlib.suppress(RuntimeError), app.store.transaction() as tx:
+            with tx.savepoint():
+                tx.add_member("room", "e", '"x"', app.store.now())
+                assert sorted(tx.member_ids("room")) == ["d", "e"]
+                raise RuntimeError("undone")
+        with app.store.transaction() as tx:
+            assert sorted(tx.member_ids("room")) == ["d"]
+    finally:
+        app.close()
+
+
+def test_the_members_known_are_bounded_the_longest_read_forgotten_first():
+    known = comet._Members(most=10)
+    known.put("a", 1, ["x"] * 4)
+    known.put("b", 1, ["y"] * 4)
+    known.put("a", 2, ["x"] * 5)                # read again: now the latest
+    assert known.get("a") == (2, ("x",) * 5) and known.get("b") == (1, ("y",) * 4)
+    known.put("c", 1, ["z"] * 3)                # 12 ids: b, the longest read, goes
+    assert known.get("b") is None and known.get("a") and known.get("c")
+    known.put("d", 1, ["w"] * 11)               # more than all: not kept
+    known.put("e", None, [])                    # no count read with it: not kept
+    assert known.get("d") is None and known.get("e") is None and known._size == 8
+
+
 def test_a_purged_channel_row_marks_the_members_it_reached_and_its_spans_go(url):
     app = open_app(url)
     try:

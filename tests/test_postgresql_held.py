@@ -74,7 +74,7 @@ def test_a_held_cursor_sends_and_reads_what_psycopgs_does(store, conn):
         ("SELECT 1 WHERE false", ()),
         ("SELECT 100 %% 7", ()),
     ]
-    for sql, args in statements:
+    for sql, args in statements * 2:      # the second time, as prepared
         assert cursor.execute(sql, args).fetchall() == plain.execute(sql, args).fetchall()
         assert cursor.rowcount == plain.rowcount, sql
     assert cursor.execute("SELECT 1 WHERE false").fetchone() is None
@@ -85,6 +85,76 @@ def test_a_held_cursor_sends_and_reads_what_psycopgs_does(store, conn):
     assert cursor.execute("UPDATE t SET v = %s WHERE k > %s", ("w", 1)).rowcount == 2
     assert cursor.execute("DELETE FROM t WHERE k = %s RETURNING v", (3,)).fetchall() == [("w",)]
     assert conn.execute("SELECT k, v FROM t ORDER BY k").fetchall() == [(1, "v1"), (2, "w")]
+
+
+def prepared(conn):
+    return dict(conn.execute("SELECT name, statement FROM pg_prepared_statements"
+                             " WHERE name LIKE 'comet%%'").fetchall())
+
+
+def test_a_statement_with_parameters_is_prepared_once_a_connection(store, conn):
+    cursor = held(store, conn)
+    for n in range(3):
+        assert cursor.execute("SELECT %s + 1", (n,)).fetchone() == (n + 1,)
+        assert cursor.execute("SELECT %s || 'x'", (str(n),)).fetchone() == (f"{n}x",)
+        assert cursor.execute("SELECT 7").fetchone() == (7,)    # no parameters: sent as it is
+    assert sorted(prepared(conn).values()) == ["SELECT $1 + 1", "SELECT $1 || 'x'"]
+    # Another cursor of the same connection (the next batch's) finds them prepared.
+    assert held(store, conn).execute("SELECT %s + 1", (41,)).fetchone() == (42,)
+    assert len(prepared(conn)) == 2
+    # The same text with a parameter of another type: a statement of its own.
+    assert cursor.execute("SELECT %s + 1", (2 ** 40,)).fetchone() == (2 ** 40 + 1,)
+    assert len(prepared(conn)) == 3
+    # Beside a statement psycopg is told to prepare, under a name of its own.
+    assert conn.execute("SELECT %s + 2", (1,), prepare=True).fetchone() == (3,)
+    assert held(store, conn).execute("SELECT %s + 2", (1,)).fetchone() == (3,)
+
+
+def test_at_most_64_statements_are_prepared_a_connection_and_the_rest_still_run(store, conn):
+    cursor = held(store, conn)
+    for n in range(70):
+        assert cursor.execute(f"SELECT %s + {n}", (1,)).fetchone() == (n + 1,)
+    assert len(prepared(conn)) == 64
+    assert cursor.execute("SELECT %s + 69", (1,)).fetchone() == (70,)
+
+
+def test_psycopg_prepares_nothing_of_its_own_whose_rollback_would_deallocate_the_stores(
+        store, conn):
+    assert conn.prepare_threshold is None
+    cursor = held(store, conn)
+    assert cursor.execute("SELECT %s + 1", (1,)).fetchone() == (2,)
+    for n in range(8):                      # run often through psycopg: not prepared
+        conn.execute("SELECT %s + 2", (n,))
+    conn.execute("BEGIN")
+    conn.rollback()
+    assert list(prepared(conn).values()) == ["SELECT $1 + 1"]
+    assert cursor.execute("SELECT %s + 1", (2,)).fetchone() == (3,)
+
+
+def test_a_statement_deallocated_behind_the_stores_back_fails_once_then_is_prepared_again(
+        store, conn):
+    psycopg = store._psycopg
+    cursor = held(store, conn)
+    assert cursor.execute("SELECT %s + 1", (1,)).fetchone() == (2,)
+    assert cursor.execute("SELECT %s + 2", (1,)).fetchone() == (3,)
+    before = set(prepared(conn))
+    conn.execute("DEALLOCATE ALL")
+    with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+        cursor.execute("SELECT %s + 1", (1,))
+    assert cursor.execute("SELECT %s + 1", (1,)).fetchone() == (2,)
+    assert cursor.execute("SELECT %s + 2", (1,)).fetchone() == (3,)
+    # Under new names: one left behind could not collide.
+    assert len(prepared(conn)) == 2 and not before & set(prepared(conn))
+
+
+def test_a_statement_that_cannot_be_prepared_raises_and_the_next_is_prepared(store, conn):
+    psycopg = store._psycopg
+    cursor = held(store, conn)
+    for _ in range(2):
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            cursor.execute("SELECT * FROM nowhere WHERE x = %s", (1,))
+    assert cursor.execute("SELECT %s", (5,)).fetchone() == (5,)
+    assert list(prepared(conn).values()) == ["SELECT $1"]
 
 
 def test_a_held_cursor_sends_and_reads_a_large_statement(store, conn):
@@ -199,6 +269,8 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
     app = make_app(store=url, poll_timeout=0.2)
     try:
         library = app.store._library
+        # The flush's statement is prepared at the first push, a round trip more.
+        app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "first"})
         # Every round trip times as quick, or as slow, as the limit makes it.
         monkeypatch.setattr(library.io.waits, "limit", 1e9 if server == "near" else 0.0)
         if server == "near":                # and no commit's sync outlasts the hold
@@ -210,7 +282,7 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
         calls = library.io.waits.calls
         for n in range(50):
             app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
-        assert library.io.waits.calls - calls == 150 and app.store.head() == 50
+        assert library.io.waits.calls - calls == 150 and app.store.head() == 51
         # BEGIN, the flush, COMMIT: far, each waits with the GIL let go but one in 64.
         holds = sum(1 for n in range(calls + 1, calls + 151) if n % 64 == 0)
         assert timed.calls == (150 if server == "near" else holds)
