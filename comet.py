@@ -969,6 +969,8 @@ class _SQLStore(Store):
 
     def _rollback(self, batch):
         """Undo the whole open transaction (only its first part ran in it)."""
+        if batch.conn is None:              # dropped with the connection (_break)
+            return
         try:
             batch.conn.rollback()
         except self._errors as error:
@@ -1375,8 +1377,12 @@ class _SQLTransaction:
 
     @property
     def db(self):
-        """The connection, for hooks: a hook may write, so the savepoints due open first."""
-        self._writing()
+        """The connection, for hooks: a hook may write, so the savepoints due open
+        first.  What fails there is the store's, a 503, not the hook's."""
+        try:
+            self._writing()
+        except self._store._errors as error:
+            raise self._store._break(self._batch, error) from error
         return self._batch.conn
 
     def _run(self, sql, args=()):
@@ -2264,7 +2270,7 @@ class _HeldPQ:
     every statement through psycopg.
     """
 
-    _COMMAND_OK, _TUPLES_OK = 1, 2
+    _COMMAND_OK, _TUPLES_OK, _PIPELINE_SYNC, _PIPELINE_ABORTED = 1, 2, 10, 11
 
     def __init__(self, psycopg, path, io):
         import ctypes
@@ -2299,6 +2305,9 @@ class _HeldPQ:
             "PQresultErrorMessage": (text, [pointer]),
             "PQerrorMessage": (text, [pointer]),
             "PQclear": (None, [pointer]),
+            "PQenterPipelineMode": (integer, [pointer]),     # libpq 14 and later
+            "PQexitPipelineMode": (integer, [pointer]),
+            "PQpipelineSync": (integer, [pointer]),
             "PQsocket": (integer, [pointer]),
             "PQlibVersion": (integer, []),
         }
@@ -2350,30 +2359,81 @@ class _HeldPQCursor:
         self._loaders = {}                  # type oid -> psycopg's loader of its text
         self._rows = []
         self.rowcount = -1
+        self._later = []                    # statements to send with the next one
+        self._committed = False             # a COMMIT went with the last statement
 
-    def execute(self, sql, args=()):
-        lib, ctypes = self._lib, self._lib._ctypes
+    def later(self, sql, args=()):
+        """``sql`` is sent with the next statement, in its round trip (a BEGIN, a
+        DELETE whose count is not wanted); nothing of its result is kept."""
+        self._later.append(self._statement(sql, args))
+
+    def send_later(self):
+        """What waits to go with the next statement, now: the connection is wanted as
+        it is (a hook's)."""
+        if self._later:
+            statements, self._later = self._later, []
+            self._run(statements, None)
+
+    def forget_later(self):
+        """What waits to go with the next statement is not sent: the transaction it
+        was for is rolled back."""
+        self._later.clear()
+
+    def execute(self, sql, args=(), commit=False):
+        """Runs ``sql`` after what waits to go with it; with ``commit``, a COMMIT after
+        it.  Several statements go in one round trip (libpq's pipeline mode)."""
+        statement = self._statement(sql, args)
+        statements, self._later = self._later + [statement], []
+        if commit:
+            statements.append(self._statement("COMMIT"))
+        self._run(statements, len(statements) - 1 - commit)
+        self._committed = commit
+        return self
+
+    def _pgconn(self):
         pgconn = self._conn.pgconn.pgconn_ptr
         if pgconn is None:
             raise self._lib._psycopg.OperationalError("the connection is closed")
+        return pgconn
+
+    def _statement(self, sql, args=()):
+        """A call sending ``sql`` with ``args`` on a connection: prepared, if it has
+        parameters (preparing it now if need be), else as it is."""
+        lib, ctypes = self._lib, self._lib._ctypes
         query = lib.query(self._tx)
         query.convert(sql, args)
         params = [None if value is None else bytes(value) for value in query.params or ()]
         n = len(params)
         types = (ctypes.c_uint * n)(*query.types) if query.types else None
-        name = self._prepared(pgconn, query, n, types)
+        name = self._prepared(self._pgconn(), query, n, types)
         values = (ctypes.c_char_p * n)(*params)
         lengths = (ctypes.c_int * n)(*(0 if value is None else len(value) for value in params))
         formats = (ctypes.c_int * n)(*query.formats or ())
-        if not (lib.sendQueryPrepared(pgconn, name, n, values, lengths, formats, 0) if name
-                else lib.sendQueryParams(pgconn, query.query, n, types, values, lengths,
-                                         formats, 0)):
+        if name:
+            return lambda pgconn: lib.sendQueryPrepared(pgconn, name, n, values, lengths,
+                                                        formats, 0)
+        return lambda pgconn: lib.sendQueryParams(pgconn, query.query, n, types, values,
+                                                  lengths, formats, 0)
+
+    def _run(self, statements, keep):
+        """Sends ``statements`` (in a pipeline if several) and reads their results,
+        keeping the rows of statement ``keep``."""
+        lib = self._lib
+        pgconn = self._pgconn()
+        pipeline = len(statements) > 1
+        if pipeline and not lib.enterPipelineMode(pgconn):
             raise self._lost(pgconn)
         try:
-            return self._finish(pgconn)
-        except self._lib._psycopg.errors.InvalidSqlStatementName:
-            self._lib.prepared.pop(self._conn, None)    # deallocated: prepared again
+            if not (all(send(pgconn) for send in statements)
+                    and (not pipeline or lib.pipelineSync(pgconn))):
+                raise self._lost(pgconn)
+            self._finish(pgconn, keep, pipeline)
+        except lib._psycopg.errors.InvalidSqlStatementName:
+            lib.prepared.pop(self._conn, None)      # deallocated: prepared again
             raise
+        finally:
+            if pipeline:
+                lib.exitPipelineMode(pgconn)
 
     def _prepared(self, pgconn, query, n, types):
         """The name ``query`` is prepared under on this connection (prepared now if it
@@ -2391,27 +2451,34 @@ class _HeldPQCursor:
             prepared[key] = name
         return name
 
-    def _finish(self, pgconn):
-        """Waits for the statement sent, and reads every result; raises the first error."""
+    def _finish(self, pgconn, keep=0, pipeline=False):
+        """Waits for what was sent and reads every result (in a pipeline, up to its
+        sync); keeps the rows of statement ``keep``; raises the first error."""
         lib = self._lib
         started, deadline = lib.io.begin()
         while lib.flush(pgconn):            # the rest of a large statement, as it drains
             self._wait(pgconn, deadline, _HeldIO.POLLIN | _HeldIO.POLLOUT)
-        error = None
+        error, statement = None, 0
         while True:
             while lib.isBusy(pgconn):
                 self._wait(pgconn, deadline, _HeldIO.POLLIN)
             result = lib.getResult(pgconn)
-            if not result:
-                break
+            if not result:                  # a statement's results end
+                if not pipeline:
+                    break
+                statement += 1
+                continue
             try:
-                error = self._read(result) or error
+                status = lib.resultStatus(result)
+                if status == lib._PIPELINE_SYNC:
+                    break
+                if status != lib._PIPELINE_ABORTED:     # (not run: an error came before)
+                    error = error or self._read(result, status, statement == keep)
             finally:
                 lib.clear(result)
         lib.io.end(started, deadline)
         if error is not None:
             raise error
-        return self
 
     def _wait(self, pgconn, deadline, events):
         """Until the server's answer (or room to send) comes: holding the GIL until
@@ -2426,10 +2493,13 @@ class _HeldPQCursor:
         if ready and not lib.consumeInput(pgconn):
             raise self._lost(pgconn)
 
-    def _read(self, result):
-        """Keeps ``result``'s rows and count, or returns its error."""
+    def _read(self, result, status, keep=True):
+        """Keeps ``result``'s rows and count (if ``keep``), or returns its error."""
         lib = self._lib
-        status = lib.resultStatus(result)
+        if status not in (lib._TUPLES_OK, lib._COMMAND_OK):
+            return self._error(result)
+        if not keep:
+            return None
         if status == lib._TUPLES_OK:
             loaders = [self._loader(lib.ftype(result, column))
                        for column in range(lib.nfields(result))]
@@ -2439,10 +2509,8 @@ class _HeldPQCursor:
                 None if isnull(result, row, column)
                 else load(string_at(value(result, row, column), length(result, row, column)))
                 for column, load in enumerate(loaders)) for row in range(lib.ntuples(result))]
-        elif status == lib._COMMAND_OK:
-            self._rows = []
         else:
-            return self._error(result)
+            self._rows = []
         count = lib.cmdTuples(result)
         self.rowcount = int(count) if count else -1
         return None
@@ -2468,7 +2536,9 @@ class _HeldPQCursor:
         return self._lib._psycopg.OperationalError(message or "the connection was lost")
 
     def commit(self):
-        self.execute("COMMIT")
+        if not self._committed:             # (else it went with the last statement)
+            self.execute("COMMIT")
+        self._committed = False
 
     def fetchone(self):
         return self._rows[0] if self._rows else None
@@ -2481,7 +2551,25 @@ class _HeldPQCursor:
 
 
 
+class _Later:
+    """A held PostgreSQL cursor as a cursor whose statements go with its next one."""
+
+    def __init__(self, cursor):
+        self.execute = cursor.later
+
+
 class _PostgreSQLTransaction(_SQLTransaction):
+
+    @property
+    def db(self):
+        # What a held cursor keeps to send with its next statement (the BEGIN) goes
+        # first: the hook's statements run in the transaction, after the store's.
+        if isinstance(self.cur, _HeldPQCursor):
+            try:
+                self.cur.send_later()
+            except self._store._errors as error:
+                raise self._store._break(self._batch, error) from error
+        return super().db
 
     def _members(self, channel, unless=None):
         # One row, not one a member: each value read back through ctypes costs a
@@ -2523,6 +2611,7 @@ class PostgreSQLStore(_SQLStore):
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
     _pool_size = 16                         # connections of a process, besides the LISTEN one
+    _fold_members = 1000                    # channel rows' members a flush sends (_flush)
     _transaction_type = _PostgreSQLTransaction
     # One statement, so one transaction: the tables are made together or not at
     # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can
@@ -2605,58 +2694,91 @@ class PostgreSQLStore(_SQLStore):
 
     def _begin(self, cur):
         # Each statement sees what is committed now, whatever the database's default.
-        cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        # A held cursor sends it with the transaction's first statement.
+        (cur.later if isinstance(cur, _HeldPQCursor) else cur.execute)(
+            "BEGIN ISOLATION LEVEL READ COMMITTED")
+
+    def _rollback(self, batch):
+        if isinstance(batch.cur, _HeldPQCursor):
+            batch.cur.forget_later()        # a BEGIN not sent: nothing began
+        super()._rollback(batch)
 
     def _flush(self, batch):
         """The batch's packages in one statement: the positions taken (and the
         NOTIFY), the packages and their deliveries inserted, each in a WITH clause
         of its own, at positions counted back from the new head.  With the COMMIT,
         a batch's end costs two round trips to the server, not four, which under
-        gevent is two fewer waits for every other ready greenlet to run."""
+        gevent is two fewer waits for every other ready greenlet to run; a held
+        cursor sends the COMMIT with the statement, one round trip, unless the batch
+        has joins or leaves to write after it, or channel rows of more than
+        ``_fold_members`` members in all.
+
+        Where another transaction changed members since a channel row's members
+        were read (``_check_members``), the statement itself writes the row as a
+        package with delivery rows for the members read, as ``_SQLStore._flush``
+        would."""
         if not batch.pending:
             return super()._flush(batch)    # claims, joins or leaves alone
-        self._forget_claims(batch.cur, batch.claims)
+        held = isinstance(batch.cur, _HeldPQCursor)
+        self._forget_claims(_Later(batch.cur) if held else batch.cur, batch.claims)
         n = len(batch.pending)
         stamps, times, bodies, targets, channels = zip(*batch.pending)
         args = dict(n=n, pos=list(range(1 - n, 1)), stamp=list(stamps), ts=list(times),
-                    body=list(bodies), channel=list(channels))
+                    body=list(bodies), channel=list(channels), read=None)
         # The deliveries as JSON arrays: psycopg would quote each value of a text
         # array in Python (17 ms for a channel of 10,000), json.dumps does it in C.
-        recipients, to, tailored = [], [], []
+        recipients, to, tailored, members, at = [], [], [], [], []
         for position, each, channel in zip(args["pos"], targets, channels):
-            if channel is not None:
-                continue                    # a channel row: its members are its recipients
+            if channel is not None:         # a channel row: its members are its recipients
+                members += [recipient for recipient, _ in each]
+                at += [position] * len(each)
+                continue
             recipients += [recipient for recipient, _ in each]
             to += [position] * len(each)
             tailored += [body for _, body in each]             # None: the package's
         args.update(recipient=_json_text(recipients), to=_json_text(to),
-                    tailored=_json_text(tailored))
+                    tailored=_json_text(tailored), members=_json_text(members), at=_json_text(at))
+        fold = len(members) <= self._fold_members
+        if self._check_members(batch) and fold:
+            args["read"] = batch.read_changes
+        else:
+            args.update(members="[]", at="[]")
         notify = ""
         if self.notify:
             notify, args["origin"] = ", pg_notify('comet', head || ' ' || %(origin)s)", self._origin()
         # The meta row is returned as the UPDATE left it, after waiting for its lock:
-        # ``changes`` then counts every membership change committed before.
-        head, changes = batch.cur.execute(
-            f"WITH meta AS (UPDATE comet_meta SET head = head + %(n)s"
-            f"  RETURNING head, changes{notify}),"
-            " packages AS (INSERT INTO comet_packages (pos, stamp, ts, body, channel)"
-            "  SELECT head + pos, stamp, ts, body, channel FROM meta, unnest(%(pos)s::bigint[],"
-            "   %(stamp)s::text[], %(ts)s::bigint[], %(body)s::text[], %(channel)s::text[])"
-            "   AS p (pos, stamp, ts, body, channel)),"
-            " deliveries AS (INSERT INTO comet_deliveries (recipient, pos, body)"
-            "  SELECT recipient, head + pos::bigint, body FROM meta, ROWS FROM ("
-            "   json_array_elements_text(%(recipient)s::json), json_array_elements_text(%(to)s::json),"
-            "   json_array_elements_text(%(tailored)s::json)) AS d (recipient, pos, body))"
-            " SELECT head, changes FROM meta", args).fetchone()
+        # ``changes`` then counts every membership change committed before, and
+        # ``moved`` is whether one committed since the channel rows' members were read.
+        sql = (f"WITH meta AS (UPDATE comet_meta SET head = head + %(n)s"
+               f"  RETURNING head, changes, coalesce(changes > %(read)s, false) AS moved{notify}),"
+               " packages AS (INSERT INTO comet_packages (pos, stamp, ts, body, channel)"
+               "  SELECT head + pos, stamp, ts, body, CASE WHEN moved THEN NULL ELSE channel END"
+               "  FROM meta, unnest(%(pos)s::bigint[], %(stamp)s::text[], %(ts)s::bigint[],"
+               "   %(body)s::text[], %(channel)s::text[]) AS p (pos, stamp, ts, body, channel)),"
+               " deliveries AS (INSERT INTO comet_deliveries (recipient, pos, body)"
+               "  SELECT recipient, head + pos::bigint, body FROM meta, ROWS FROM ("
+               "   json_array_elements_text(%(recipient)s::json),"
+               "   json_array_elements_text(%(to)s::json),"
+               "   json_array_elements_text(%(tailored)s::json)) AS d (recipient, pos, body)"
+               "  UNION ALL SELECT recipient, head + pos::bigint, NULL FROM meta, ROWS FROM ("
+               "   json_array_elements_text(%(members)s::text::json),"
+               "   json_array_elements_text(%(at)s::text::json)) AS m (recipient, pos)"
+               "  WHERE moved)"
+               " SELECT head FROM meta")
+        if held and fold and not batch.changes:
+            head, = batch.cur.execute(sql, args, commit=True).fetchone()
+        else:
+            head, = batch.cur.execute(sql, args).fetchone()
         first = head - n + 1
-        if self._check_members(batch) and changes > batch.read_changes:
-            # A join or leave committed after these members were read: delivery rows.
-            batch.cur.execute("UPDATE comet_packages SET channel = NULL WHERE pos >= %s"
-                              " AND pos <= %s AND channel IS NOT NULL", (first, head))
-            self._insert_deliveries(batch.cur, [
-                (*package[:3], package[3] if package[4] is not None else [], None)
-                for package in batch.pending], first)
-            self._unchannel(batch)
+        if self._check_members(batch) and not fold:
+            # Too many members to send them each time: written after, if they changed.
+            changes, = batch.cur.execute("SELECT changes FROM comet_meta").fetchone()
+            if changes > batch.read_changes:
+                batch.cur.execute("UPDATE comet_packages SET channel = NULL WHERE pos >= %s"
+                                  " AND pos <= %s AND channel IS NOT NULL", (first, head))
+                self._insert_deliveries(batch.cur, [
+                    (*package[:3], package[3] if package[4] is not None else [], None)
+                    for package in batch.pending], first)
         self._write_changes(batch, first)
         return self._appended(batch, first)
 

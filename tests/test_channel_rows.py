@@ -251,11 +251,17 @@ def test_joins_and_leaves_with_no_package_between_leave_no_span_and_no_error(url
         app.close()
 
 
-@pytest.mark.parametrize("kind", ["mysql", "postgresql"])
-def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(request, tmp_path, kind):
+@pytest.mark.parametrize("kind, fold", [("mysql", None), ("postgresql", True),
+                                        ("postgresql", False)])
+def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(
+        request, tmp_path, monkeypatch, kind, fold):
     """Two processes (here two stores) on one database: a push reads the members,
     then, before its commit, another process's join commits.  The push keeps the
-    recipients it read: it writes delivery rows, and the joiner reads nothing of it."""
+    recipients it read: it writes delivery rows, and the joiner reads nothing of it.
+    PostgreSQL writes them in the statement taking the positions, or (``fold``
+    False: more members than a flush sends) after it."""
+    if fold is False:
+        monkeypatch.setattr(comet.PostgreSQLStore, "_fold_members", 0)
     url = fresh_store(kind, request, tmp_path)
     app, other = open_app(url), open_app(url)
     try:

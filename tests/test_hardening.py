@@ -429,6 +429,14 @@ def test_a_base_exception_in_the_flush_or_commit_fails_every_part_and_keeps_noth
     # The flush writes the packages; the commit is the driver's commit call.
     monkeypatch.setattr(store, {"flush": "_flush", "commit": "_commit_connection"}[where],
                         interrupted)
+    if where == "commit":                   # a held PostgreSQL cursor's, sent with the flush's
+        execute = comet._HeldPQCursor.execute
+
+        def committing(cursor, sql, args=(), commit=False):
+            if commit:
+                raise Interrupt()
+            return execute(cursor, sql, args)
+        monkeypatch.setattr(comet._HeldPQCursor, "execute", committing)
     head = store.head()
     with caplog.at_level(logging.ERROR, logger="comet"):
         results = queue_behind(group, note(group, "kept"), note(group, "also"))

@@ -197,49 +197,79 @@ def test_a_channel_name_or_a_client_id_holding_nul_is_refused_where_it_cannot_be
 
 def record_round_trips(monkeypatch):
     """What this thread sends to PostgreSQL, a list of round trips: the first word of
-    each statement, or "COMMIT", through psycopg or held (``_HeldPQCursor``).  The
-    app's tail and housekeeping send on threads of their own."""
+    each statement, or "COMMIT", through psycopg or held (``_HeldPQCursor``, whose
+    round trip carries what waits to go with its statement, and may carry a COMMIT
+    after it: "BEGIN+WITH+COMMIT").  The app's tail and housekeeping send on threads
+    of their own."""
     import psycopg
-    sent = []
+    sent, waiting = [], {}                  # held cursor -> first words to go with the next
     commit = psycopg.Connection.commit
+
+    def main():
+        return threading.current_thread() is threading.main_thread()
 
     def recorded(execute):
         def executed(cur, sql, *args, **kwargs):
-            if threading.current_thread() is threading.main_thread():
-                sent.append(str(sql).split()[0].upper())
+            if main():
+                sent.append("+".join(waiting.pop(cur, []) + [str(sql).split()[0]]
+                                     + (["COMMIT"] if kwargs.get("commit") else [])).upper())
             return execute(cur, sql, *args, **kwargs)
         return executed
 
+    def later(cur, sql, *args):
+        if main():
+            waiting.setdefault(cur, []).append(sql.split()[0])
+        return held_later(cur, sql, *args)
+
+    def sent_later(cur):
+        if main() and waiting.get(cur):
+            sent.append("+".join(waiting.pop(cur)).upper())
+        return held_send_later(cur)
+
     def committed(conn):
-        if threading.current_thread() is threading.main_thread():
+        if main():
             sent.append("COMMIT")
         return commit(conn)
+    held_later, held_send_later = comet._HeldPQCursor.later, comet._HeldPQCursor.send_later
     monkeypatch.setattr(psycopg.Cursor, "execute", recorded(psycopg.Cursor.execute))
     monkeypatch.setattr(comet._HeldPQCursor, "execute", recorded(comet._HeldPQCursor.execute))
+    monkeypatch.setattr(comet._HeldPQCursor, "later", later)
+    monkeypatch.setattr(comet._HeldPQCursor, "send_later", sent_later)
     monkeypatch.setattr(psycopg.Connection, "commit", committed)
     return sent
 
 
-def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkeypatch):
+@pytest.mark.parametrize("path", ["held", "psycopg"])
+def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkeypatch, path):
     """After BEGIN and the hooks: the positions, the packages and every delivery
     (the package's own body and a tailored one) in one statement, then COMMIT.
-    Under gevent each round trip waits for every ready greenlet."""
+    Under gevent each round trip waits for every ready greenlet.  Held, the BEGIN
+    goes with the first statement after it (here a listener is handed the
+    connection first) and the COMMIT with the last."""
     app = make_app(store=url)
+    if path == "psycopg":                   # as under gevent
+        monkeypatch.setattr(app.store, "_library", None)
     sent = record_round_trips(monkeypatch)
     try:
         app.action("note").on_emit(
             lambda package, recipient, private, db: dict(package, to=recipient)
             if recipient == "bob" else package)
         cursor = app.store.head()
+        expected = {"held": [["BEGIN", "WITH+COMMIT"],
+                             ["BEGIN+INSERT", "DELETE+WITH+COMMIT"],   # the stamp's claim
+                             ["BEGIN+WITH+COMMIT"]],
+                    "psycopg": [["BEGIN", "WITH", "COMMIT"],
+                                ["BEGIN", "INSERT", "DELETE", "WITH", "COMMIT"],
+                                ["BEGIN", "WITH", "COMMIT"]]}[path]
         del sent[:]
         app.push({"type": "note", "listeners": ["to"], "to": ["bob", "carol", "dave"]})
-        assert sent == ["BEGIN", "WITH", "COMMIT"]
+        assert sent == expected[0]
         del sent[:]
         stamp = app.push({"type": "x", "listeners": "bob", "_stamp": "s" * 16})
-        assert sent == ["BEGIN", "INSERT", "DELETE", "WITH", "COMMIT"]   # the stamp's claim
+        assert sent == expected[1]
         del sent[:]
         app.push({"type": "y", "listeners": "bob"})
-        assert sent == ["BEGIN", "WITH", "COMMIT"]
+        assert sent == expected[2]
         head, bob, _ = app.store.read("bob", cursor, 10)
         _, carol, _ = app.store.read("carol", cursor, 10)
         assert head == cursor + 3 and [json.loads(body).get("to") for _, _, body in bob] == [
