@@ -1477,7 +1477,8 @@ class _SQLTransaction:
 
     def _members(self, channel, unless=None):
         """``(ids, changes)``: the channel's members and comet_meta.changes, read at
-        once; ``ids`` None, not read, if ``changes`` is ``unless``."""
+        once.  A store may leave ``ids`` None, unread, when ``changes`` is ``unless``
+        (the count the members it knows were read at); this one always reads them."""
         rows = self._run("SELECT client, (SELECT changes FROM comet_meta) FROM comet_members"
                          " WHERE channel = ?", (channel,)).fetchall()
         return _texts(row[0] for row in rows), rows[0][1] if rows else None
