@@ -2435,9 +2435,11 @@ class _HeldPQCursor:
                     and (not pipeline or lib.pipelineSync(pgconn))):
                 raise self._lost(pgconn)
             self._finish(pgconn, keep, pipeline)
-        except lib._psycopg.errors.InvalidSqlStatementName:
-            lib.prepared.pop(self._conn, None)      # deallocated: prepared again
-            raise
+        except lib._psycopg.errors.InvalidSqlStatementName as error:
+            # Deallocated behind the store's back: prepared again, and this push's
+            # transaction fails as on a connection lost, with a 503.
+            lib.prepared.pop(self._conn, None)
+            raise lib._psycopg.OperationalError(f"a prepared statement is gone: {error}") from error
         finally:
             if pipeline:
                 lib.exitPipelineMode(pgconn)

@@ -142,8 +142,9 @@ def test_a_statement_deallocated_behind_the_stores_back_fails_once_then_is_prepa
     assert cursor.execute("SELECT %s + 2", (1,)).fetchone() == (3,)
     before = set(prepared(conn))
     conn.execute("DEALLOCATE ALL")
-    with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+    with pytest.raises(store._errors) as raised:     # the store's: a 503
         cursor.execute("SELECT %s + 1", (1,))
+    assert isinstance(raised.value.__cause__, psycopg.errors.InvalidSqlStatementName)
     assert cursor.execute("SELECT %s + 1", (1,)).fetchone() == (2,)
     assert cursor.execute("SELECT %s + 2", (1,)).fetchone() == (3,)
     # Under new names: one left behind could not collide.
