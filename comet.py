@@ -1377,13 +1377,18 @@ class _SQLTransaction:
 
     @property
     def db(self):
-        """The connection, for hooks: a hook may write, so the savepoints due open
-        first.  What fails there is the store's, a 503, not the hook's."""
+        """The connection, for hooks: a hook may write, so what the cursor keeps to
+        send is sent and the savepoints due open first.  What fails there is the
+        store's, a 503, not the hook's."""
         try:
+            self._send_kept()
             self._writing()
         except self._store._errors as error:
             raise self._store._break(self._batch, error) from error
         return self._batch.conn
+
+    def _send_kept(self):
+        """Send what the cursor keeps to send with its next statement (nothing here)."""
 
     def _run(self, sql, args=()):
         return self._store._execute(self.cur, sql, args)
@@ -2569,16 +2574,10 @@ class _Later:
 
 class _PostgreSQLTransaction(_SQLTransaction):
 
-    @property
-    def db(self):
-        # What a held cursor keeps to send with its next statement (the BEGIN) goes
-        # first: the hook's statements run in the transaction, after the store's.
+    def _send_kept(self):
+        # A held cursor's BEGIN goes first: the hook's statements run in the transaction.
         if isinstance(self.cur, _HeldPQCursor):
-            try:
-                self.cur.send_later()
-            except self._store._errors as error:
-                raise self._store._break(self._batch, error) from error
-        return super().db
+            self.cur.send_later()
 
     def _members(self, channel, unless=None):
         # One row, not one a member: each value read back through ctypes costs a
@@ -2736,22 +2735,22 @@ class PostgreSQLStore(_SQLStore):
                     body=list(bodies), channel=list(channels), read=None)
         # The deliveries as JSON arrays: psycopg would quote each value of a text
         # array in Python (17 ms for a channel of 10,000), json.dumps does it in C.
+        check = self._check_members(batch)
         recipients, to, tailored, members, at = [], [], [], [], []
         for position, each, channel in zip(args["pos"], targets, channels):
             if channel is not None:         # a channel row: its members are its recipients
-                members += [recipient for recipient, _ in each]
-                at += [position] * len(each)
+                if check:                   # (wanted only if they changed since read)
+                    members += [recipient for recipient, _ in each]
+                    at += [position] * len(each)
                 continue
             recipients += [recipient for recipient, _ in each]
             to += [position] * len(each)
             tailored += [body for _, body in each]             # None: the package's
         args.update(recipient=_json_text(recipients), to=_json_text(to),
-                    tailored=_json_text(tailored), members=_json_text(members), at=_json_text(at))
+                    tailored=_json_text(tailored), members="[]", at="[]")
         fold = len(members) <= self._fold_members
-        if self._check_members(batch) and fold:
-            args["read"] = batch.read_changes
-        else:
-            args.update(members="[]", at="[]")
+        if check and fold:
+            args.update(read=batch.read_changes, members=_json_text(members), at=_json_text(at))
         notify = ""
         if self.notify:
             notify, args["origin"] = ", pg_notify('comet', head || ' ' || %(origin)s)", self._origin()
@@ -2779,7 +2778,7 @@ class PostgreSQLStore(_SQLStore):
         else:
             head, = batch.cur.execute(sql, args).fetchone()
         first = head - n + 1
-        if self._check_members(batch) and not fold:
+        if check and not fold:
             # Too many members to send them each time: written after, if they changed.
             changes, = batch.cur.execute("SELECT changes FROM comet_meta").fetchone()
             if changes > batch.read_changes:
