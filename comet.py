@@ -48,6 +48,7 @@ import secrets
 import select
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -1052,18 +1053,27 @@ class _SQLStore(Store):
     def _flush(self, batch):
         """Write the batch's packages and membership changes: positions taken
         last, then the inserts.  Returns what was appended, as ``on_commit`` takes it."""
-        self._forget_claims(batch.cur, batch.claims)
+        writes = self._writes(batch)
+        self._forget_claims(writes, batch.claims)
         if not batch.pending and not batch.changes:
             return []
         first, changed = self._positions(batch)
         if changed:
             self._unchannel(batch)
-        self._insert(batch.cur, "INSERT INTO comet_packages (pos, stamp, ts, body, channel)"
+        self._insert(writes, "INSERT INTO comet_packages (pos, stamp, ts, body, channel)"
                      " VALUES", [(position, stamp, ts, body, channel) for position,
                                  (stamp, ts, body, _, channel) in enumerate(batch.pending, first)])
-        self._insert_deliveries(batch.cur, batch.pending, first)
-        self._write_changes(batch, first)
+        self._insert_deliveries(writes, batch.pending, first)
+        self._write_changes(batch, first, writes)
         return self._appended(batch, first)
+
+    @staticmethod
+    def _writes(batch):
+        """The cursor for the flush's statements whose results are not read: where
+        the batch's cursor can keep statements to send with its next one (its
+        ``later``), they go with the next statement read or with the COMMIT."""
+        later = getattr(batch.cur, "later", None)
+        return batch.cur if later is None else _Later(batch.cur)
 
     def _positions(self, batch):
         """``(first, changed)``: the positions taken for the batch's packages, the
@@ -1088,25 +1098,25 @@ class _SQLStore(Store):
         """Delivery rows, not channel rows, for every package of the batch."""
         batch.pending[:] = [(*package[:4], None) for package in batch.pending]
 
-    def _write_changes(self, batch, first):
+    def _write_changes(self, batch, first, cur):
         """The spans of the batch's joins and leaves, at positions counted from ``first``
         (each change at the position of the next package its transaction stored),
-        and one more in comet_meta.changes."""
+        and one more in comet_meta.changes, on ``cur``."""
         if not batch.changes:
             return
         into, conflict = self._open_span()
         for channel, client, joined, index in batch.changes:
             if joined:                      # a member joining again keeps the span it has
-                self._execute(batch.cur, f"{into} VALUES (?, ?, ?, ?){conflict}",
+                self._execute(cur, f"{into} VALUES (?, ?, ?, ?){conflict}",
                               (channel, client, first + index, _MAX_POSITION))
             else:                           # a span ending where it began covered nothing
-                self._execute(batch.cur, "DELETE FROM comet_spans WHERE client = ? AND channel = ?"
+                self._execute(cur, "DELETE FROM comet_spans WHERE client = ? AND channel = ?"
                               " AND to_pos = ? AND from_pos >= ?",
                               (client, channel, _MAX_POSITION, first + index))
-                self._execute(batch.cur, "UPDATE comet_spans SET to_pos = ? WHERE client = ?"
+                self._execute(cur, "UPDATE comet_spans SET to_pos = ? WHERE client = ?"
                               " AND channel = ? AND to_pos = ?",
                               (first + index, client, channel, _MAX_POSITION))
-        self._execute(batch.cur, "UPDATE comet_meta SET changes = changes + 1")
+        self._execute(cur, "UPDATE comet_meta SET changes = changes + 1")
 
     def _open_span(self):
         """``_upsert`` of a span into comet_spans; one open already is kept."""
@@ -1931,6 +1941,11 @@ class SQLiteStore(_SQLStore):
 
 class _MySQLTransaction(_SQLTransaction):
 
+    def _send_kept(self):
+        send = getattr(self.cur, "send_later", None)
+        if send is not None:
+            send()
+
     def _members(self, channel, unless=None):
         # One row, not one a member: PyMySQL parses each row in Python (a channel of
         # 10,000 took 13 ms as rows, 5 ms as one array).  An array the server cut short
@@ -2010,16 +2025,37 @@ class _HeldReader:
         pass                                # the socket is PyMySQL's to close
 
 
-def _held_mysql(pymysql, io):
+def _mysql_classes(pymysql, io):
     """PyMySQL's connection and cursor classes, such that the cursor's statements
-    (and its ``commit``, the connection's) read and write through a ``_HeldReader``."""
+    (and its ``commit``, the connection's) read and write through a ``_HeldReader``
+    (with ``io``, not None: ``_HeldIO``), and statements whose results are not read
+    wait to go with the next one.
+
+    A push's transaction is then three round trips to the server, not five: its
+    ``START TRANSACTION`` goes with its first statement, and the flush's inserts
+    with its ``COMMIT``, several statements a query.  The server takes several
+    only once told it may (``COM_SET_OPTION``, at connect); a connection handed to
+    an application's hook is told it may not, for as long as it is open, so a
+    hook's statement is one statement however its text was made."""
 
     class Connection(pymysql.connections.Connection):
 
+        several = False                     # statements may go several to a query
+
         def connect(self, sock=None):
             super().connect(sock)
-            if type(self._sock) is socket.socket:   # not TLS: bytes on the socket as they are
+            if io is not None and type(self._sock) is socket.socket:    # not TLS
                 self._rfile = _HeldReader(self._sock, io)
+            with contextlib.suppress(pymysql.err.ProgrammingError,
+                                     pymysql.err.NotSupportedError, pymysql.err.InternalError):
+                self.allow_several(True)    # (a server that cannot: one at a time)
+
+        def allow_several(self, allow):
+            """Tell the server whether a query may hold several statements."""
+            self._execute_command(pymysql.constants.COMMAND.COM_SET_OPTION,
+                                  struct.pack("<H", 0 if allow else 1))
+            self._read_packet()             # its EOF or OK; an error raises
+            self.several = allow
 
         def _write_bytes(self, data):
             if isinstance(self._rfile, _HeldReader):
@@ -2030,11 +2066,53 @@ def _held_mysql(pymysql, io):
 
     class Cursor(pymysql.cursors.Cursor):
 
+        most_bytes = math.inf               # a query's text at most (the store's packet)
+
+        def __init__(self, connection):
+            super().__init__(connection)
+            self._later = []                # statements to send with the next one
+
+        def later(self, sql, args=()):
+            """``sql`` goes with the next statement, in its query (a START
+            TRANSACTION, an insert whose count is not wanted); at once where the
+            connection takes one statement a query."""
+            if self.connection.several:
+                self._later.append(self.mogrify(sql, args or None))
+            else:
+                self.execute(sql, args or None)
+
+        def send_later(self):
+            """What waits to go with the next statement, now, and one statement a
+            query from now on: the connection is wanted as it is, by a hook."""
+            if self._later:
+                self.execute("DO 0")
+            if self.connection.several:
+                with _holding(self.connection._rfile):
+                    self.connection.allow_several(False)
+
+        def forget_later(self):
+            """What waits is not sent: the transaction it was for is rolled back."""
+            self._later.clear()
+
         def execute(self, query, args=None):
             with _holding(self.connection._rfile):
-                return super().execute(query, args)
+                if not self._later:
+                    return super().execute(query, args)
+                statements, self._later = self._later + [self.mogrify(query, args)], []
+                query = "; ".join(statements)
+                if len(query) * 4 > self.most_bytes and len(query.encode()) > self.most_bytes:
+                    for statement in statements[:-1]:   # too long together: one at a time
+                        super().execute(statement)
+                    return super().execute(statements[-1])
+                super().execute(query)
+                while self.nextset():       # the last statement's result is the cursor's
+                    pass
+                return self.rowcount
 
         def commit(self):
+            if self._later:
+                self.execute("COMMIT")
+                return
             with _holding(self.connection._rfile):
                 self.connection.commit()
 
@@ -2114,7 +2192,8 @@ class MySQLStore(_SQLStore):
         self._pymysql = pymysql
         self._errors = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
         io = _HeldIO.load()
-        self._held = _held_mysql(pymysql, io) if io is not None else None
+        self._held = _mysql_classes(pymysql, io) if io is not None else None
+        self._several = _mysql_classes(pymysql, None)      # holding nothing (gevent's)
         parts = urllib.parse.urlsplit(url)
         self._params = dict(
             host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
@@ -2133,8 +2212,8 @@ class MySQLStore(_SQLStore):
             pass
 
     def _connect(self):
-        # Under gevent, PyMySQL's own: its socket file is C, and nothing holds the GIL.
-        conn = (self._held[0] if self._held and not self._green else self._pymysql.connect)(
+        # Under gevent, PyMySQL's own socket file (C): nothing holds the GIL.
+        conn = (self._held if self._held and not self._green else self._several)[0](
             **self._params, charset="utf8mb4", autocommit=True,
             connect_timeout=3, read_timeout=4, write_timeout=4)
         with conn.cursor() as cur:
@@ -2143,11 +2222,25 @@ class MySQLStore(_SQLStore):
             cur.execute("SET SESSION group_concat_max_len = 4294967295")   # JSON_ARRAYAGG's
         return conn
 
-    def _held_cursor(self, batch):
-        return self._held[1](batch.conn) if self._held else None
+    def _cursor(self, batch):
+        """A batch's cursor keeps the statements whose results are not read to send
+        them with its next (``_mysql_classes``), and holds the GIL where it can,
+        as the base's does; a purge step's is PyMySQL's own."""
+        if batch.alone:
+            return batch.conn.cursor()
+        cur = (self._held if self._held and not self._green else self._several)[1](batch.conn)
+        cur.most_bytes = self._statement_bytes
+        return cur
 
     def _begin(self, cur):
-        cur.execute("START TRANSACTION")
+        # A held cursor sends it with the transaction's first statement.
+        getattr(cur, "later", cur.execute)("START TRANSACTION")
+
+    def _rollback(self, batch):
+        forget = getattr(batch.cur, "forget_later", None)
+        if forget is not None:
+            forget()                        # a START TRANSACTION not sent: nothing began
+        super()._rollback(batch)
 
     def _take_positions(self, cur, n):
         cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
@@ -2566,7 +2659,8 @@ class _HeldPQCursor:
 
 
 class _Later:
-    """A held PostgreSQL cursor as a cursor whose statements go with its next one."""
+    """A cursor that keeps statements (``later``) as one whose statements go with its
+    next one."""
 
     def __init__(self, cursor):
         self.execute = cursor.later
@@ -2728,7 +2822,8 @@ class PostgreSQLStore(_SQLStore):
         if not batch.pending:
             return super()._flush(batch)    # claims, joins or leaves alone
         held = isinstance(batch.cur, _HeldPQCursor)
-        self._forget_claims(_Later(batch.cur) if held else batch.cur, batch.claims)
+        writes = self._writes(batch)
+        self._forget_claims(writes, batch.claims)
         n = len(batch.pending)
         stamps, times, bodies, targets, channels = zip(*batch.pending)
         args = dict(n=n, pos=list(range(1 - n, 1)), stamp=list(stamps), ts=list(times),
@@ -2787,7 +2882,7 @@ class PostgreSQLStore(_SQLStore):
                 self._insert_deliveries(batch.cur, [
                     (*package[:3], package[3] if package[4] is not None else [], None)
                     for package in batch.pending], first)
-        self._write_changes(batch, first)
+        self._write_changes(batch, first, writes)
         return self._appended(batch, first)
 
     def _take_positions(self, cur, n):

@@ -35,13 +35,16 @@ def main():
     parser.add_argument("--publishers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--rooms", default="channel", choices=["listener", "channel"],
+                        help="what a room is to comet.py, as bench/run.py's --rooms")
     parser.add_argument("--comet", help="a directory holding the comet.py to serve")
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--out", help="keep the pstats file here")
     args = parser.parse_args()
     load.raise_open_files()
 
-    env = run.served_env(args.comet)
+    env = dict(run.served_env(args.comet), COMET_BENCH_ROOMS=args.rooms)
+    load.ROOMS = args.rooms
     stores = run.Stores()
     path = args.out or os.path.join(tempfile.mkdtemp(prefix="comet-profile-"), "comet.pstats")
     try:

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -919,3 +920,31 @@ def purge_all(store, before):
         steps += 1
         assert steps < 100_000
     return steps
+
+
+def record_queries(monkeypatch):
+    """What this thread sends to MySQL, a list of round trips: the first word of each
+    statement of a query, joined by "+", or "COMMIT" for the connection's commit;
+    not a new connection's settings (SET).  The app's tail and housekeeping send on
+    threads of their own."""
+    import pymysql
+    sent = []
+    query, commit = pymysql.connections.Connection.query, pymysql.connections.Connection.commit
+
+    def main():
+        return threading.current_thread() is threading.main_thread()
+
+    def recorded(conn, sql, *args, **kwargs):
+        text = sql.decode() if isinstance(sql, bytes) else sql
+        if main() and not text.startswith("SET "):
+            sent.append("+".join(statement.split()[0].upper()
+                                 for statement in re.split(r"; (?=[A-Z])", text)))
+        return query(conn, sql, *args, **kwargs)
+
+    def committed(conn):
+        if main():
+            sent.append("COMMIT")
+        return commit(conn)
+    monkeypatch.setattr(pymysql.connections.Connection, "query", recorded)
+    monkeypatch.setattr(pymysql.connections.Connection, "commit", committed)
+    return sent

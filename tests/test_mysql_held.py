@@ -2,8 +2,11 @@
 (libc's recv, send and poll through ctypes): what goes and comes back, that no
 other thread runs while the server answers quickly, that a statement the server
 keeps waiting (another transaction's lock) lets the GIL go, a lost connection,
-and the store without them."""
+and the store without them.  Statements whose results are not read go with the
+next one, several to a query: the round trips of a push, a failure among them,
+and a hook's connection, which takes one statement a query."""
 
+import json
 import random
 import socket
 import threading
@@ -11,7 +14,7 @@ import threading
 import pytest
 
 import comet
-from support import Counted, Spinner, make_app, push_kept_waiting
+from support import Counted, Spinner, make_app, push_kept_waiting, record_queries
 
 
 @pytest.fixture
@@ -134,15 +137,18 @@ def test_a_push_batch_holds_the_gil_and_a_purge_step_does_not(store, conn):
     assert type(store._cursor(batch)) is store._pymysql.cursors.Cursor
 
 
-def test_under_green_threads_a_push_batch_runs_through_pymysql(store, conn, monkeypatch):
+def test_under_green_threads_a_push_batch_runs_through_pymysqls_socket(store, monkeypatch):
     monkeypatch.setattr(store, "_green", True)      # one thread: no GIL to hand over
-    batch = comet._Batch()
-    batch.conn = conn
-    assert type(store._cursor(batch)) is store._pymysql.cursors.Cursor
-    green = store._connect()                # PyMySQL's own connection and socket file
+    green = store._connect()                # PyMySQL's own socket file
     try:
-        assert type(green) is store._pymysql.connections.Connection
+        assert type(green) is store._several[0] and green.several
         assert not isinstance(green._rfile, comet._HeldReader)
+        batch = comet._Batch()
+        batch.conn = green
+        cursor = store._cursor(batch)           # its statements still kept for the next
+        assert type(cursor) is store._several[1]
+        cursor.later("DO 1")
+        assert cursor.execute("SELECT 2") == 1 and cursor.fetchone() == (2,)
     finally:
         green.close()
 
@@ -167,7 +173,7 @@ def test_the_store_runs_without_the_socket_calls(url, monkeypatch):
     try:
         assert app.store._held is None
         conn = app.store._checkout()
-        assert type(conn) is app.store._pymysql.connections.Connection
+        assert type(conn) is app.store._several[0]
         assert not isinstance(conn._rfile, comet._HeldReader)
         app.store._checkin(conn)
         app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": "hi"})
@@ -239,3 +245,126 @@ def test_the_reader_hands_back_every_byte_in_order_whatever_the_sizes(held_reads
     finally:
         near.close()
         far.close()
+
+
+def join(app, channel, client):
+    with app.store.transaction() as tx:
+        tx.add_member(channel, client, f'"{client}"', app.store.now())
+
+
+@pytest.mark.parametrize("path", ["held", "green"])
+def test_a_push_sends_its_start_with_its_first_statement_and_its_inserts_with_its_commit(
+        url, monkeypatch, path):
+    """Three round trips for a push to a channel (its members' count, the positions,
+    the package), two for one to a client; five before, one a statement.  The same
+    under gevent, through PyMySQL's socket (here its connections made as there)."""
+    if path == "green":
+        monkeypatch.setattr(comet, "_green", lambda: True)
+    app = make_app(store=url)
+    if path == "green":
+        conn = app.store._checkout()
+        assert type(conn) is app.store._several[0] and conn.several
+        app.store._checkin(conn)
+    join(app, "room", "a")
+    cursor = app.store.head()
+    sent = record_queries(monkeypatch)
+    app.push({"type": "note", "listeners": ["room"], "n": 1})
+    assert sent == ["START+SELECT", "UPDATE", "INSERT+COMMIT"]
+    del sent[:]
+    app.push({"type": "note", "listeners": ["room"], "n": 2})     # the members known: a count
+    assert sent == ["START+SELECT", "UPDATE", "INSERT+COMMIT"]
+    del sent[:]
+    app.push({"type": "note", "listeners": "bob", "n": 3})
+    assert sent == ["START+UPDATE", "INSERT+INSERT+COMMIT"]        # the package, its delivery
+    del sent[:]
+    app.push({"type": "note", "listeners": "bob", "n": 4, "_stamp": "s" * 16})
+    # The stamp's claim is read (whether it was taken); its row's delete goes later.
+    assert sent == ["START+INSERT", "DELETE+UPDATE", "INSERT+INSERT+COMMIT"]
+    head, rows, _ = app.store.read("a", cursor, 10)
+    assert head == cursor + 4 and [json.loads(body)["n"] for _, _, body in rows] == [1, 2]
+    _, rows, _ = app.store.read("bob", cursor, 10)
+    assert [json.loads(body)["n"] for _, _, body in rows] == [3, 4]
+
+
+def test_a_hook_handed_the_connection_runs_one_statement_a_query_while_it_is_open(
+        url, monkeypatch):
+    import pymysql
+    app = make_app(store=url)
+    stacked = []
+
+    @app.listener("stacked")
+    def two_at_once(environ, package, db):
+        with db.cursor() as cur:
+            try:
+                cur.execute("SELECT 1; SELECT 2")
+                stacked.append("several")
+            except pymysql.err.ProgrammingError:
+                stacked.append("one")
+            cur.execute("SELECT @@in_transaction")      # the push's transaction, begun
+            stacked.append(cur.fetchone()[0])
+        return ["bob"]
+    app.push({"type": "note", "listeners": ["stacked"]})
+    app.push({"type": "note", "listeners": ["stacked"]})
+    assert stacked == ["one", 1, "one", 1]
+    conn = app.store._checkout()            # the one the pushes ran on, pooled again
+    try:
+        assert not conn.several
+    finally:
+        app.store._checkin(conn)
+    sent = record_queries(monkeypatch)
+    app.push({"type": "note", "listeners": "bob"})     # on it, one statement a query
+    assert sent == ["START", "UPDATE", "INSERT", "INSERT", "COMMIT"]
+    assert app.store.head() == 3
+
+
+def test_a_statement_sent_with_the_commit_that_fails_leaves_nothing_committed(
+        url, monkeypatch):
+    """The server runs none of a query's statements after one that fails: the COMMIT
+    does not run, the push is a 503, the connection (its transaction, holding the
+    positions' row) is dropped, and the next push goes through."""
+    app = make_app(store=url)
+    head = app.store.head()
+    insert = comet.MySQLStore._insert_deliveries
+
+    def and_a_failing_one(store, cur, pending, first):
+        insert(store, cur, pending, first)
+        cur.execute("INSERT INTO comet_nosuch VALUES (1)")
+    monkeypatch.setattr(comet.MySQLStore, "_insert_deliveries", and_a_failing_one)
+    sent = record_queries(monkeypatch)
+    with pytest.raises(comet.CometError) as error:
+        app.push({"type": "note", "listeners": "bob"})
+    assert error.value.status == 503
+    assert sent == ["START+UPDATE", "INSERT+INSERT+INSERT+COMMIT"]
+    assert app.store.head() == head
+    assert app.store._query("SELECT COUNT(*) FROM comet_packages")[0][0] == 0
+    monkeypatch.setattr(comet.MySQLStore, "_insert_deliveries", insert)
+    app.push({"type": "note", "listeners": "bob"})
+    assert app.store.head() == head + 1
+
+
+def test_statements_too_long_to_go_together_go_one_a_query(store, conn, monkeypatch):
+    """A query's text is at most the server's packet (``most_bytes``): statements
+    kept that would make it longer go one at a time, and the cursor reads the last."""
+    cur = held(store, conn)
+    cur.most_bytes = 100
+    sent = record_queries(monkeypatch)
+    cur.later("DO %s", ("x" * 40,))
+    cur.later("DO %s", ("y" * 40,))
+    cur.execute("SELECT %s", ("z" * 10,))
+    assert sent == ["DO", "DO", "SELECT"] and cur.fetchone() == ("z" * 10,)
+    cur.later("DO %s", ("x" * 40,))
+    cur.execute("SELECT %s", ("z" * 10,))
+    assert sent[3:] == ["DO+SELECT"] and cur.fetchone() == ("z" * 10,)
+
+
+def test_a_start_not_sent_when_its_part_is_rolled_back_is_never_sent(store, conn, monkeypatch):
+    # The part failed before its first statement; the batch's next part begins again.
+    batch = comet._Batch()
+    batch.conn, batch.cur = conn, held(store, conn)
+    store._begin(batch.cur)
+    store._rollback(batch)
+    store._begin(batch.cur)
+    sent = record_queries(monkeypatch)
+    batch.cur.execute("SELECT 1")
+    batch.cur.commit()
+    assert sent == ["START+SELECT", "COMMIT"]

@@ -282,6 +282,34 @@ def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkey
         app.close()
 
 
+@pytest.mark.parametrize("path", ["held", "psycopg"])
+def test_a_join_or_leave_sends_its_spans_with_the_commit(url, monkeypatch, path):
+    """The statements writing a join's or leave's span (and the count of changes)
+    are not read: held, they go with the COMMIT, in its round trip."""
+    app = make_app(store=url)
+    if path == "psycopg":
+        monkeypatch.setattr(app.store, "_library", None)
+    web = webtest.TestApp(app)
+    sent = record_round_trips(monkeypatch)
+    web.post_json("/comet/push", {"type": "join", "listeners": ["room"]},
+                  headers={"X-Client": "a"})
+    joined = sent[:]
+    del sent[:]
+    web.post_json("/comet/push", {"type": "leave", "listeners": ["room"]},
+                  headers={"X-Client": "a"})
+    if path == "held":
+        assert joined == ["BEGIN+INSERT", "SELECT", "WITH", "INSERT+UPDATE+COMMIT"]
+        assert sent == ["BEGIN+SELECT", "DELETE", "WITH", "DELETE+UPDATE+UPDATE+COMMIT"]
+    else:
+        assert joined == ["BEGIN", "INSERT", "SELECT", "WITH", "INSERT", "UPDATE", "COMMIT"]
+        assert sent == ["BEGIN", "SELECT", "DELETE", "WITH", "DELETE", "UPDATE", "UPDATE",
+                        "COMMIT"]
+    assert app.store.members("room") == {}
+    spans = app.store._query("SELECT client, from_pos, to_pos FROM comet_spans")
+    # A member from its join's package to its leave's, both included.
+    assert [(comet._text(client), end - start) for client, start, end in spans] == [("a", 2)]
+
+
 # --------------------------------------------------------------------------
 # NOTIFY: one per commit, the new head, nothing on a rollback
 # --------------------------------------------------------------------------
