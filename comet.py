@@ -2233,7 +2233,7 @@ class MySQLStore(_SQLStore):
         return cur
 
     def _begin(self, cur):
-        # A held cursor sends it with the transaction's first statement.
+        # A batch's cursor sends it with the transaction's first statement.
         getattr(cur, "later", cur.execute)("START TRANSACTION")
 
     def _rollback(self, batch):
@@ -2659,8 +2659,8 @@ class _HeldPQCursor:
 
 
 class _Later:
-    """A cursor that keeps statements (``later``) as one whose statements go with its
-    next one."""
+    """A cursor with ``later`` (MySQL's, PostgreSQL's held one) as a cursor whose
+    ``execute`` keeps each statement to go with its next one."""
 
     def __init__(self, cursor):
         self.execute = cursor.later

@@ -73,12 +73,13 @@ class Server:
     """``bench/serve.py`` in a subprocess; ``pid`` is the process serving requests."""
 
     def __init__(self, server, app, store=None, env=None, logdir=None, profile=None,
-                 notify=True):
+                 notify=True, cpu=None):
         self.server, self.app, self.store = server, app, store
         self.notify = notify
         self.port = free_port()
         self.env = env
         self.profile = profile
+        self.cpu = cpu
         self.log = open(os.path.join(logdir or tempfile.gettempdir(),
                                      f"serve-{server}-{app}-{self.port}.log"), "w+")
         self.proc = None
@@ -92,6 +93,8 @@ class Server:
             args += ["--store", self.store]
         if self.profile:
             args += ["--profile", self.profile]
+        if self.cpu:
+            args += ["--cpu", self.cpu]
         if not self.notify:
             args += ["--no-notify"]
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,

@@ -1,12 +1,16 @@
 """Serve one benchmark application on one WSGI server, in this process (or its worker).
 
     python bench/serve.py --server wsgiref|cheroot|gevent|gthread --app floor|hello|socketio|comet
-                          [--store URL [--no-notify]] --port N [--threads 1200] [--profile FILE]
+                          [--store URL [--no-notify]] --port N [--threads 1200]
+                          [--profile FILE | --cpu FILE]
 
 ``gevent`` and ``gthread`` are gunicorn with one worker of that class; the
 worker is a child of this process, and ``GET /_bench/stats`` names its pid.
 ``--profile FILE`` runs every request under cProfile on the thread's CPU
 clock (profilers reused from a free list, merged into FILE at SIGTERM).
+``--cpu FILE`` only times each request's call of the application on the
+thread's CPU clock, by method, and writes ``{method: [requests, seconds]}``
+to FILE at SIGTERM (``bench/cpu_split.py``).
 """
 
 import argparse
@@ -23,6 +27,32 @@ sys.path.append(os.path.dirname(HERE))      # comet.py, unless run.py's PYTHONPA
 
 import apps  # noqa: E402
 from load import raise_open_files  # noqa: E402
+
+
+class CpuTimed:
+    """The thread CPU each request's call of the application took, by method."""
+
+    def __init__(self, app, path):
+        self.app = app
+        self.path = path
+        self.totals = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        started = time.thread_time()
+        try:
+            return self.app(environ, start_response)
+        finally:
+            took = time.thread_time() - started
+            method = environ.get("REQUEST_METHOD", "")
+            with self.lock:
+                n, seconds = self.totals.get(method, (0, 0.0))
+                self.totals[method] = (n + 1, seconds + took)
+
+    def dump(self):
+        import json
+        with self.lock, open(self.path, "w") as out:
+            json.dump(self.totals, out)
 
 
 class Profiled:
@@ -64,8 +94,8 @@ class Profiled:
 
 def build(args, async_mode):
     app = apps.make(args.app, args.store, async_mode, args.tail_interval, notify=not args.no_notify)
-    if args.profile:
-        app = Profiled(app, args.profile)
+    if args.profile or args.cpu:
+        app = Profiled(app, args.profile) if args.profile else CpuTimed(app, args.cpu)
         signal.signal(signal.SIGTERM, lambda *a: (app.dump(), os._exit(0)))
     return app
 
@@ -126,6 +156,7 @@ def main():
     parser.add_argument("--no-notify", action="store_true",
                         help="a postgresql:// store without NOTIFY/LISTEN (tailing alone)")
     parser.add_argument("--profile")
+    parser.add_argument("--cpu", help="write each method's requests and thread CPU here")
     args = parser.parse_args()
     raise_open_files()
     if args.server == "wsgiref":
