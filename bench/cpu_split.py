@@ -51,22 +51,23 @@ def process_times(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick, voluntary, involuntary
 
 
-async def cell(target, seconds=3.0):
-    """The throughput cell, with the process read ``seconds`` apart in its middle."""
-    task = asyncio.ensure_future(load.throughput(target, 100, 4, duration=5.0, warmup=0.5))
-    await asyncio.sleep(1.5)
+async def cell(target, duration=5.0):
+    """The throughput cell, the process read at a fifth and four fifths of it."""
+    task = asyncio.ensure_future(load.throughput(target, 100, 4, duration=duration, warmup=0.5))
+    await asyncio.sleep(0.5 + duration / 5)
     before, started = process_times(target.pid), time.monotonic()
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(duration * 3 / 5)
     after, took = process_times(target.pid), time.monotonic() - started
     result = await task
     return result, [b - a for a, b in zip(before, after)], took
 
 
-def measure(server, app, stores, env, logdir):
+def measure(server, app, stores, env, logdir, duration=5.0):
     name, _ = run.app_args(app)
     path = os.path.join(logdir, f"cpu-{app}.json")
     with run.Server(server, name, stores.url(app), env, logdir, cpu=path) as srv:
-        result, (user, system, voluntary, involuntary), took = asyncio.run(cell(srv.target()))
+        result, (user, system, voluntary, involuntary), took = asyncio.run(
+            cell(srv.target(), duration))
     with open(path) as calls:
         calls = json.load(calls)
     pushes = result["pushes_per_s"] * took

@@ -10,6 +10,7 @@ from support import fresh_store
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
+import cpu_split  # noqa: E402
 import load  # noqa: E402
 import push_under_load  # noqa: E402
 import report  # noqa: E402
@@ -60,3 +61,18 @@ def test_push_under_load_times_a_push_on_every_store(kind, request, tmp_path):
     url = fresh_store(kind, request, tmp_path)
     median, mean = push_under_load.push_times(comet, url, busy=1, pushes=3)
     assert median > 0 and mean > 0
+
+
+def test_cpu_split_reads_the_process_and_each_requests_call_of_the_app(tmp_path):
+    stores = run.Stores()
+    try:
+        split = cpu_split.measure("wsgiref", "comet-memory", stores,
+                                  dict(run.served_env(), COMET_BENCH_ROOMS="listener"),
+                                  str(tmp_path), duration=1.5)
+    finally:
+        stores.close()
+    assert split["deliveries_per_s"] > 0 and split["cpu_ms_per_push"] > 0
+    assert split["user_pct"] + split["system_pct"] > 0 and split["voluntary_per_push"] > 0
+    # Every push answered wakes polls: each method's calls were timed, by the server.
+    assert split["polls_per_push"] >= 1 and split["app_us_per_poll"] > 0
+    assert split["app_us_per_push"] > split["app_us_per_poll"] > 0
