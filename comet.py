@@ -969,7 +969,11 @@ class _SQLStore(Store):
         (commit or batch.conn.commit)()
 
     def _rollback(self, batch):
-        """Undo the whole open transaction (only its first part ran in it)."""
+        """Undo the whole open transaction (only its first part ran in it).  What its
+        cursor keeps to send with its next statement (its BEGIN) is never sent."""
+        forget = getattr(batch.cur, "forget_later", None)
+        if forget is not None:
+            forget()
         if batch.conn is None:              # dropped with the connection (_break)
             return
         try:
@@ -1398,7 +1402,11 @@ class _SQLTransaction:
         return self._batch.conn
 
     def _send_kept(self):
-        """Send what the cursor keeps to send with its next statement (nothing here)."""
+        """Send what the cursor keeps to send with its next statement (its BEGIN,
+        where it has ``send_later``): the hook's statements run in the transaction."""
+        send = getattr(self.cur, "send_later", None)
+        if send is not None:
+            send()
 
     def _run(self, sql, args=()):
         return self._store._execute(self.cur, sql, args)
@@ -1941,11 +1949,6 @@ class SQLiteStore(_SQLStore):
 
 class _MySQLTransaction(_SQLTransaction):
 
-    def _send_kept(self):
-        send = getattr(self.cur, "send_later", None)
-        if send is not None:
-            send()
-
     def _members(self, channel, unless=None):
         # One row, not one a member: PyMySQL parses each row in Python (a channel of
         # 10,000 took 13 ms as rows, 5 ms as one array).  An array the server cut short
@@ -2211,9 +2214,13 @@ class MySQLStore(_SQLStore):
         except pymysql.err.ProgrammingError:        # a syntax error: an older server
             pass
 
+    def _classes(self):
+        """The connection and cursor classes of ``_mysql_classes`` this process uses:
+        under gevent, on PyMySQL's own socket file (C), nothing holds the GIL."""
+        return self._held if self._held and not self._green else self._several
+
     def _connect(self):
-        # Under gevent, PyMySQL's own socket file (C): nothing holds the GIL.
-        conn = (self._held if self._held and not self._green else self._several)[0](
+        conn = self._classes()[0](
             **self._params, charset="utf8mb4", autocommit=True,
             connect_timeout=3, read_timeout=4, write_timeout=4)
         with conn.cursor() as cur:
@@ -2228,19 +2235,13 @@ class MySQLStore(_SQLStore):
         as the base's does; a purge step's is PyMySQL's own."""
         if batch.alone:
             return batch.conn.cursor()
-        cur = (self._held if self._held and not self._green else self._several)[1](batch.conn)
+        cur = self._classes()[1](batch.conn)
         cur.most_bytes = self._statement_bytes
         return cur
 
     def _begin(self, cur):
         # A batch's cursor sends it with the transaction's first statement.
         getattr(cur, "later", cur.execute)("START TRANSACTION")
-
-    def _rollback(self, batch):
-        forget = getattr(batch.cur, "forget_later", None)
-        if forget is not None:
-            forget()                        # a START TRANSACTION not sent: nothing began
-        super()._rollback(batch)
 
     def _take_positions(self, cur, n):
         cur.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
@@ -2668,11 +2669,6 @@ class _Later:
 
 class _PostgreSQLTransaction(_SQLTransaction):
 
-    def _send_kept(self):
-        # A held cursor's BEGIN goes first: the hook's statements run in the transaction.
-        if isinstance(self.cur, _HeldPQCursor):
-            self.cur.send_later()
-
     def _members(self, channel, unless=None):
         # One row, not one a member: each value read back through ctypes costs a
         # few calls of libpq's (``_HeldPQ``), and json.loads reads them all in C.
@@ -2797,13 +2793,7 @@ class PostgreSQLStore(_SQLStore):
     def _begin(self, cur):
         # Each statement sees what is committed now, whatever the database's default.
         # A held cursor sends it with the transaction's first statement.
-        (cur.later if isinstance(cur, _HeldPQCursor) else cur.execute)(
-            "BEGIN ISOLATION LEVEL READ COMMITTED")
-
-    def _rollback(self, batch):
-        if isinstance(batch.cur, _HeldPQCursor):
-            batch.cur.forget_later()        # a BEGIN not sent: nothing began
-        super()._rollback(batch)
+        getattr(cur, "later", cur.execute)("BEGIN ISOLATION LEVEL READ COMMITTED")
 
     def _flush(self, batch):
         """The batch's packages in one statement: the positions taken (and the
