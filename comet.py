@@ -2044,6 +2044,20 @@ def _mysql_classes(pymysql, io):
     class Connection(pymysql.connections.Connection):
 
         several = False                     # statements may go several to a query
+        _contexts = {}                      # (pid, TLS options) -> ssl.SSLContext
+
+        def _create_ssl_ctx(self, options):
+            # PyMySQL makes an SSL context for every connection, to use TLS where the
+            # server offers it: loading the system's CA certificates costs ~35 ms of
+            # CPU, the GIL held, each time the pool grows.  One context a process for
+            # the same options; a context serves many connections at once.
+            if not isinstance(options, dict):
+                return super()._create_ssl_ctx(options)
+            key = os.getpid(), repr(sorted(options.items()))
+            context = self._contexts.get(key)
+            if context is None:
+                context = self._contexts[key] = super()._create_ssl_ctx(options)
+            return context
 
         def connect(self, sock=None):
             super().connect(sock)

@@ -7,9 +7,10 @@ in the kernel, in context switches, and inside the application's own calls.
 Each run serves each app (``bench/serve.py --cpu``, every request's call of the
 app timed on its thread's CPU clock) and drives the throughput cell of
 ``bench/run.py`` (100 subscribers, 4 publishers, 5 s).  For 3 s in its middle
-it reads the process's user and system CPU and its threads' context switches
-from /proc, and prints, per push: the process's CPU, the voluntary and
-involuntary switches, and the polls answered; then, over the whole cell, what
+it reads the process's user and system CPU, its threads' context switches and
+the database servers' CPU (every mariadbd and postgres process: they share the
+cores) from /proc, and prints, per push: the process's CPU, the database's, the
+voluntary and involuntary switches, and the polls answered; then, over the whole cell, what
 a poll's and a push's own call of the app cost on average.  The app's calls
 are a fraction of what the process spends: the rest is the WSGI server's own
 work for each request and the kernel's, which every app pays per request, so
@@ -51,13 +52,31 @@ def process_times(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick, voluntary, involuntary
 
 
+def database_cpu():
+    """CPU seconds used so far by the database servers' processes (mariadbd,
+    postgres: the server and every backend), which share the cores."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                name, fields = stat.read().split(" (", 1)[1].rsplit(")", 1)
+        except OSError:                     # a process that ended meanwhile
+            continue
+        if name in ("mariadbd", "mysqld", "postgres"):
+            fields = fields.split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 async def cell(target, duration=5.0):
     """The throughput cell, the process read at a fifth and four fifths of it."""
     task = asyncio.ensure_future(load.throughput(target, 100, 4, duration=duration, warmup=0.5))
     await asyncio.sleep(0.5 + duration / 5)
-    before, started = process_times(target.pid), time.monotonic()
+    before, started = process_times(target.pid) + (database_cpu(),), time.monotonic()
     await asyncio.sleep(duration * 3 / 5)
-    after, took = process_times(target.pid), time.monotonic() - started
+    after, took = process_times(target.pid) + (database_cpu(),), time.monotonic() - started
     result = await task
     return result, [b - a for a, b in zip(before, after)], took
 
@@ -66,7 +85,7 @@ def measure(server, app, stores, env, logdir, duration=5.0):
     name, _ = run.app_args(app)
     path = os.path.join(logdir, f"cpu-{app}.json")
     with run.Server(server, name, stores.url(app), env, logdir, cpu=path) as srv:
-        result, (user, system, voluntary, involuntary), took = asyncio.run(
+        result, (user, system, voluntary, involuntary, database), took = asyncio.run(
             cell(srv.target(), duration))
     with open(path) as calls:
         calls = json.load(calls)
@@ -79,6 +98,7 @@ def measure(server, app, stores, env, logdir, duration=5.0):
         push_p50_ms=result["push_p50_ms"],
         user_pct=round(100 * user / took), system_pct=round(100 * system / took),
         cpu_ms_per_push=round(1000 * (user + system) / pushes, 2),
+        database_ms_per_push=round(1000 * database / pushes, 2),
         voluntary_per_push=round(voluntary / pushes), involuntary_per_push=round(involuntary / pushes),
         polls_per_push=round(polls / max(1, posts), 1),
         app_us_per_poll=round(1e6 * poll_s / max(1, polls)),
