@@ -790,6 +790,8 @@ class _SQLStore(Store):
         return conn
 
     def _checkin(self, conn):
+        if getattr(conn, "lent", None) is not None:
+            conn.lent = None                # lent to a hook (``lend``): the loan ends here
         with self._pool_lock:
             if len(self._pool) < self._pool_size:
                 self._pool.append(conn)
@@ -1391,15 +1393,24 @@ class _SQLTransaction:
 
     @property
     def db(self):
-        """The connection, for hooks: a hook may write, so what the cursor keeps to
-        send is sent and the savepoints due open first.  What fails there is the
-        store's, a 503, not the hook's."""
+        """The connection, for a hook's call: a hook may write, so what the cursor
+        keeps to send is sent and the savepoints due open first, before the hook's
+        first statement where the connection can tell (``lend``: MySQL's and
+        PostgreSQL's), else now.  What fails there is the store's, a 503, not the hook's."""
+        conn = self._batch.conn
+        lend = getattr(conn, "lend", None)
+        if lend is None:
+            self._ready()
+        else:
+            lend(self._ready)
+        return conn
+
+    def _ready(self):
         try:
             self._send_kept()
             self._writing()
         except self._store._errors as error:
             raise self._store._break(self._batch, error) from error
-        return self._batch.conn
 
     def _send_kept(self):
         """Send what the cursor keeps to send with its next statement (its BEGIN,
@@ -2037,13 +2048,17 @@ def _mysql_classes(pymysql, io):
     A push's transaction is then three round trips to the server, not five: its
     ``START TRANSACTION`` goes with its first statement, and the flush's inserts
     with its ``COMMIT``, several statements a query.  The server takes several
-    only once told it may (``COM_SET_OPTION``, at connect); a connection handed to
-    an application's hook is told it may not, for as long as it is open, so a
-    hook's statement is one statement however its text was made."""
+    only once told it may (``COM_SET_OPTION``, at connect).  A connection handed to
+    an application's hook is told it may not before the hook's first statement (and
+    not at all if the hook makes none), so a hook's statement is one statement
+    however its text was made; it is told it may again when the transaction next
+    keeps a statement to send, once the hook's call is over."""
 
     class Connection(pymysql.connections.Connection):
 
         several = False                     # statements may go several to a query
+        takes_several = False               # the server said it would, at connect
+        lent = None                         # handed to a hook: run before its first query
         _contexts = {}                      # (pid, TLS options) -> ssl.SSLContext
 
         def _create_ssl_ctx(self, options):
@@ -2066,6 +2081,20 @@ def _mysql_classes(pymysql, io):
             with contextlib.suppress(pymysql.err.ProgrammingError,
                                      pymysql.err.NotSupportedError, pymysql.err.InternalError):
                 self.allow_several(True)    # (a server that cannot: one at a time)
+                self.takes_several = True
+
+        def lend(self, ready):
+            """Handed to a hook for its call: ``ready`` (what the transaction keeps
+            sent, one statement a query) runs before the hook's first statement, and
+            not at all if it makes none.  The transaction's own next statement ends
+            the loan (``Cursor``), as does going back to the pool."""
+            self.lent = ready
+
+        def query(self, sql, unbuffered=False):
+            ready, self.lent = self.lent, None
+            if ready is not None:
+                ready()
+            return super().query(sql, unbuffered)
 
         def allow_several(self, allow):
             """Tell the server whether a query may hold several statements."""
@@ -2092,15 +2121,21 @@ def _mysql_classes(pymysql, io):
         def later(self, sql, args=()):
             """``sql`` goes with the next statement, in its query (a START
             TRANSACTION, an insert whose count is not wanted); at once where the
-            connection takes one statement a query."""
-            if self.connection.several:
+            server takes one statement a query.  A connection a hook's statement
+            turned to one a query takes several again: the hook's call is over."""
+            conn = self.connection
+            conn.lent = None
+            if not conn.several and conn.takes_several:
+                with _holding(conn._rfile):
+                    conn.allow_several(True)
+            if conn.several:
                 self._later.append(self.mogrify(sql, args or None))
             else:
                 self.execute(sql, args or None)
 
         def send_later(self):
             """What waits to go with the next statement, now, and one statement a
-            query from now on: the connection is wanted as it is, by a hook."""
+            query from now on: a hook's statement comes next (``lend``)."""
             if self._later:
                 self.execute("DO 0")
             if self.connection.several:
@@ -2112,6 +2147,7 @@ def _mysql_classes(pymysql, io):
             self._later.clear()
 
         def execute(self, query, args=None):
+            self.connection.lent = None     # the transaction's own: a hook's call is over
             with _holding(self.connection._rfile):
                 if not self._later:
                     return super().execute(query, args)
@@ -2455,6 +2491,41 @@ class _HeldPQ:
             return None
 
 
+def _lending_psycopg(psycopg):
+    """psycopg's connection class, such that a connection can be lent to a hook
+    (``lend``): ``ready`` (the transaction's kept ``BEGIN`` sent) runs when the
+    hook first makes a cursor, a transaction block or a pipeline (its statements
+    go through one of them), and not at all if it makes none.  The transaction's
+    own next statement (``_HeldPQCursor``), or going back to the pool, ends the
+    loan."""
+
+    class Connection(psycopg.Connection):
+
+        lent = None
+
+        def lend(self, ready):
+            self.lent = ready
+
+        def _ready(self):
+            ready, self.lent = self.lent, None
+            if ready is not None:
+                ready()
+
+        def cursor(self, *args, **kwargs):
+            self._ready()
+            return super().cursor(*args, **kwargs)
+
+        def transaction(self, *args, **kwargs):
+            self._ready()
+            return super().transaction(*args, **kwargs)
+
+        def pipeline(self):
+            self._ready()
+            return super().pipeline()
+
+    return Connection
+
+
 class _HeldPQCursor:
     """A cursor of a psycopg connection whose statements run through ``_HeldPQ``,
     each to its end (every result read), so that psycopg finds the connection as
@@ -2502,6 +2573,7 @@ class _HeldPQCursor:
     def execute(self, sql, args=(), commit=False):
         """Runs ``sql`` after what waits to go with it; with ``commit``, a COMMIT after
         it.  Several statements go in one round trip (libpq's pipeline mode)."""
+        self._conn.lent = None              # the transaction's own: a hook's call is over
         statement = self._statement(sql, args)
         statements, self._later = self._later + [statement], []
         if commit:
@@ -2777,6 +2849,7 @@ class PostgreSQLStore(_SQLStore):
         self._psycopg = psycopg
         self._errors = (psycopg.OperationalError, psycopg.InterfaceError)
         self._library = _HeldPQ.load(psycopg)
+        self._connection_class = _lending_psycopg(psycopg)
         self.notify = notify
         # keepalives: a connection whose host is gone fails in 5 + 3 x 1 s, not hours.
         self._params = dict(connect_timeout=3, keepalives=1, keepalives_idle=5,
@@ -2798,8 +2871,8 @@ class PostgreSQLStore(_SQLStore):
         # Where a push's statements are held (and prepared by _HeldPQCursor), psycopg
         # prepares none of its own, whose rollback would deallocate those.
         held = self._library is not None and not _green()
-        return self._psycopg.connect(**self._params, autocommit=True,
-                                     prepare_threshold=None if held else 5)
+        return self._connection_class.connect(**self._params, autocommit=True,
+                                              prepare_threshold=None if held else 5)
 
     def _held_cursor(self, batch):
         return _HeldPQCursor(batch.conn, self._library) if self._library else None

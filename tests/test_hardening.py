@@ -129,7 +129,7 @@ def pooled_in_transaction(store):
     def open_transaction(conn):
         if isinstance(conn, sqlite3.Connection):
             return conn.in_transaction
-        if type(conn).__module__.startswith("psycopg"):
+        if any(cls.__module__.startswith("psycopg") for cls in type(conn).__mro__):
             import psycopg
             return conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         return bool(conn.server_status & 1)             # SERVER_STATUS_IN_TRANS

@@ -286,11 +286,14 @@ def test_a_push_sends_its_start_with_its_first_statement_and_its_inserts_with_it
     assert [json.loads(body)["n"] for _, _, body in rows] == [3, 4]
 
 
-def test_a_hook_handed_the_connection_runs_one_statement_a_query_while_it_is_open(
+def test_a_hooks_statements_go_one_a_query_and_a_hook_making_none_costs_no_round_trip(
         url, monkeypatch):
+    """A hook handed the connection has it take one statement a query before the
+    hook's first (its kept START sent first); the flush's inserts still go with the
+    COMMIT, and a hook that makes no statement changes nothing of the push's."""
     import pymysql
     app = make_app(store=url)
-    stacked = []
+    stacked, told = [], []
 
     @app.listener("stacked")
     def two_at_once(environ, package, db):
@@ -303,18 +306,44 @@ def test_a_hook_handed_the_connection_runs_one_statement_a_query_while_it_is_ope
             cur.execute("SELECT @@in_transaction")      # the push's transaction, begun
             stacked.append(cur.fetchone()[0])
         return ["bob"]
+
+    @app.listener("quiet")
+    def quiet(environ, package, db):        # handed the connection, and no statement
+        return ["bob"]
+
+    app.push({"type": "note", "listeners": "bob"})     # the pool's connection made
+    connection = app.store._classes()[0]
+    allow = connection.allow_several
+    monkeypatch.setattr(connection, "allow_several",
+                        lambda conn, several: told.append(several) or allow(conn, several))
+    head = app.store.head()
+    sent = record_queries(monkeypatch)
     app.push({"type": "note", "listeners": ["stacked"]})
+    assert stacked == ["one", 1] and told == [False, True]
+    assert sent == ["START+DO", "SELECT+SELECT", "SELECT", "UPDATE", "INSERT+INSERT+COMMIT"]
+    for _ in range(2):
+        del sent[:], told[:]
+        app.push({"type": "note", "listeners": ["quiet"]})
+        assert sent == ["START+UPDATE", "INSERT+INSERT+COMMIT"] and told == []
     app.push({"type": "note", "listeners": ["stacked"]})
     assert stacked == ["one", 1, "one", 1]
-    conn = app.store._checkout()            # the one the pushes ran on, pooled again
+    assert app.store.head() == head + 4
+
+
+def test_a_connection_lent_to_a_hook_goes_back_to_the_pool_with_the_loan_ended(url):
+    app = make_app(store=url)
+
+    @app.listener("refusing")
+    def refusing(environ, package, db):     # handed it, then the part fails
+        raise comet.Reject("not today")
+    with pytest.raises(comet.CometError):
+        app.push({"type": "note", "listeners": ["refusing"]})
+    conn = app.store._checkout()            # the one the push ran on
     try:
-        assert not conn.several
+        assert conn.lent is None and conn.several
     finally:
         app.store._checkin(conn)
-    sent = record_queries(monkeypatch)
-    app.push({"type": "note", "listeners": "bob"})     # on it, one statement a query
-    assert sent == ["START", "UPDATE", "INSERT", "INSERT", "COMMIT"]
-    assert app.store.head() == 3
+    assert app.store._query("SELECT 7") == ((7,),)
 
 
 def test_a_statement_sent_with_the_commit_that_fails_leaves_nothing_committed(

@@ -244,8 +244,8 @@ def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkey
     """After BEGIN and the hooks: the positions, the packages and every delivery
     (the package's own body and a tailored one) in one statement, then COMMIT.
     Under gevent each round trip waits for every ready greenlet.  Held, the BEGIN
-    goes with the first statement after it (here a listener is handed the
-    connection first) and the COMMIT with the last."""
+    goes with the first statement after it and the COMMIT with the last (a listener
+    and an on_emit are handed the connection, and make no statement on it)."""
     app = make_app(store=url)
     if path == "psycopg":                   # as under gevent
         monkeypatch.setattr(app.store, "_library", None)
@@ -255,7 +255,7 @@ def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkey
             lambda package, recipient, private, db: dict(package, to=recipient)
             if recipient == "bob" else package)
         cursor = app.store.head()
-        expected = {"held": [["BEGIN", "WITH+COMMIT"],
+        expected = {"held": [["BEGIN+WITH+COMMIT"],
                              ["BEGIN+INSERT", "DELETE+WITH+COMMIT"],   # the stamp's claim
                              ["BEGIN+WITH+COMMIT"]],
                     "psycopg": [["BEGIN", "WITH", "COMMIT"],
@@ -308,6 +308,63 @@ def test_a_join_or_leave_sends_its_spans_with_the_commit(url, monkeypatch, path)
     spans = app.store._query("SELECT client, from_pos, to_pos FROM comet_spans")
     # A member from its join's package to its leave's, both included.
     assert [(comet._text(client), end - start) for client, start, end in spans] == [("a", 2)]
+
+
+@pytest.mark.parametrize("way", ["execute", "cursor", "transaction"])
+def test_a_hook_that_writes_finds_the_push_begun_and_commits_or_rolls_back_with_it(
+        url, monkeypatch, way):
+    """Held, the BEGIN waits to go with the push's first statement, and a hook is
+    handed the connection: whatever the hook first makes on it (a statement, a
+    cursor, a transaction block) sends the BEGIN first, so that what it writes is
+    the push's, committed with the package or rolled back with it."""
+    app = make_app(store=url)
+    try:
+        with app.store._connection() as conn:
+            conn.execute("CREATE TABLE app_notes (n INT)")
+
+        def write(db, n):
+            if way == "execute":
+                db.execute("INSERT INTO app_notes VALUES (%s)", (n,))
+            elif way == "cursor":
+                with db.cursor() as cur:
+                    cur.execute("INSERT INTO app_notes VALUES (%s)", (n,))
+            else:
+                with db.transaction():
+                    db.execute("INSERT INTO app_notes VALUES (%s)", (n,))
+
+        def on_emit(package, recipient, private, db):
+            write(db, package["n"])
+            if package.get("refuse"):
+                raise comet.Reject("written, then refused")
+            return package
+        app.action("note").on_emit(on_emit)
+        sent = record_round_trips(monkeypatch)
+        app.push({"type": "note", "listeners": "bob", "n": 1})
+        assert sent[:1] == ["BEGIN"] and sent[-1] == "WITH+COMMIT"
+        with pytest.raises(comet.CometError):
+            app.push({"type": "note", "listeners": "bob", "n": 2, "refuse": True})
+        assert sorted(app.store._query("SELECT n FROM app_notes")) == [(1,)]
+        assert app.store.head() == 1
+    finally:
+        app.close()
+
+
+def test_a_connection_lent_to_a_hook_goes_back_to_the_pool_with_the_loan_ended(url):
+    app = make_app(store=url)
+    try:
+        @app.listener("refusing")
+        def refusing(environ, package, db):     # handed it, then the part fails
+            raise comet.Reject("not today")
+        with pytest.raises(comet.CometError):
+            app.push({"type": "note", "listeners": ["refusing"]})
+        conn = app.store._checkout()            # the one the push ran on
+        try:
+            assert conn.lent is None
+        finally:
+            app.store._checkin(conn)
+        assert app.store._query("SELECT 7") == [(7,)]
+    finally:
+        app.close()
 
 
 # --------------------------------------------------------------------------
