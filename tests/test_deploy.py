@@ -334,12 +334,27 @@ def assert_delivered(run, store):
             f"{client}: something was left over after its packages: {got[-3:]}"
         got = got[:-1]
         assert len(got) == len(set(got)), f"{client} received a package twice"
-        assert sorted(got) == sorted(run.expected[client]), f"{client} lost or gained packages"
+        assert sorted(got) == sorted(run.expected[client]), lost_or_gained(run, client, position)
         order = [position[stamp] for stamp in got]
         assert order == sorted(order), f"{client} received packages out of the store's order"
         for after, cursor, stamps in run.windows[client]:
             low, high = int(after.rpartition(".")[2]), int(cursor.rpartition(".")[2])
             assert all(low < position[s] <= high for s in stamps), (client, after, cursor)
+
+
+def lost_or_gained(run, client, position):
+    """What a client lost or gained: each such package's position in the store (None:
+    not stored), and the poll answers whose windows hold or border it."""
+    got, expected = set(run.received[client]), set(run.expected[client])
+    lines = [f"{client} lost or gained packages"]
+    for stamp in sorted((expected - got) | (got - expected)):
+        at = position.get(stamp)
+        windows = [(after, cursor, len(stamps)) for after, cursor, stamps in run.windows[client]
+                   if at is not None and int(after.rpartition(".")[2]) - 2 <= at
+                   <= int(cursor.rpartition(".")[2]) + 2]
+        lines.append(f"  {'lost' if stamp in expected else 'gained'} {stamp} at {at};"
+                     f" answers around it (after, cursor, packages): {windows}")
+    return "\n".join(lines)
 
 
 def test_gthread_workers_on_one_sqlite_file_deliver_each_package_once_in_order(
