@@ -790,8 +790,8 @@ class _SQLStore(Store):
         return conn
 
     def _checkin(self, conn):
-        if getattr(conn, "lent", None) is not None:
-            conn.lent = None                # lent to a hook (``lend``): the loan ends here
+        if isinstance(conn, _Lending):
+            conn.lent = None                # lent to a hook: the loan ends here
         with self._pool_lock:
             if len(self._pool) < self._pool_size:
                 self._pool.append(conn)
@@ -1395,7 +1395,7 @@ class _SQLTransaction:
     def db(self):
         """The connection, for a hook's call: a hook may write, so what the cursor
         keeps to send is sent and the savepoints due open first, before the hook's
-        first statement where the connection can tell (``lend``: MySQL's and
+        first statement where the connection can tell (``_Lending``: MySQL's and
         PostgreSQL's), else now.  What fails there is the store's, a 503, not the hook's."""
         conn = self._batch.conn
         lend = getattr(conn, "lend", None)
@@ -2039,6 +2039,24 @@ class _HeldReader:
         pass                                # the socket is PyMySQL's to close
 
 
+class _Lending:
+    """A driver's connection that can be lent to a hook (``lend``, by ``tx.db``):
+    ``ready`` (what the transaction keeps to send, sent) runs before the hook's first
+    statement (``_end_loan``, called by the subclass there), and not at all if it
+    makes none.  The transaction's own next statement, or going back to the pool
+    (``_SQLStore._checkin``), ends the loan."""
+
+    lent = None
+
+    def lend(self, ready):
+        self.lent = ready
+
+    def _end_loan(self):
+        ready, self.lent = self.lent, None
+        if ready is not None:
+            ready()
+
+
 def _mysql_classes(pymysql, io):
     """PyMySQL's connection and cursor classes, such that the cursor's statements
     (and its ``commit``, the connection's) read and write through a ``_HeldReader``
@@ -2054,11 +2072,10 @@ def _mysql_classes(pymysql, io):
     however its text was made; it is told it may again when the transaction next
     keeps a statement to send, once the hook's call is over."""
 
-    class Connection(pymysql.connections.Connection):
+    class Connection(_Lending, pymysql.connections.Connection):
 
         several = False                     # statements may go several to a query
         takes_several = False               # the server said it would, at connect
-        lent = None                         # handed to a hook: run before its first query
         _contexts = {}                      # (pid, TLS options) -> ssl.SSLContext
 
         def _create_ssl_ctx(self, options):
@@ -2083,17 +2100,8 @@ def _mysql_classes(pymysql, io):
                 self.allow_several(True)    # (a server that cannot: one at a time)
                 self.takes_several = True
 
-        def lend(self, ready):
-            """Handed to a hook for its call: ``ready`` (what the transaction keeps
-            sent, one statement a query) runs before the hook's first statement, and
-            not at all if it makes none.  The transaction's own next statement ends
-            the loan (``Cursor``), as does going back to the pool."""
-            self.lent = ready
-
         def query(self, sql, unbuffered=False):
-            ready, self.lent = self.lent, None
-            if ready is not None:
-                ready()
+            self._end_loan()                # a hook's first statement, if lent to one
             return super().query(sql, unbuffered)
 
         def allow_several(self, allow):
@@ -2492,35 +2500,22 @@ class _HeldPQ:
 
 
 def _lending_psycopg(psycopg):
-    """psycopg's connection class, such that a connection can be lent to a hook
-    (``lend``): ``ready`` (the transaction's kept ``BEGIN`` sent) runs when the
-    hook first makes a cursor, a transaction block or a pipeline (its statements
-    go through one of them), and not at all if it makes none.  The transaction's
-    own next statement (``_HeldPQCursor``), or going back to the pool, ends the
-    loan."""
+    """psycopg's connection class, ``_Lending``: a hook's statements go through a
+    cursor, a transaction block or a pipeline, so the first of those it makes ends
+    the loan (the transaction's kept ``BEGIN`` sent)."""
 
-    class Connection(psycopg.Connection):
-
-        lent = None
-
-        def lend(self, ready):
-            self.lent = ready
-
-        def _ready(self):
-            ready, self.lent = self.lent, None
-            if ready is not None:
-                ready()
+    class Connection(_Lending, psycopg.Connection):
 
         def cursor(self, *args, **kwargs):
-            self._ready()
+            self._end_loan()
             return super().cursor(*args, **kwargs)
 
         def transaction(self, *args, **kwargs):
-            self._ready()
+            self._end_loan()
             return super().transaction(*args, **kwargs)
 
         def pipeline(self):
-            self._ready()
+            self._end_loan()
             return super().pipeline()
 
     return Connection

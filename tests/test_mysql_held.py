@@ -330,22 +330,6 @@ def test_a_hooks_statements_go_one_a_query_and_a_hook_making_none_costs_no_round
     assert app.store.head() == head + 4
 
 
-def test_a_connection_lent_to_a_hook_goes_back_to_the_pool_with_the_loan_ended(url):
-    app = make_app(store=url)
-
-    @app.listener("refusing")
-    def refusing(environ, package, db):     # handed it, then the part fails
-        raise comet.Reject("not today")
-    with pytest.raises(comet.CometError):
-        app.push({"type": "note", "listeners": ["refusing"]})
-    conn = app.store._checkout()            # the one the push ran on
-    try:
-        assert conn.lent is None and conn.several
-    finally:
-        app.store._checkin(conn)
-    assert app.store._query("SELECT 7") == ((7,),)
-
-
 def test_a_statement_sent_with_the_commit_that_fails_leaves_nothing_committed(
         url, monkeypatch):
     """The server runs none of a query's statements after one that fails: the COMMIT

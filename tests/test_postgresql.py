@@ -349,24 +349,6 @@ def test_a_hook_that_writes_finds_the_push_begun_and_commits_or_rolls_back_with_
         app.close()
 
 
-def test_a_connection_lent_to_a_hook_goes_back_to_the_pool_with_the_loan_ended(url):
-    app = make_app(store=url)
-    try:
-        @app.listener("refusing")
-        def refusing(environ, package, db):     # handed it, then the part fails
-            raise comet.Reject("not today")
-        with pytest.raises(comet.CometError):
-            app.push({"type": "note", "listeners": ["refusing"]})
-        conn = app.store._checkout()            # the one the push ran on
-        try:
-            assert conn.lent is None
-        finally:
-            app.store._checkin(conn)
-        assert app.store._query("SELECT 7") == [(7,)]
-    finally:
-        app.close()
-
-
 # --------------------------------------------------------------------------
 # NOTIFY: one per commit, the new head, nothing on a rollback
 # --------------------------------------------------------------------------

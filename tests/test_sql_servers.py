@@ -341,6 +341,22 @@ def test_hooks_get_the_drivers_connection(notes_app, server):
     assert isinstance(notes_app.hook_dbs[0], server.connection_type())
 
 
+def test_a_connection_lent_to_a_hook_goes_back_to_the_pool_with_the_loan_ended(app, server):
+    @app.listener("refusing")
+    def refusing(environ, package, db):     # handed it, then the part fails
+        raise comet.Reject("not today")
+    with pytest.raises(comet.CometError):
+        app.push({"type": "note", "listeners": ["refusing"]})
+    conn = app.store._checkout()            # the one the push ran on
+    try:
+        assert conn.lent is None
+        if server.kind == "mysql":
+            assert conn.several
+    finally:
+        app.store._checkin(conn)
+    assert list(app.store._query("SELECT 7")) == [(7,)]
+
+
 def test_what_on_submit_writes_commits_with_the_package(notes_app):
     [recipient] = new_ids("recipient")
     package = note(recipient)
