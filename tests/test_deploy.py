@@ -249,8 +249,10 @@ class Delivery:
         self.expected = {client: [p["_stamp"] for p in packages if client in p["to"]]
                          for client in clients}
         self.received = {client: [] for client in clients}     # stamps in arrival order
-        self.windows = {client: [] for client in clients}      # (after, cursor, stamps) per answer
+        self.windows = {client: [] for client in clients}      # (after, cursor, stamps, worker)
         self.refused = []                                      # (stamp, status, answer) given up
+        self.retried = {}                                      # stamp -> statuses before its last
+        self.accepted_by = {}                                  # stamp -> the worker that said 200
         self.workers = {"push": set(), "poll": set()}          # X-Worker pids seen
         self.errors = []
         self.seconds = 0.0
@@ -285,9 +287,12 @@ def deliver(url, clients=10, count=500, pushers=5, deadline=60.0, headers=()):
                 run.workers["push"].add(answer_headers.get("X-Worker"))
                 if status not in (429, 503) or time.monotonic() > end:
                     break
+                run.retried.setdefault(package["_stamp"], []).append((status, answer))
                 time.sleep(0.05)
             if status != 200:
                 run.refused.append((package["_stamp"], status, answer))
+            else:
+                run.accepted_by[package["_stamp"]] = answer_headers.get("X-Worker")
 
     def poll(client):
         poller = Client(url, client)
@@ -301,7 +306,8 @@ def deliver(url, clients=10, count=500, pushers=5, deadline=60.0, headers=()):
             run.workers["poll"].add(answer_headers.get("X-Worker"))
             poller.cursor = answer["cursor"]
             stamps = [package["_stamp"] for package in answer["packages"]]
-            run.windows[client].append((after, answer["cursor"], stamps))
+            run.windows[client].append((after, answer["cursor"], stamps,
+                                        answer_headers.get("X-Worker")))
             run.received[client] += stamps
         cursors[client] = poller.cursor
 
@@ -337,23 +343,28 @@ def assert_delivered(run, store):
         assert sorted(got) == sorted(run.expected[client]), lost_or_gained(run, client, position)
         order = [position[stamp] for stamp in got]
         assert order == sorted(order), f"{client} received packages out of the store's order"
-        for after, cursor, stamps in run.windows[client]:
+        for after, cursor, stamps, _ in run.windows[client]:
             low, high = int(after.rpartition(".")[2]), int(cursor.rpartition(".")[2])
             assert all(low < position[s] <= high for s in stamps), (client, after, cursor)
 
 
 def lost_or_gained(run, client, position):
     """What a client lost or gained: each such package's position in the store (None:
-    not stored), and the poll answers whose windows hold or border it."""
+    not stored), the worker that accepted it and the answers its push had before,
+    and the poll answers whose windows hold or border it, with the worker of each."""
     got, expected = set(run.received[client]), set(run.expected[client])
     lines = [f"{client} lost or gained packages"]
     for stamp in sorted((expected - got) | (got - expected)):
         at = position.get(stamp)
-        windows = [(after, cursor, len(stamps)) for after, cursor, stamps in run.windows[client]
+        windows = [(after, cursor, len(stamps), worker)
+                   for after, cursor, stamps, worker in run.windows[client]
                    if at is not None and int(after.rpartition(".")[2]) - 2 <= at
                    <= int(cursor.rpartition(".")[2]) + 2]
         lines.append(f"  {'lost' if stamp in expected else 'gained'} {stamp} at {at};"
-                     f" answers around it (after, cursor, packages): {windows}")
+                     f" answers around it (after, cursor, packages, worker): {windows};"
+                     f" accepted by {run.accepted_by.get(stamp)},"
+                     f" answered before that: {run.retried.get(stamp, [])}")
+    lines.append(f"  pushes retried: {len(run.retried)}")
     return "\n".join(lines)
 
 
