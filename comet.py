@@ -103,7 +103,8 @@ def _unavailable(message):
 _STAMP = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 _SID = re.compile(r"(?:^|;)\s*comet_sid=([A-Za-z0-9_-]{22,64})\s*(?:;|$)")
 _CURSOR = re.compile(r"(.*)\.([0-9]{1,19})", re.DOTALL)    # STOREID.POSITION, ASCII digits
-_LENGTH = re.compile(r"[0-9]+")     # int() would also take "+5", " 5", "1_0" and other scripts' digits
+# int() would also take "+5", " 5", "1_0" and other scripts' digits
+_LENGTH = re.compile(r"[0-9]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")    # in a body: faster than bytes.find
 _PAGE = 500                         # packages in one poll answer, at most
@@ -151,7 +152,8 @@ def _loads(data):
     if data.count(b"[") + data.count(b"{") > depth and _nested_over(value, depth):
         raise CometError(400, "bad_json", f"a package nests deeper than {_MAX_DEPTH} levels")
     if _SURROGATE_ESCAPE.search(data) and not _encodable(value):
-        raise CometError(400, "bad_json", "the body holds a lone UTF-16 surrogate: text must be Unicode")
+        raise CometError(400, "bad_json",
+                         "the body holds a lone UTF-16 surrogate: text must be Unicode")
     return value
 
 
@@ -207,7 +209,8 @@ def _single_recipient(listeners):
     """The client id a single listener names (a string, or the integer n: ``str(n)``),
     or None when it names none: not 1 to ``_MAX_ID`` characters of Unicode, a bool."""
     if isinstance(listeners, int) and not isinstance(listeners, bool):
-        if listeners.bit_length() > 4 * _MAX_ID:    # too long anyway; str() refuses past 4,300 digits
+        # Too long anyway; str() refuses past 4,300 digits.
+        if listeners.bit_length() > 4 * _MAX_ID:
             return None
         listeners = str(listeners)
     if isinstance(listeners, str) and 0 < len(listeners) <= _MAX_ID and _unicode(listeners):
@@ -632,7 +635,7 @@ class _SQLStore(Store):
 
     shared = True
     channel_rows = True
-    _clock = None                           # SQL for the database's clock in ms, where hosts share it
+    _clock = None                           # SQL for the database's clock in ms (hosts share it)
     _offset = 0                             # the database's clock minus this host's, in ms
     _placeholder = "?"
     _errors = ()
@@ -844,20 +847,19 @@ class _SQLStore(Store):
     def transaction(self, alone=False):
         """This thread's part of a write transaction (group commit).
 
-        A transaction opened while another runs in this process joins it and
-        takes its turn on the same connection once the parts before it are
-        done (SQLite: one batch at a time; MySQL: up to ``_batches``, another
-        opening when each has ``_batch_queue`` parts waiting, so that a slow
-        hook holds up a few pushes, not all); the last part writes every
-        package (the positions taken in one statement) and commits once for all.  A part that fails is rolled
-        back alone: to its savepoint, or the whole transaction when it is the
-        first.  Every part waits for the commit before it returns, and all
-        of them fail if the commit does.  A ``BaseException`` (gevent.Timeout,
-        GreenletExit) in a part, the flush or the commit may have cut a driver
-        call short: the connection is dropped, every part fails with a 503, and
-        the interruption goes on in its own thread.  ``alone``: a transaction
-        that no other joins, nor it another (housekeeping's: a purge step never
-        holds up a push's commit, though on SQLite the two still take turns).
+        A transaction opened while another runs in this process joins it and takes its
+        turn on the same connection once the parts before it are done (SQLite: one batch
+        at a time; MySQL: up to ``_batches``, another opening when each has
+        ``_batch_queue`` parts waiting, so that a slow hook holds up a few pushes, not
+        all); the last part writes every package (the positions taken in one statement)
+        and commits once for all.  A part that fails is rolled back alone: to its
+        savepoint, or the whole transaction when it is the first.  Every part waits for
+        the commit before it returns, and all of them fail if the commit does.  A
+        ``BaseException`` (gevent.Timeout, GreenletExit) in a part, the flush or the
+        commit may have cut a driver call short: the connection is dropped, every part
+        fails with a 503, and the interruption goes on in its own thread.  ``alone``: a
+        transaction that no other joins, nor it another (housekeeping's: a purge step
+        never holds up a push's commit, though on SQLite the two still take turns).
         """
         batch = self._join(alone)
         self._local.batch = batch
@@ -1307,7 +1309,8 @@ class _SQLStore(Store):
                               "   AND p.pos >= s.from_pos AND p.pos < s.to_pos) END"
                               " FROM comet_spans s JOIN (SELECT channel, MAX(pos) AS top"
                               "  FROM comet_packages WHERE pos > ? AND pos <= ?"
-                              "  AND channel IS NOT NULL GROUP BY channel) c ON c.channel = s.channel"
+                              "  AND channel IS NOT NULL GROUP BY channel) c"
+                              " ON c.channel = s.channel"
                               " WHERE s.from_pos <= c.top AND s.to_pos > ?")
                     found_args = args + (lo, hi, lo, hi, lo + 1)
                 tx._run(f"{marks} SELECT recipient, MAX(pos) FROM ({found}) AS r"
@@ -2922,7 +2925,8 @@ class PostgreSQLStore(_SQLStore):
             args.update(read=batch.read_changes, members=_json_text(members), at=_json_text(at))
         notify = ""
         if self.notify:
-            notify, args["origin"] = ", pg_notify('comet', head || ' ' || %(origin)s)", self._origin()
+            notify = ", pg_notify('comet', head || ' ' || %(origin)s)"
+            args["origin"] = self._origin()
         # The meta row is returned as the UPDATE left it, after waiting for its lock:
         # ``changes`` then counts every membership change committed before, and
         # ``moved`` is whether one committed since the channel rows' members were read.
@@ -3272,7 +3276,7 @@ class _Window:
         self.base = self.horizon = None     # unknown until ``start``
         self._inbox = collections.defaultdict(list)     # recipient -> [(position, ts, body)]
         self._log = collections.deque()     # (position, ts, delivered, bytes), oldest first
-        self._ahead = {}                    # position -> (ts, delivered): committed here, past a gap
+        self._ahead = {}                    # position -> (ts, delivered): ours, past a gap
         self._lock = _section_lock()
 
     def start(self, head):
@@ -3696,7 +3700,8 @@ class Comet:
         namespace = next((ns for ns in self._namespaces if ns.prefix == prefix), None)
         if namespace is None:
             namespace = Namespace(self, prefix, may_join, presence)
-            self._namespaces = sorted(self._namespaces + [namespace], key=lambda ns: -len(ns.prefix))
+            self._namespaces = sorted(self._namespaces + [namespace],
+                                      key=lambda ns: -len(ns.prefix))
         return _same_rules(namespace, may_join, presence)
 
     # -- the server side
@@ -3975,7 +3980,8 @@ class Comet:
             while True:
                 wakes = self._parking.wakes
                 head, rows, lost = self._read(client, after, turn)
-                if after > head or lost or rows and rows[0][1] < self.store.now() - self.retention * 1000:
+                if after > head or lost or (
+                        rows and rows[0][1] < self.store.now() - self.retention * 1000):
                     return self._answer(head, reset=True)
                 if rows:
                     self._count("delivered", len(rows))
@@ -4111,7 +4117,8 @@ class Comet:
         self.store.touch(seen.union(self._parking.clients()), now)
         if not sweep:
             return
-        for channel, client, sender in self.store.stale_members(now - int(self.presence_timeout * 1000)):
+        stale = self.store.stale_members(now - int(self.presence_timeout * 1000))
+        for channel, client, sender in stale:
             found = self._channel(channel)
             if found is not None and found.presence:
                 self._leave_on_timeout(channel, client, sender)
@@ -4270,7 +4277,8 @@ class Comet:
                 with open(path, "rb") as file:
                     script = file.read()
             except OSError:
-                raise CometError(404, "not_found", "comet_client.js is not beside comet.py") from None
+                raise CometError(404, "not_found",
+                                 "comet_client.js is not beside comet.py") from None
             self._script = script, '"%s"' % hashlib.sha1(script).hexdigest()[:20]
         script, etag = self._script
         headers = [("Content-Type", "application/javascript; charset=utf-8"),
