@@ -36,8 +36,8 @@ import zipfile
 
 import pytest
 
-from support import (Client, free_port, fresh_store, need, need_gevent, positions_in_store,
-                     wait_until)
+from support import (Client, cursor_position, free_port, fresh_store, need, need_gevent,
+                     positions_in_store, wait_until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -344,7 +344,7 @@ def assert_delivered(run, store):
         order = [position[stamp] for stamp in got]
         assert order == sorted(order), f"{client} received packages out of the store's order"
         for after, cursor, stamps, _ in run.windows[client]:
-            low, high = int(after.rpartition(".")[2]), int(cursor.rpartition(".")[2])
+            low, high = cursor_position(after), cursor_position(cursor)
             assert all(low < position[s] <= high for s in stamps), (client, after, cursor)
 
 
@@ -358,8 +358,8 @@ def lost_or_gained(run, client, position):
         at = position.get(stamp)
         windows = [(after, cursor, len(stamps), worker)
                    for after, cursor, stamps, worker in run.windows[client]
-                   if at is not None and int(after.rpartition(".")[2]) - 2 <= at
-                   <= int(cursor.rpartition(".")[2]) + 2]
+                   if at is not None
+                   and cursor_position(after) - 2 <= at <= cursor_position(cursor) + 2]
         lines.append(f"  {'lost' if stamp in expected else 'gained'} {stamp} at {at};"
                      f" answers around it (after, cursor, packages, worker): {windows};"
                      f" accepted by {run.accepted_by.get(stamp)},"
