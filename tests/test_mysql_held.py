@@ -212,7 +212,10 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
             app.push({"type": "note", "listeners": ["to"], "to": ["bob"], "text": str(n)})
         assert app.store.head() == 50
         if server == "near":
-            assert polled.calls > 50 and timed.calls >= 150
+            # Two round trips a push (its START with the positions' UPDATE, its inserts
+            # with the COMMIT), each held and timed; a reply that comes in two reads is
+            # waited for twice, so there may be more.
+            assert polled.calls > 50 and timed.calls >= 100
         else:                               # one in 64 held, the rest let go at once
             assert polled.calls <= timed.calls <= 5 and sum(released) >= 100
     finally:
