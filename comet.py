@@ -650,6 +650,7 @@ class _SQLStore(Store):
     _batch_queue = 4                        # parts waiting in each before another opens
     _turn_timeout = 10                      # seconds a part waits for its turn, then 503 busy
     _one_writer = False                     # SQLite: this process's batches queue on a lock
+    _fold_members = 1000                    # channel rows' members a one-trip flush sends
     _transaction_type = None                # _SQLTransaction, once it is defined below
 
     def __init__(self):
@@ -2066,14 +2067,15 @@ def _mysql_classes(pymysql, io):
     (with ``io``, not None: ``_HeldIO``), and statements whose results are not read
     wait to go with the next one.
 
-    A push's transaction is then three round trips to the server, not five: its
-    ``START TRANSACTION`` goes with its first statement, and the flush's inserts
-    with its ``COMMIT``, several statements a query.  The server takes several
-    only once told it may (``COM_SET_OPTION``, at connect).  A connection handed to
-    an application's hook is told it may not before the hook's first statement (and
-    not at all if the hook makes none), so a hook's statement is one statement
-    however its text was made; it is told it may again when the transaction next
-    keeps a statement to send, once the hook's call is over."""
+    A push's transaction is then two round trips to the server, not five: its
+    ``START TRANSACTION`` goes with its first statement, and the flush's
+    statements with its ``COMMIT`` (``MySQLStore._flush``), several a query.  The
+    server takes several only once told it may (``COM_SET_OPTION``, at connect).
+    A connection handed to an application's hook is told it may not before the
+    hook's first statement (and not at all if the hook makes none), so a hook's
+    statement is one statement however its text was made; it is told it may again
+    when the transaction next keeps a statement to send, once the hook's call is
+    over."""
 
     class Connection(_Lending, pymysql.connections.Connection):
 
@@ -2124,6 +2126,8 @@ def _mysql_classes(pymysql, io):
     class Cursor(pymysql.cursors.Cursor):
 
         most_bytes = math.inf               # a query's text at most (the store's packet)
+        last_id = 0                         # set by LAST_INSERT_ID(expr) in the last query
+        committed = False                   # the transaction's COMMIT went (``commit_now``)
 
         def __init__(self, connection):
             super().__init__(connection)
@@ -2159,26 +2163,43 @@ def _mysql_classes(pymysql, io):
 
         def execute(self, query, args=None):
             self.connection.lent = None     # the transaction's own: a hook's call is over
+            self.last_id = 0
             with _holding(self.connection._rfile):
                 if not self._later:
-                    return super().execute(query, args)
+                    return self._ran(super().execute(query, args))
                 statements, self._later = self._later + [self.mogrify(query, args)], []
                 query = "; ".join(statements)
                 if len(query) * 4 > self.most_bytes and len(query.encode()) > self.most_bytes:
                     for statement in statements[:-1]:   # too long together: one at a time
-                        super().execute(statement)
-                    return super().execute(statements[-1])
-                super().execute(query)
+                        self._ran(super().execute(statement))
+                    return self._ran(super().execute(statements[-1]))
+                self._ran(super().execute(query))
                 while self.nextset():       # the last statement's result is the cursor's
-                    pass
+                    self._ran(None)
                 return self.rowcount
 
+        def _ran(self, result):
+            """Keep the id a statement set with ``LAST_INSERT_ID(expr)`` (``last_id``),
+            whichever statement of the query it was."""
+            if self.lastrowid:
+                self.last_id = self.lastrowid
+            return result
+
         def commit(self):
+            if self.committed:              # it went with the flush's statements
+                return
             if self._later:
                 self.execute("COMMIT")
                 return
             with _holding(self.connection._rfile):
                 self.connection.commit()
+
+        def commit_now(self):
+            """Send what waits and the COMMIT now; the transaction's ``commit`` then
+            sends nothing.  Returns the id the last ``LAST_INSERT_ID(expr)`` set."""
+            self.commit()
+            self.committed = True
+            return self.last_id
 
     return Connection, Cursor
 
@@ -2320,6 +2341,59 @@ class MySQLStore(_SQLStore):
                           (n, batch.read_changes))
         head, changed = divmod(batch.cur.lastrowid, 2)
         return head - n + 1, bool(changed)
+
+    def _flush(self, batch):
+        """The batch's packages and deliveries sent with the COMMIT, in one round trip
+        with the positions' UPDATE (``commit_now``), not a round trip for the
+        positions and one more for the rest: each insert takes its rows from one JSON
+        text (``JSON_TABLE``) and counts their positions back from the head the
+        UPDATE left, which the flush learns from the UPDATE's ``LAST_INSERT_ID``.
+
+        Where another transaction changed members since a channel row's members were
+        read (``_check_members``), the inserts find it in comet_meta.changes (its row
+        locked by the UPDATE since) and write the row as a package with delivery rows
+        for the members read, which go with them for that; as ``_SQLStore._flush``
+        would.  A batch with joins or leaves, with channel rows of more than
+        ``_fold_members`` members in all, or too large for a statement, and a server
+        without JSON_TABLE, take the positions first, a round trip of its own."""
+        check = self._check_members(batch)
+        if (not self._json_table or not batch.pending or batch.changes
+                or not hasattr(batch.cur, "commit_now") or check and sum(
+                    len(targets) for *_, targets, channel in batch.pending
+                    if channel is not None) > self._fold_members):
+            return super()._flush(batch)
+        deliveries = []
+        for index, (_, _, _, targets, channel) in enumerate(batch.pending, 1):
+            if channel is None:             # [recipient, index, tailored body, 0]
+                deliveries += [(recipient, index, body, 0) for recipient, body in targets]
+            elif check:                     # a member's, wanted only if they changed
+                deliveries += [(recipient, index, None, 1) for recipient, _ in targets]
+        packages = _json_text([package[:3] + package[4:] for package in batch.pending])
+        deliveries = _json_text(deliveries)
+        if not (self._fits(packages, math.inf) and self._fits(deliveries, math.inf)):
+            return super()._flush(batch)
+        writes = self._writes(batch)
+        self._forget_claims(writes, batch.claims)
+        n, read = len(batch.pending), batch.read_changes if check else None
+        writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
+        # ``m.changes > NULL`` is NULL, never true: without a read, nothing moved.
+        writes.execute(
+            "INSERT INTO comet_packages (pos, stamp, ts, body, channel) SELECT"
+            " m.head - %s + p.i, p.stamp, p.ts, p.body, IF(m.changes > %s, NULL, p.channel)"
+            " FROM comet_meta m, JSON_TABLE(%s, '$[*]' COLUMNS (i FOR ORDINALITY,"
+            " stamp VARCHAR(64) CHARACTER SET utf8mb4 PATH '$[0]', ts BIGINT PATH '$[1]',"
+            " body MEDIUMTEXT CHARACTER SET utf8mb4 PATH '$[2]',"
+            " channel VARCHAR(256) CHARACTER SET utf8mb4 PATH '$[3]')) AS p",
+            (n, read, packages))
+        if deliveries != "[]":
+            writes.execute(
+                "INSERT INTO comet_deliveries (recipient, pos, body) SELECT"
+                " d.recipient, m.head - %s + d.i, d.body FROM comet_meta m, JSON_TABLE(%s,"
+                " '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4 PATH '$[0]',"
+                " i BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4 PATH '$[2]',"
+                " member INT PATH '$[3]')) AS d WHERE d.member = 0 OR m.changes > %s",
+                (n, deliveries, read))
+        return self._appended(batch, batch.cur.commit_now() - n + 1)
 
     def _insert_deliveries(self, cur, pending, first):
         """As one JSON text the server takes apart (``JSON_TABLE``): PyMySQL escapes
@@ -2793,7 +2867,6 @@ class PostgreSQLStore(_SQLStore):
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
     _pool_size = 16                         # connections of a process, besides the LISTEN one
-    _fold_members = 1000                    # channel rows' members a flush sends (_flush)
     _transaction_type = _PostgreSQLTransaction
     # One statement, so one transaction: the tables are made together or not at
     # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can

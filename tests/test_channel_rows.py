@@ -251,17 +251,18 @@ def test_joins_and_leaves_with_no_package_between_leave_no_span_and_no_error(url
         app.close()
 
 
-@pytest.mark.parametrize("kind, fold", [("mysql", None), ("postgresql", True),
-                                        ("postgresql", False)])
+@pytest.mark.parametrize("kind, fold", [("mysql", True), ("mysql", False),
+                                        ("postgresql", True), ("postgresql", False)])
 def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(
         request, tmp_path, monkeypatch, kind, fold):
     """Two processes (here two stores) on one database: a push reads the members,
     then, before its commit, another process's join commits.  The push keeps the
     recipients it read: it writes delivery rows, and the joiner reads nothing of it.
-    PostgreSQL writes them in the statement taking the positions, or (``fold``
-    False: more members than a flush sends) after it."""
+    The statements taking the positions write them, the members read going with
+    them, or (``fold`` False: more members than a flush sends) they are written
+    after the positions are taken."""
     if fold is False:
-        monkeypatch.setattr(comet.PostgreSQLStore, "_fold_members", 0)
+        monkeypatch.setattr(comet._SQLStore, "_fold_members", 0)
     url = fresh_store(kind, request, tmp_path)
     app, other = open_app(url), open_app(url)
     try:
@@ -301,15 +302,16 @@ def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(
 
 def test_a_mysql_push_to_a_channel_checks_its_members_in_the_statement_taking_positions(
         request, tmp_path, monkeypatch):
-    """The race check above costs no round trip of its own: the UPDATE that takes
-    the positions hands back whether the members changed since they were read."""
+    """The race check above costs no round trip of its own: the inserts that go
+    with the UPDATE taking the positions, and with the COMMIT, read whether the
+    members changed since they were read."""
     app = open_app(fresh_store("mysql", request, tmp_path))
     try:
         push(app, "a", {"type": "join", "listeners": ["room"]})
         sent = record_queries(monkeypatch)
         stamp = app.push({"type": "note", "listeners": ["room"]})
         # Its START goes with the members' read, and the package with the COMMIT.
-        assert sent == ["START+SELECT", "UPDATE", "INSERT+COMMIT"]
+        assert sent == ["START+SELECT", "UPDATE+INSERT+INSERT+COMMIT"]
         [(channel,)] = app.store._query("SELECT channel FROM comet_packages WHERE stamp = %s",
                                         (stamp,))
         assert comet._text(channel) == "room"

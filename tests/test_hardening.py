@@ -426,7 +426,8 @@ def test_a_base_exception_in_the_flush_or_commit_fails_every_part_and_keeps_noth
     store = group.app.store
     def interrupted(batch):
         raise Interrupt()
-    # The flush writes the packages; the commit is the driver's commit call.
+    # The flush writes the packages; the commit is the driver's commit call, or the
+    # cursor's where the COMMIT goes with the flush's statements.
     monkeypatch.setattr(store, {"flush": "_flush", "commit": "_commit_connection"}[where],
                         interrupted)
     if where == "commit":                   # a held PostgreSQL cursor's, sent with the flush's
@@ -437,6 +438,8 @@ def test_a_base_exception_in_the_flush_or_commit_fails_every_part_and_keeps_noth
                 raise Interrupt()
             return execute(cursor, sql, args)
         monkeypatch.setattr(comet._HeldPQCursor, "execute", committing)
+        if isinstance(store, comet.MySQLStore):     # MySQL's, sent with the flush's too
+            monkeypatch.setattr(store._classes()[1], "commit_now", interrupted)
     head = store.head()
     with caplog.at_level(logging.ERROR, logger="comet"):
         results = queue_behind(group, note(group, "kept"), note(group, "also"))

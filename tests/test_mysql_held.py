@@ -258,9 +258,11 @@ def join(app, channel, client):
 @pytest.mark.parametrize("path", ["held", "green"])
 def test_a_push_sends_its_start_with_its_first_statement_and_its_inserts_with_its_commit(
         url, monkeypatch, path):
-    """Three round trips for a push to a channel (its members' count, the positions,
-    the package), two for one to a client; five before, one a statement.  The same
-    under gevent, through PyMySQL's socket (here its connections made as there)."""
+    """Two round trips for a push to a channel (its members' count, then the
+    positions with the package and the COMMIT), one for a push to a client, two
+    with a stamp (its claim read); one a statement, a push was five to seven.
+    The same under gevent, through PyMySQL's socket (here its connections made as
+    there)."""
     if path == "green":
         monkeypatch.setattr(comet, "_green", lambda: True)
     app = make_app(store=url)
@@ -272,17 +274,18 @@ def test_a_push_sends_its_start_with_its_first_statement_and_its_inserts_with_it
     cursor = app.store.head()
     sent = record_queries(monkeypatch)
     app.push({"type": "note", "listeners": ["room"], "n": 1})
-    assert sent == ["START+SELECT", "UPDATE", "INSERT+COMMIT"]
+    # The package, then its members' delivery rows, written only if they changed.
+    assert sent == ["START+SELECT", "UPDATE+INSERT+INSERT+COMMIT"]
     del sent[:]
     app.push({"type": "note", "listeners": ["room"], "n": 2})     # the members known: a count
-    assert sent == ["START+SELECT", "UPDATE", "INSERT+COMMIT"]
+    assert sent == ["START+SELECT", "UPDATE+INSERT+INSERT+COMMIT"]
     del sent[:]
     app.push({"type": "note", "listeners": "bob", "n": 3})
-    assert sent == ["START+UPDATE", "INSERT+INSERT+COMMIT"]        # the package, its delivery
+    assert sent == ["START+UPDATE+INSERT+INSERT+COMMIT"]          # the package, its delivery
     del sent[:]
     app.push({"type": "note", "listeners": "bob", "n": 4, "_stamp": "s" * 16})
     # The stamp's claim is read (whether it was taken); its row's delete goes later.
-    assert sent == ["START+INSERT", "DELETE+UPDATE", "INSERT+INSERT+COMMIT"]
+    assert sent == ["START+INSERT", "DELETE+UPDATE+INSERT+INSERT+COMMIT"]
     head, rows, _ = app.store.read("a", cursor, 10)
     assert head == cursor + 4 and [json.loads(body)["n"] for _, _, body in rows] == [1, 2]
     _, rows, _ = app.store.read("bob", cursor, 10)
@@ -323,11 +326,11 @@ def test_a_hooks_statements_go_one_a_query_and_a_hook_making_none_costs_no_round
     sent = record_queries(monkeypatch)
     app.push({"type": "note", "listeners": ["stacked"]})
     assert stacked == ["one", 1] and told == [False, True]
-    assert sent == ["START+DO", "SELECT+SELECT", "SELECT", "UPDATE", "INSERT+INSERT+COMMIT"]
+    assert sent == ["START+DO", "SELECT+SELECT", "SELECT", "UPDATE+INSERT+INSERT+COMMIT"]
     for _ in range(2):
         del sent[:], told[:]
         app.push({"type": "note", "listeners": ["quiet"]})
-        assert sent == ["START+UPDATE", "INSERT+INSERT+COMMIT"] and told == []
+        assert sent == ["START+UPDATE+INSERT+INSERT+COMMIT"] and told == []
     app.push({"type": "note", "listeners": ["stacked"]})
     assert stacked == ["one", 1, "one", 1]
     assert app.store.head() == head + 4
@@ -340,20 +343,21 @@ def test_a_statement_sent_with_the_commit_that_fails_leaves_nothing_committed(
     positions' row) is dropped, and the next push goes through."""
     app = make_app(store=url)
     head = app.store.head()
-    insert = comet.MySQLStore._insert_deliveries
+    cursor = app.store._classes()[1]
+    commit_now = cursor.commit_now
 
-    def and_a_failing_one(store, cur, pending, first):
-        insert(store, cur, pending, first)
-        cur.execute("INSERT INTO comet_nosuch VALUES (1)")
-    monkeypatch.setattr(comet.MySQLStore, "_insert_deliveries", and_a_failing_one)
+    def after_a_failing_one(cur):
+        cur.later("INSERT INTO comet_nosuch VALUES (1)")
+        return commit_now(cur)
+    monkeypatch.setattr(cursor, "commit_now", after_a_failing_one)
     sent = record_queries(monkeypatch)
     with pytest.raises(comet.CometError) as error:
         app.push({"type": "note", "listeners": "bob"})
     assert error.value.status == 503
-    assert sent == ["START+UPDATE", "INSERT+INSERT+INSERT+COMMIT"]
+    assert sent == ["START+UPDATE+INSERT+INSERT+INSERT+COMMIT"]
     assert app.store.head() == head
     assert app.store._query("SELECT COUNT(*) FROM comet_packages")[0][0] == 0
-    monkeypatch.setattr(comet.MySQLStore, "_insert_deliveries", insert)
+    monkeypatch.setattr(cursor, "commit_now", commit_now)
     app.push({"type": "note", "listeners": "bob"})
     assert app.store.head() == head + 1
 

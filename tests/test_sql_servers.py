@@ -233,7 +233,8 @@ def test_delivery_rows_of_odd_ids_and_tailored_bodies_read_back_exactly(request,
         accepted = app.push({"type": "deal", "listeners": ["to"], "to": ids})
 
         if kind == "mysql":
-            assert inserts == {"json_table": ["comet_packages"]}.get(
+            # With JSON_TABLE the package goes as JSON too, with the COMMIT.
+            assert inserts == {"json_table": []}.get(
                 way, ["comet_packages", "comet_deliveries", "comet_deliveries"])
         for who in ids:
             [(_, _, body)] = store.read(who, 0, 10)[1]
