@@ -650,7 +650,6 @@ class _SQLStore(Store):
     _batch_queue = 4                        # parts waiting in each before another opens
     _turn_timeout = 10                      # seconds a part waits for its turn, then 503 busy
     _one_writer = False                     # SQLite: this process's batches queue on a lock
-    _fold_members = 1000                    # channel rows' members a one-trip flush sends
     _transaction_type = None                # _SQLTransaction, once it is defined below
 
     def __init__(self):
@@ -2061,6 +2060,9 @@ class _Lending:
             ready()
 
 
+_MYSQL_OUT_OF_RANGE = 1690                 # ER_DATA_OUT_OF_RANGE: an overflow
+
+
 def _mysql_classes(pymysql, io):
     """PyMySQL's connection and cursor classes, such that the cursor's statements
     (and its ``commit``, the connection's) read and write through a ``_HeldReader``
@@ -2345,55 +2347,57 @@ class MySQLStore(_SQLStore):
     def _flush(self, batch):
         """The batch's packages and deliveries sent with the COMMIT, in one round trip
         with the positions' UPDATE (``commit_now``), not a round trip for the
-        positions and one more for the rest: each insert takes its rows from one JSON
-        text (``JSON_TABLE``) and counts their positions back from the head the
-        UPDATE left, which the flush learns from the UPDATE's ``LAST_INSERT_ID``.
+        positions and one more for the rest: the inserts count their positions back
+        from the head the UPDATE left, ``LAST_INSERT_ID()``, which the flush learns
+        from the UPDATE's result.  The delivery rows come from one JSON text
+        (``JSON_TABLE``), as ``_insert_deliveries`` sends them.
 
-        Where another transaction changed members since a channel row's members were
-        read (``_check_members``), the inserts find it in comet_meta.changes (its row
-        locked by the UPDATE since) and write the row as a package with delivery rows
-        for the members read, which go with them for that; as ``_SQLStore._flush``
-        would.  A batch with joins or leaves, with channel rows of more than
-        ``_fold_members`` members in all, or too large for a statement, and a server
-        without JSON_TABLE, take the positions first, a round trip of its own."""
-        check = self._check_members(batch)
-        if (not self._json_table or not batch.pending or batch.changes
-                or not hasattr(batch.cur, "commit_now") or check and sum(
-                    len(targets) for *_, targets, channel in batch.pending
-                    if channel is not None) > self._fold_members):
+        Whether another transaction changed members since a channel row's members
+        were read (``_check_members``) is asked by the UPDATE itself: it adds the
+        largest BIGINT to the head if they did, and the overflow fails it (in every
+        SQL mode), so the server runs nothing of the query after it, the COMMIT
+        included.  The flush then goes the way ``_SQLStore._flush`` goes, in the
+        transaction still open (its claims' deletion sent again, deleting nothing).
+        A batch with joins or leaves, too large for a statement, or on a server
+        without JSON_TABLE goes that way too: the positions first, a round trip of
+        their own."""
+        if not self._json_table or not batch.pending or batch.changes \
+                or not hasattr(batch.cur, "commit_now"):
             return super()._flush(batch)
-        deliveries = []
-        for index, (_, _, _, targets, channel) in enumerate(batch.pending, 1):
-            if channel is None:             # [recipient, index, tailored body, 0]
-                deliveries += [(recipient, index, body, 0) for recipient, body in targets]
-            elif check:                     # a member's, wanted only if they changed
-                deliveries += [(recipient, index, None, 1) for recipient, _ in targets]
-        packages = _json_text([package[:3] + package[4:] for package in batch.pending])
-        deliveries = _json_text(deliveries)
-        if not (self._fits(packages, math.inf) and self._fits(deliveries, math.inf)):
+        n = len(batch.pending)
+        packages = self._chunks([(n - index, stamp, ts, body, channel) for index, (
+            stamp, ts, body, _, channel) in enumerate(batch.pending, 1)], 500)
+        deliveries = _json_text([
+            (recipient, index, body)
+            for index, (_, _, _, targets, channel) in enumerate(batch.pending, 1)
+            if channel is None for recipient, body in targets])
+        if len(packages) > 1 or not self._fits(deliveries, math.inf):
             return super()._flush(batch)
         writes = self._writes(batch)
         self._forget_claims(writes, batch.claims)
-        n, read = len(batch.pending), batch.read_changes if check else None
-        writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
-        # ``m.changes > NULL`` is NULL, never true: without a read, nothing moved.
-        writes.execute(
-            "INSERT INTO comet_packages (pos, stamp, ts, body, channel) SELECT"
-            " m.head - %s + p.i, p.stamp, p.ts, p.body, IF(m.changes > %s, NULL, p.channel)"
-            " FROM comet_meta m, JSON_TABLE(%s, '$[*]' COLUMNS (i FOR ORDINALITY,"
-            " stamp VARCHAR(64) CHARACTER SET utf8mb4 PATH '$[0]', ts BIGINT PATH '$[1]',"
-            " body MEDIUMTEXT CHARACTER SET utf8mb4 PATH '$[2]',"
-            " channel VARCHAR(256) CHARACTER SET utf8mb4 PATH '$[3]')) AS p",
-            (n, read, packages))
+        check = self._check_members(batch)
+        if check:
+            writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s"
+                           " + (changes > %s) * 9223372036854775807)", (n, batch.read_changes))
+        else:
+            writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
+        writes.execute("INSERT INTO comet_packages (pos, stamp, ts, body, channel) VALUES "
+                       + ", ".join(["(LAST_INSERT_ID() - %s, %s, %s, %s, %s)"] * n),
+                       list(itertools.chain.from_iterable(packages[0])))
         if deliveries != "[]":
             writes.execute(
-                "INSERT INTO comet_deliveries (recipient, pos, body) SELECT"
-                " d.recipient, m.head - %s + d.i, d.body FROM comet_meta m, JSON_TABLE(%s,"
+                "INSERT INTO comet_deliveries (recipient, pos, body)"
+                " SELECT recipient, LAST_INSERT_ID() - %s + i, body FROM JSON_TABLE(%s,"
                 " '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4 PATH '$[0]',"
-                " i BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4 PATH '$[2]',"
-                " member INT PATH '$[3]')) AS d WHERE d.member = 0 OR m.changes > %s",
-                (n, deliveries, read))
-        return self._appended(batch, batch.cur.commit_now() - n + 1)
+                " i BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4 PATH '$[2]'))"
+                " AS d", (n, deliveries))
+        try:
+            head = batch.cur.commit_now()
+        except self._pymysql.err.OperationalError as error:
+            if not check or error.args[0] != _MYSQL_OUT_OF_RANGE or batch.cur.last_id:
+                raise
+            return super()._flush(batch)    # members changed: nothing ran from the UPDATE
+        return self._appended(batch, head - n + 1)
 
     def _insert_deliveries(self, cur, pending, first):
         """As one JSON text the server takes apart (``JSON_TABLE``): PyMySQL escapes
@@ -2866,6 +2870,7 @@ class PostgreSQLStore(_SQLStore):
     # UTC by definition: no time zone of the session applies.
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
+    _fold_members = 1000                    # channel rows' members a flush sends (_flush)
     _pool_size = 16                         # connections of a process, besides the LISTEN one
     _transaction_type = _PostgreSQLTransaction
     # One statement, so one transaction: the tables are made together or not at

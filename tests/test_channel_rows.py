@@ -251,20 +251,26 @@ def test_joins_and_leaves_with_no_package_between_leave_no_span_and_no_error(url
         app.close()
 
 
-@pytest.mark.parametrize("kind, fold", [("mysql", True), ("mysql", False),
-                                        ("postgresql", True), ("postgresql", False)])
+@pytest.mark.parametrize("kind, way", [("mysql", "with_the_commit"),
+                                       ("mysql", "positions_first"),
+                                       ("postgresql", "with_the_positions"),
+                                       ("postgresql", "after_the_positions")])
 def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(
-        request, tmp_path, monkeypatch, kind, fold):
+        request, tmp_path, monkeypatch, kind, way):
     """Two processes (here two stores) on one database: a push reads the members,
     then, before its commit, another process's join commits.  The push keeps the
     recipients it read: it writes delivery rows, and the joiner reads nothing of it.
-    The statements taking the positions write them, the members read going with
-    them, or (``fold`` False: more members than a flush sends) they are written
-    after the positions are taken."""
-    if fold is False:
-        monkeypatch.setattr(comet._SQLStore, "_fold_members", 0)
+    MySQL's UPDATE taking the positions finds it: sent with the inserts and the
+    COMMIT, it fails (an overflow), nothing after it runs, and the push takes the
+    positions again, as it does first (``positions_first``) without JSON_TABLE;
+    PostgreSQL in the statement taking the positions, the members read going
+    with it, or after it (more members than a flush sends)."""
+    if way == "after_the_positions":
+        monkeypatch.setattr(comet.PostgreSQLStore, "_fold_members", 0)
     url = fresh_store(kind, request, tmp_path)
     app, other = open_app(url), open_app(url)
+    if way == "positions_first":
+        app.store._json_table = False
     try:
         push(app, "a", {"type": "join", "listeners": ["room"]})
         read, joined = threading.Event(), threading.Event()
@@ -282,8 +288,11 @@ def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(
             joined.set()
         joiner = threading.Thread(target=join)
         joiner.start()
+        sent = record_queries(monkeypatch) if kind == "mysql" else []
         stamp = app.push({"type": "slow", "listeners": ["room"]})
         joiner.join(10)
+        if way == "with_the_commit":        # the query stopped at its UPDATE; as before
+            assert sent[-3:] == ["UPDATE+INSERT+COMMIT", "UPDATE", "INSERT+INSERT+COMMIT"]
         [(position, channel)] = app.store._query(
             "SELECT pos, channel FROM comet_packages WHERE stamp = %s", (stamp,))
         assert channel is None
@@ -302,16 +311,16 @@ def test_a_join_committed_while_a_push_is_under_way_does_not_reach_back(
 
 def test_a_mysql_push_to_a_channel_checks_its_members_in_the_statement_taking_positions(
         request, tmp_path, monkeypatch):
-    """The race check above costs no round trip of its own: the inserts that go
-    with the UPDATE taking the positions, and with the COMMIT, read whether the
-    members changed since they were read."""
+    """The race check above costs no round trip of its own: the UPDATE taking the
+    positions, sent with the package and the COMMIT, fails only if the members
+    changed since they were read."""
     app = open_app(fresh_store("mysql", request, tmp_path))
     try:
         push(app, "a", {"type": "join", "listeners": ["room"]})
         sent = record_queries(monkeypatch)
         stamp = app.push({"type": "note", "listeners": ["room"]})
         # Its START goes with the members' read, and the package with the COMMIT.
-        assert sent == ["START+SELECT", "UPDATE+INSERT+INSERT+COMMIT"]
+        assert sent == ["START+SELECT", "UPDATE+INSERT+COMMIT"]
         [(channel,)] = app.store._query("SELECT channel FROM comet_packages WHERE stamp = %s",
                                         (stamp,))
         assert comet._text(channel) == "room"
