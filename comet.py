@@ -2367,10 +2367,7 @@ class MySQLStore(_SQLStore):
         n = len(batch.pending)
         packages = self._chunks([(n - index, stamp, ts, body, channel) for index, (
             stamp, ts, body, _, channel) in enumerate(batch.pending, 1)], 500)
-        deliveries = _json_text([
-            (recipient, index, body)
-            for index, (_, _, _, targets, channel) in enumerate(batch.pending, 1)
-            if channel is None for recipient, body in targets])
+        deliveries = self._deliveries_text(batch.pending, 1)
         if len(packages) > 1 or not self._fits(deliveries, math.inf):
             return super()._flush(batch)
         writes = self._writes(batch)
@@ -2384,13 +2381,9 @@ class MySQLStore(_SQLStore):
         writes.execute("INSERT INTO comet_packages (pos, stamp, ts, body, channel) VALUES "
                        + ", ".join(["(LAST_INSERT_ID() - %s, %s, %s, %s, %s)"] * n),
                        list(itertools.chain.from_iterable(packages[0])))
-        if deliveries != "[]":
-            writes.execute(
-                "INSERT INTO comet_deliveries (recipient, pos, body)"
-                " SELECT recipient, LAST_INSERT_ID() - %s + i, body FROM JSON_TABLE(%s,"
-                " '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4 PATH '$[0]',"
-                " i BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4 PATH '$[2]'))"
-                " AS d", (n, deliveries))
+        if deliveries != "[]":              # their positions counted from 1 here
+            writes.execute(self._json_deliveries.format(position="LAST_INSERT_ID() - %s + pos"),
+                           (n, deliveries))
         try:
             head = batch.cur.commit_now()
         except self._pymysql.err.OperationalError as error:
@@ -2406,19 +2399,28 @@ class MySQLStore(_SQLStore):
         10.6), or for rows whose text could outgrow a statement, as values."""
         if not self._json_table:
             return super()._insert_deliveries(cur, pending, first)
-        rows = [(recipient, position, body)
-                for position, (_, _, _, targets, channel) in enumerate(pending, first)
-                if channel is None for recipient, body in targets]
-        if not rows:                        # channel rows only: nothing to send
+        text = self._deliveries_text(pending, first)
+        if text == "[]":                    # channel rows only: nothing to send
             return
-        text = _json_text(rows)
         if not self._fits(text, math.inf):
             return super()._insert_deliveries(cur, pending, first)
-        cur.execute(
-            "INSERT INTO comet_deliveries (recipient, pos, body) SELECT recipient, pos, body"
-            " FROM JSON_TABLE(%s, '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4"
-            " PATH '$[0]', pos BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4"
-            " PATH '$[2]')) AS d", (text,))
+        cur.execute(self._json_deliveries.format(position="pos"), (text,))
+
+    # The delivery rows of a JSON text of [recipient, position, body] (as
+    # ``_deliveries_text`` makes it), each at the SQL ``position`` made of ``pos``.
+    _json_deliveries = (
+        "INSERT INTO comet_deliveries (recipient, pos, body) SELECT recipient, {position}, body"
+        " FROM JSON_TABLE(%s, '$[*]' COLUMNS (recipient VARCHAR(256) CHARACTER SET utf8mb4"
+        " PATH '$[0]', pos BIGINT PATH '$[1]', body MEDIUMTEXT CHARACTER SET utf8mb4"
+        " PATH '$[2]')) AS d")
+
+    @staticmethod
+    def _deliveries_text(pending, first):
+        """The delivery rows of ``pending`` (the first package at position ``first``)
+        as JSON text, ``[recipient, position, body]`` each; none for a channel row."""
+        return _json_text([(recipient, position, body)
+                           for position, (_, _, _, targets, channel) in enumerate(pending, first)
+                           if channel is None for recipient, body in targets])
 
 
 class _HeldIO:
@@ -2870,8 +2872,8 @@ class PostgreSQLStore(_SQLStore):
     # UTC by definition: no time zone of the session applies.
     _clock = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     _batches = 4                            # as MySQL: a slow hook holds up a few pushes
-    _fold_members = 1000                    # channel rows' members a flush sends (_flush)
     _pool_size = 16                         # connections of a process, besides the LISTEN one
+    _fold_members = 1000                    # channel rows' members a flush sends (_flush)
     _transaction_type = _PostgreSQLTransaction
     # One statement, so one transaction: the tables are made together or not at
     # all, by one process at a time (two CREATE TABLE IF NOT EXISTS at once can
