@@ -2128,7 +2128,7 @@ def _mysql_classes(pymysql, io):
     class Cursor(pymysql.cursors.Cursor):
 
         most_bytes = math.inf               # a query's text at most (the store's packet)
-        last_id = 0                         # set by LAST_INSERT_ID(expr) in the last query
+        last_id = 0                         # set by LAST_INSERT_ID(expr) (one batch a cursor)
         committed = False                   # the transaction's COMMIT went (``commit_now``)
 
         def __init__(self, connection):
@@ -2165,7 +2165,6 @@ def _mysql_classes(pymysql, io):
 
         def execute(self, query, args=None):
             self.connection.lent = None     # the transaction's own: a hook's call is over
-            self.last_id = 0
             with _holding(self.connection._rfile):
                 if not self._later:
                     return self._ran(super().execute(query, args))
@@ -2182,7 +2181,8 @@ def _mysql_classes(pymysql, io):
 
         def _ran(self, result):
             """Keep the id a statement set with ``LAST_INSERT_ID(expr)`` (``last_id``),
-            whichever statement of the query it was."""
+            whichever statement of a query it was, or a query of its own (where the
+            server takes one statement a query)."""
             if self.lastrowid:
                 self.last_id = self.lastrowid
             return result
@@ -2373,18 +2373,18 @@ class MySQLStore(_SQLStore):
         writes = self._writes(batch)
         self._forget_claims(writes, batch.claims)
         check = self._check_members(batch)
-        if check:
-            writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s"
-                           " + (changes > %s) * 9223372036854775807)", (n, batch.read_changes))
-        else:
-            writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
-        writes.execute("INSERT INTO comet_packages (pos, stamp, ts, body, channel) VALUES "
-                       + ", ".join(["(LAST_INSERT_ID() - %s, %s, %s, %s, %s)"] * n),
-                       list(itertools.chain.from_iterable(packages[0])))
-        if deliveries != "[]":              # their positions counted from 1 here
-            writes.execute(self._json_deliveries.format(position="LAST_INSERT_ID() - %s + pos"),
-                           (n, deliveries))
-        try:
+        try:                                # (where the server takes one statement a
+            if check:                       # query, each goes as it is kept)
+                writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s + (changes"
+                               " > %s) * 9223372036854775807)", (n, batch.read_changes))
+            else:
+                writes.execute("UPDATE comet_meta SET head = LAST_INSERT_ID(head + %s)", (n,))
+            writes.execute("INSERT INTO comet_packages (pos, stamp, ts, body, channel) VALUES "
+                           + ", ".join(["(LAST_INSERT_ID() - %s, %s, %s, %s, %s)"] * n),
+                           list(itertools.chain.from_iterable(packages[0])))
+            if deliveries != "[]":          # their positions counted from 1 here
+                writes.execute(self._json_deliveries.format(
+                    position="LAST_INSERT_ID() - %s + pos"), (n, deliveries))
             head = batch.cur.commit_now()
         except self._pymysql.err.OperationalError as error:
             if not check or error.args[0] != _MYSQL_OUT_OF_RANGE or batch.cur.last_id:

@@ -4,7 +4,8 @@ other thread runs while the server answers quickly, that a statement the server
 keeps waiting (another transaction's lock) lets the GIL go, a lost connection,
 and the store without them.  Statements whose results are not read go with the
 next one, several to a query: the round trips of a push, a failure among them,
-and a hook's connection, which takes one statement a query."""
+and a hook's connection, which takes one statement a query; a server that takes
+one statement a query."""
 
 import json
 import random
@@ -403,3 +404,50 @@ def test_the_pools_connections_share_one_tls_context(store):
     finally:
         store._checkin(first)
         store._checkin(second)
+
+
+def test_a_server_taking_one_statement_a_query_stores_and_hands_on_the_same_positions(
+        url, monkeypatch):
+    """Where the server refuses several statements a query (told at connect), each
+    goes alone, and the positions the flush hands on (to wake the parked polls)
+    are still the ones stored; a push whose channel's members changed after it
+    read them (its positions' UPDATE failing) still goes through."""
+    import pymysql
+    app = make_app(store=url)
+    connection = app.store._classes()[0]
+
+    @app.action("bumped").on_emit
+    def bumped(package, recipient, private, db):
+        # A membership change committed elsewhere since the push read the members.
+        other = pymysql.connect(**app.store._params, autocommit=True)
+        other.cursor().execute("UPDATE comet_meta SET changes = changes + 1")
+        other.close()
+        return package
+
+    def refused(conn, several):
+        raise pymysql.err.NotSupportedError(1235, "not with this server")
+    monkeypatch.setattr(connection, "allow_several", refused)
+    with app.store._pool_lock:              # the pool's connections were told: new ones
+        pooled, app.store._pool = app.store._pool, []
+    for conn in pooled:
+        conn.close()
+    handed = []
+    commit = app.store.on_commit
+    app.store.on_commit = lambda appended: handed.extend(appended) or commit(appended)
+    join(app, "room", "a")
+    head = app.store.head()
+    sent = record_queries(monkeypatch)
+    stamps = [app.push({"type": "note", "listeners": ["room"], "n": 1}),
+              app.push({"type": "note", "listeners": "bob", "n": 2}),
+              app.push({"type": "note", "listeners": "bob", "n": 3, "_stamp": "t" * 16}),
+              app.push({"type": "bumped", "listeners": ["room"], "n": 4})]
+    assert sent and not any("+" in query for query in sent)
+    positions = [head + 1, head + 2, head + 3, head + 4]
+    assert [position for position, _, _ in handed[-4:]] == positions
+    rows = app.store._query("SELECT pos, stamp, channel FROM comet_packages WHERE pos > %s"
+                            " ORDER BY pos", (head,))
+    assert [(position, comet._text(stamp)) for position, stamp, _ in rows] == \
+        list(zip(positions, stamps))
+    assert [comet._text(channel) for *_, channel in rows] == ["room", None, None, None]
+    _, read, _ = app.store.read("a", head, 10)
+    assert [json.loads(body)["n"] for _, _, body in read] == [1, 4]
