@@ -628,16 +628,20 @@ def mariadb():
     server.drop_databases()
 
 
+def query_store(url, sql, mariadb=None):
+    """Rows of ``sql`` (no parameters) in the store at ``url`` (sqlite, mysql or postgresql)."""
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url[len("sqlite:///"):])) as conn:
+            return conn.execute(sql).fetchall()
+    if url.startswith("postgresql://"):
+        return PostgreSQL().query(url, sql)
+    return (mariadb or MariaDB()).query(url, sql)
+
+
 def positions_in_store(url, mariadb=None):
     """``{stamp: position}`` of every package in the store at ``url`` (sqlite, mysql
     or postgresql)."""
-    if url.startswith("sqlite:///"):
-        with contextlib.closing(sqlite3.connect(url[len("sqlite:///"):])) as conn:
-            rows = conn.execute("SELECT pos, stamp FROM comet_packages").fetchall()
-    elif url.startswith("postgresql://"):
-        rows = PostgreSQL().query(url, "SELECT pos, stamp FROM comet_packages")
-    else:
-        rows = (mariadb or MariaDB()).query(url, "SELECT pos, stamp FROM comet_packages")
+    rows = query_store(url, "SELECT pos, stamp FROM comet_packages", mariadb)
     return {comet._text(stamp): pos for pos, stamp in rows}    # MySQL keeps stamps as bytes
 
 

@@ -37,7 +37,7 @@ import zipfile
 import pytest
 
 from support import (Client, cursor_position, free_port, fresh_store, need, need_gevent,
-                     positions_in_store, wait_until)
+                     positions_in_store, query_store, wait_until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -340,7 +340,8 @@ def assert_delivered(run, store):
             f"{client}: something was left over after its packages: {got[-3:]}"
         got = got[:-1]
         assert len(got) == len(set(got)), f"{client} received a package twice"
-        assert sorted(got) == sorted(run.expected[client]), lost_or_gained(run, client, position)
+        assert sorted(got) == sorted(run.expected[client]), \
+            lost_or_gained(run, client, position, store)
         order = [position[stamp] for stamp in got]
         assert order == sorted(order), f"{client} received packages out of the store's order"
         for after, cursor, stamps, _ in run.windows[client]:
@@ -348,11 +349,12 @@ def assert_delivered(run, store):
             assert all(low < position[s] <= high for s in stamps), (client, after, cursor)
 
 
-def lost_or_gained(run, client, position):
+def lost_or_gained(run, client, position, store):
     """What a client lost or gained: each such package's position in the store (None:
-    not stored), the worker that accepted it and the answers its push had before,
-    and the poll answers whose windows hold or border it, with the worker of each."""
-    got, expected = set(run.received[client]), set(run.expected[client])
+    not stored) and the recipients of its delivery rows there, the worker that
+    accepted it and the answers its push had before, and the poll answers whose
+    windows hold or border it, with the worker of each."""
+    got, expected = set(run.received[client][:-1]), set(run.expected[client])    # not last-
     lines = [f"{client} lost or gained packages"]
     for stamp in sorted((expected - got) | (got - expected)):
         at = position.get(stamp)
@@ -362,10 +364,19 @@ def lost_or_gained(run, client, position):
                    and cursor_position(after) - 2 <= at <= cursor_position(cursor) + 2]
         lines.append(f"  {'lost' if stamp in expected else 'gained'} {stamp} at {at};"
                      f" answers around it (after, cursor, packages, worker): {windows};"
+                     f" delivery rows to {recipients(store, at)};"
                      f" accepted by {run.accepted_by.get(stamp)},"
                      f" answered before that: {run.retried.get(stamp, [])}")
     lines.append(f"  pushes retried: {len(run.retried)}")
     return "\n".join(lines)
+
+
+def recipients(store, at):
+    """The recipients of the delivery rows at position ``at`` (None: no position)."""
+    if at is None:
+        return None
+    return sorted(str(row[0], "utf-8") if isinstance(row[0], bytes) else row[0] for row in
+                  query_store(store, f"SELECT recipient FROM comet_deliveries WHERE pos = {int(at)}"))
 
 
 def test_gthread_workers_on_one_sqlite_file_deliver_each_package_once_in_order(
