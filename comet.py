@@ -115,6 +115,7 @@ _MAX_POSITION = 2 ** 63 - 1         # a position no store issues past (SQL's BIG
 _WINDOW_BYTES = 16 << 20            # a process's window of recent deliveries, at most
 _PURGE_ROWS = 1000                  # rows one purge step deletes, at most: a few ms of the writer
 _MARKS_KEPT = 300_000               # ms a purge mark is kept at least, however short retention is
+_GAP_WAIT = 10.0                    # seconds a tail waits for a package missing below the head
 
 
 def _now_ms():
@@ -655,6 +656,7 @@ class _SQLStore(Store):
     def __init__(self):
         self._pool_lock = threading.Lock()
         self._pid = None
+        self._gap = None                    # (position, since): a package the tail waits for
         self._forked()
         with self._connection() as conn:
             cur = conn.cursor()
@@ -1212,7 +1214,8 @@ class _SQLStore(Store):
         with self._connection() as conn:
             cur = conn.cursor()
             # The tail runs every tail_interval: it measures the clock too, for free.
-            head, = self._sync_clock(cur, "SELECT head FROM comet_meta")
+            head, purged = self._sync_clock(
+                cur, "SELECT head, (SELECT purged FROM comet_purge) FROM comet_meta")
             if head <= after:
                 return head, []
             # Each body once: the package's, and a delivery's own only where on_emit made one.
@@ -1230,8 +1233,33 @@ class _SQLStore(Store):
             package = appended.get(position)
             if package is not None:         # else purged between the two reads
                 package[3].append((_text(recipient), package[2] if tailored is None else tailored))
+        head = self._seen_through(max(after, purged or 0), head, appended)
         return head, [(position, ts, delivered)
-                      for position, ts, _, delivered in appended.values()]
+                      for position, ts, _, delivered in appended.values() if position <= head]
+
+    def _seen_through(self, after, head, appended):
+        """The head a tail may hand on: ``head``, unless a position after ``after``
+        has no package in ``appended``.  Every transaction takes its positions and
+        writes their packages in one commit, so that cannot be; if a store ever
+        showed it, a process that went past the gap would skip that package for
+        good.  The tail stops before it instead, and says so, until the package
+        shows or ``_GAP_WAIT`` has passed (then it is taken to be lost)."""
+        gap = next((position for position in range(after + 1, head + 1)
+                    if position not in appended), None)
+        if gap is None:
+            self._gap = None
+            return head
+        now = time.monotonic()
+        if self._gap is None or self._gap[0] != gap:
+            self._gap = gap, now
+            log.warning("comet: store %s is at position %d and has no package at %d yet;"
+                        " its tail waits for it", self.url, head, gap)
+        if now - self._gap[1] < _GAP_WAIT:
+            return gap - 1
+        log.error("comet: store %s has no package at position %d after %.0f s; it is"
+                  " passed over", self.url, gap, now - self._gap[1])
+        self._gap = None
+        return self._seen_through(gap, head, appended)
 
     def members(self, channel):
         rows = self._query("SELECT client, sender FROM comet_members WHERE channel = ?",

@@ -631,7 +631,8 @@ def mariadb():
 def query_store(url, sql, mariadb=None):
     """Rows of ``sql`` (no parameters) in the store at ``url`` (sqlite, mysql or postgresql)."""
     if url.startswith("sqlite:///"):
-        with contextlib.closing(sqlite3.connect(url[len("sqlite:///"):])) as conn:
+        with contextlib.closing(sqlite3.connect(url[len("sqlite:///"):],
+                                                isolation_level=None)) as conn:
             return conn.execute(sql).fetchall()
     if url.startswith("postgresql://"):
         return PostgreSQL().query(url, sql)

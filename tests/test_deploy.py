@@ -36,6 +36,7 @@ import zipfile
 
 import pytest
 
+import comet
 from support import (Client, cursor_position, free_port, fresh_store, need, need_gevent,
                      positions_in_store, query_store, wait_until)
 
@@ -375,8 +376,8 @@ def recipients(store, at):
     """The recipients of the delivery rows at position ``at`` (None: no position)."""
     if at is None:
         return None
-    return sorted(str(row[0], "utf-8") if isinstance(row[0], bytes) else row[0] for row in
-                  query_store(store, f"SELECT recipient FROM comet_deliveries WHERE pos = {int(at)}"))
+    rows = query_store(store, f"SELECT recipient FROM comet_deliveries WHERE pos = {int(at)}")
+    return sorted(comet._text(row[0]) for row in rows)      # MySQL's are bytes
 
 
 def test_gthread_workers_on_one_sqlite_file_deliver_each_package_once_in_order(

@@ -16,9 +16,12 @@ import threading
 import time
 
 import pytest
+import webtest
 
-from support import (Client, ServerProcess, assert_no_cursor_skipped, fresh_store, new_ids,
-                      plan_packages, positions_in_store, run_traffic, wait_until)
+import comet
+from support import (Client, ServerProcess, answer_from_the_window, assert_no_cursor_skipped,
+                     cursor_position, fresh_store, make_app, new_ids, plan_packages,
+                     positions_in_store, query_store, run_traffic, wait_until)
 
 TAIL_INTERVAL = 0.1
 
@@ -225,3 +228,75 @@ def test_a_client_the_join_hook_refuses_gets_403_and_nothing_of_the_room(process
     assert (status, answer["error"]) == (403, "not_member")
     assert Client(a.url, guest).poll(cursor=cursor, timeout=5)["packages"] == []
     assert members(a, room) == members(b, room) == {alice: alice, bob: bob}
+
+
+# --------------------------------------------------------------------------
+# A package missing below the head: the tail waits for it, never steps over it
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("store_url", ["sqlite", "mysql", "postgresql"], indirect=True)
+def test_a_tail_that_finds_no_package_below_the_head_waits_for_it_and_then_delivers_both(
+        store_url, monkeypatch, caplog):
+    # The store is made to show what a transaction whose positions committed before
+    # its package would show: the head moved past a position that has no package yet,
+    # and a package of another transaction after it.  A process tailing then must not
+    # hand its window the later package with a cursor past the missing one.
+    answer_from_the_window(monkeypatch)
+    reader, writer = (make_app(store=store_url, poll_timeout=0.3, tail_interval=TAIL_INTERVAL)
+                      for _ in range(2))
+    try:
+        web = webtest.TestApp(reader)
+
+        def poll(cursor):
+            answer = web.get("/comet/poll", {"cursor": cursor},
+                             headers={"X-Client": "carol"}).json
+            return answer["cursor"], [package["n"] for package in answer["packages"]]
+
+        cursor, _ = poll(None)
+        first = cursor_position(cursor)
+        query_store(store_url, "UPDATE comet_meta SET head = head + 1")     # first + 1: no package
+        writer.push({"type": "note", "listeners": ["to"], "to": ["carol"], "n": 2})
+        wait_until(lambda: "has no package at %d" % (first + 1) in caplog.text, timeout=10)
+        cursor, got = poll(cursor)
+        assert (cursor_position(cursor), got) == (first, []), "the tail stepped over the gap"
+        body = json.dumps({"type": "note", "listeners": ["to"], "to": ["carol"], "n": 1,
+                           "sender": "late", "_stamp": "late-package", "_ts": 0})
+        # Its delivery row first: a tail that reads the package reads its recipient too.
+        query_store(store_url, f"INSERT INTO comet_deliveries (recipient, pos) VALUES"
+                               f" ('carol', {first + 1})")
+        query_store(store_url, "INSERT INTO comet_packages (pos, stamp, ts, body) VALUES"
+                               f" ({first + 1}, 'late-package', {reader.store.now()}, '{body}')")
+        received = []
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            cursor, got = poll(cursor)
+            received += got
+        assert received == [1, 2] and cursor_position(cursor) == first + 2
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_package_that_never_comes_is_passed_over_after_a_wait_and_logged(
+        store_url, monkeypatch, caplog):
+    answer_from_the_window(monkeypatch)
+    monkeypatch.setattr(comet, "_GAP_WAIT", 0.5)
+    reader, writer = (make_app(store=store_url, poll_timeout=0.3, tail_interval=TAIL_INTERVAL)
+                      for _ in range(2))
+    try:
+        web = webtest.TestApp(reader)
+        cursor = web.get("/comet/poll", headers={"X-Client": "carol"}).json["cursor"]
+        query_store(store_url, "UPDATE comet_meta SET head = head + 1")
+        writer.push({"type": "note", "listeners": ["to"], "to": ["carol"], "n": 2})
+        started = time.monotonic()
+        answer = {"packages": []}
+        while not answer["packages"] and time.monotonic() < started + 10:
+            answer = web.get("/comet/poll", {"cursor": cursor},
+                             headers={"X-Client": "carol"}).json
+        assert [package["n"] for package in answer["packages"]] == [2]
+        assert time.monotonic() - started >= 0.5
+        assert "is passed over" in caplog.text
+    finally:
+        reader.close()
+        writer.close()
