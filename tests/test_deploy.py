@@ -329,9 +329,10 @@ def deliver(url, clients=10, count=500, pushers=5, deadline=60.0, headers=()):
     return run
 
 
-def assert_delivered(run, store):
+def assert_delivered(run, store, server_log=None):
     """Each client got exactly its packages, once each, in the store's order, and
-    every answer held only packages after its cursor and at or before the next."""
+    every answer held only packages after its cursor and at or before the next.
+    ``server_log``: the gunicorn log, whose comet lines a failure report quotes."""
     assert not run.errors, run.errors
     assert not run.refused, run.refused[:5]
     position = positions_in_store(store)
@@ -342,7 +343,7 @@ def assert_delivered(run, store):
         got = got[:-1]
         assert len(got) == len(set(got)), f"{client} received a package twice"
         assert sorted(got) == sorted(run.expected[client]), \
-            lost_or_gained(run, client, position, store)
+            lost_or_gained(run, client, position, store, server_log)
         order = [position[stamp] for stamp in got]
         assert order == sorted(order), f"{client} received packages out of the store's order"
         for after, cursor, stamps, _ in run.windows[client]:
@@ -350,11 +351,12 @@ def assert_delivered(run, store):
             assert all(low < position[s] <= high for s in stamps), (client, after, cursor)
 
 
-def lost_or_gained(run, client, position, store):
+def lost_or_gained(run, client, position, store, server_log=None):
     """What a client lost or gained: each such package's position in the store (None:
     not stored) and the recipients of its delivery rows there, the worker that
     accepted it and the answers its push had before, and the poll answers whose
-    windows hold or border it, with the worker of each."""
+    windows hold or border it, with the worker of each; then the comet lines of
+    the server's log."""
     got, expected = set(run.received[client][:-1]), set(run.expected[client])    # not last-
     lines = [f"{client} lost or gained packages"]
     for stamp in sorted((expected - got) | (got - expected)):
@@ -369,6 +371,10 @@ def lost_or_gained(run, client, position, store):
                      f" accepted by {run.accepted_by.get(stamp)},"
                      f" answered before that: {run.retried.get(stamp, [])}")
     lines.append(f"  pushes retried: {len(run.retried)}")
+    if server_log is not None:
+        with open(server_log, errors="replace") as log:
+            said = [line.rstrip() for line in log if line.startswith("comet:")]
+        lines += ["  the server's log said:"] + [f"    {line}" for line in said[-20:]]
     return "\n".join(lines)
 
 
@@ -383,7 +389,7 @@ def recipients(store, at):
 def test_gthread_workers_on_one_sqlite_file_deliver_each_package_once_in_order(
         gthread_sqlite, sqlite_store, report):
     run = deliver(gthread_sqlite.url)
-    assert_delivered(run, sqlite_store)
+    assert_delivered(run, sqlite_store, gthread_sqlite.log_path)
     assert len(run.workers["push"]) == len(run.workers["poll"]) == 3, run.workers
     report.append(f"gthread x3 on SQLite: 500 packages to 10 clients in {run.seconds:.1f} s")
 
@@ -393,7 +399,7 @@ def test_gthread_workers_on_a_database_server_deliver_each_package_once_in_order
         store, tmp_path, report):
     with Gunicorn(str(tmp_path), store, "gthread", 3, "--threads", "32") as server:
         run = deliver(server.url)
-    assert_delivered(run, store)
+    assert_delivered(run, store, server.log_path)
     assert len(run.workers["push"]) == len(run.workers["poll"]) == 3, run.workers
     report.append(f"gthread x3 on {store.partition(':')[0]}: 500 packages to 10 clients"
                   f" in {run.seconds:.1f} s")
@@ -405,7 +411,7 @@ def test_nginx_in_front_of_gunicorn_delivers_each_package_once_in_order(
         # A browser's push carries its Origin: nginx must pass the Host it was asked for.
         run = deliver(nginx.url, headers={"Origin": nginx.url})
         errors = nginx.errors()
-    assert_delivered(run, sqlite_store)
+    assert_delivered(run, sqlite_store, gthread_sqlite.log_path)
     assert len(run.workers["push"]) == 3, run.workers
     assert "upstream timed out" not in errors, errors
     report.append(f"nginx -> gthread x3 on SQLite: 500 packages to 10 clients"
