@@ -1256,7 +1256,7 @@ class _SQLStore(Store):
                         " its tail waits for it", self.url, head, gap)
         if now - self._gap[1] < _GAP_WAIT:
             return gap - 1
-        log.error("comet: store %s has no package at position %d after %.0f s; it is"
+        log.error("comet: store %s has no package at position %d after %.1f s; it is"
                   " passed over", self.url, gap, now - self._gap[1])
         self._gap = None
         return self._seen_through(gap, head, appended)
