@@ -285,8 +285,9 @@ def test_a_push_sends_its_start_with_its_first_statement_and_its_inserts_with_it
     assert sent == ["START+UPDATE+INSERT+INSERT+COMMIT"]          # the package, its delivery
     del sent[:]
     app.push({"type": "note", "listeners": "bob", "n": 4, "_stamp": "s" * 16})
-    # The stamp's claim is read (whether it was taken); its row's delete goes later.
-    assert sent == ["START+INSERT", "DELETE+UPDATE+INSERT+INSERT+COMMIT"]
+    # The stamp's claim and whether a package has the stamp, in one round trip; the
+    # claim row's delete goes with the COMMIT.
+    assert sent == ["START+INSERT+SELECT", "DELETE+UPDATE+INSERT+INSERT+COMMIT"]
     head, rows, _ = app.store.read("a", cursor, 10)
     assert head == cursor + 4 and [json.loads(body)["n"] for _, _, body in rows] == [1, 2]
     _, rows, _ = app.store.read("bob", cursor, 10)
