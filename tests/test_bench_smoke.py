@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import sys
 
 import pytest
@@ -76,3 +77,14 @@ def test_cpu_split_reads_the_process_and_each_requests_call_of_the_app(tmp_path)
     # Every push answered wakes polls: each method's calls were timed, by the server.
     assert split["polls_per_push"] >= 1 and split["app_us_per_poll"] > 0
     assert split["app_us_per_push"] > split["app_us_per_poll"] > 0
+
+
+def test_mysql_claims_counts_the_deadlocks_of_a_run(mariadb):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "mysql_claims.py"),
+                           "--runs", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # (No deadlock is asserted: test_sql_servers shows a push never waits on a claim.)
+    assert re.search(r": 1 runs, \d+ deadlocks, \d+ pushes pushed again, 0 runs that lost",
+                     done.stdout), done.stdout + done.stderr
