@@ -295,7 +295,7 @@ def test_a_package_that_never_comes_is_passed_over_after_a_wait_and_logged(
             answer = web.get("/comet/poll", {"cursor": cursor},
                              headers={"X-Client": "carol"}).json
         assert [package["n"] for package in answer["packages"]] == [2]
-        assert time.monotonic() - started >= 0.5
+        assert time.monotonic() - started >= 0.4     # the wait (from the gap seen, at the push)
         assert "is passed over" in caplog.text
     finally:
         reader.close()
