@@ -47,7 +47,7 @@ def fresh(comet, url):
     with contextlib.closing(store._connect()) as conn:
         cur = conn.cursor()
         for table in ("meta", "packages", "deliveries", "purged", "purge_log", "members",
-                      "clients", "spans", "purge"):
+                      "clients", "spans", "purge", "claims"):
             cur.execute(f"DROP TABLE IF EXISTS comet_{table}")
         conn.commit()
     store.close()

@@ -16,6 +16,7 @@ import load  # noqa: E402
 import push_under_load  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
+import stamp_cost  # noqa: E402
 
 
 def test_fanout_to_20_polls_on_wsgiref_with_the_memory_store_delivers_to_all():
@@ -88,3 +89,10 @@ def test_mysql_claims_counts_the_deadlocks_of_a_run(mariadb):
     # (No deadlock is asserted: test_sql_servers shows a push never waits on a claim.)
     assert re.search(r": 1 runs, \d+ deadlocks, \d+ pushes pushed again, 0 runs that lost",
                      done.stdout), done.stdout + done.stderr
+
+
+def test_stamp_cost_times_pushes_with_and_without_stamps(tmp_path):
+    import comet
+    medians = stamp_cost.measure(comet, f"sqlite:///{tmp_path}/comet.db", pushes=3, rounds=1)
+    assert len(medians["plain"]) == len(medians["stamped"]) == 1
+    assert medians["plain"][0] > 0 and medians["stamped"][0] > 0
