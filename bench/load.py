@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
+import secrets
 import statistics
 import time
 import urllib.parse
@@ -106,13 +107,17 @@ class Connection:
 # --------------------------------------------------------------------------
 
 ROOMS = "listener"                          # or "channel": see apps.comet_app
+STAMPS = False                              # each package with a fresh _stamp, as a browser's
 
 
 def package(room, seq, kind="msg", **fields):
     """What every publisher sends; the send time ``t`` travels inside it.  To comet.py
     it is addressed to the listener ``room``, or with ``ROOMS = "channel"`` to the
-    room's channel."""
+    room's channel.  With ``STAMPS`` it carries a fresh ``_stamp``, as every push
+    of the browser client does (the others' apps ignore it)."""
     listeners = ["channel:" + room] if ROOMS == "channel" else ["room"]
+    if STAMPS:
+        fields.setdefault("_stamp", secrets.token_urlsafe(12))
     return {"type": kind, "listeners": listeners, "room": room, "seq": seq,
             "t": time.perf_counter(), "text": "hello, room", **fields}
 

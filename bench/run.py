@@ -250,6 +250,7 @@ def run_cell(kind, server, app, s, stores, env, logdir, workloads):
     """Launch what one cell needs, run its workloads; a list of result dicts."""
     name, _ = app_args(app)
     load.ROOMS = env["COMET_BENCH_ROOMS"]
+    load.STAMPS = env.get("COMET_BENCH_STAMPS") == "1"
     notify = not app.endswith("-nonotify")      # comet-postgresql-nonotify: tailing alone
     if kind == "cross":
         url = stores.url(app)
@@ -324,6 +325,9 @@ def parse_args(argv=None):
                         help="what a room is to comet.py in the main cells: a channel its"
                              " clients join (as a socketio client enters its room), or the"
                              " listener 'room' (the app's memory names its clients)")
+    parser.add_argument("--stamps", action="store_true",
+                        help="every package pushed with a fresh _stamp, as the browser"
+                             " client sends each push (comet.py then claims each)")
     parser.add_argument("--comet", help="a directory holding the comet.py to serve")
     parser.add_argument("--out", default=HERE, help="where RESULTS.md and results.jsonl go")
     parser.add_argument("--time-limit", type=float, default=32 * 60,
@@ -357,13 +361,17 @@ def run(args):
                     rooms = cell_rooms(kind, args.rooms)
                     try:
                         lines = run_cell(kind, server, app, s, stores,
-                                         dict(env, COMET_BENCH_ROOMS=rooms), logdir, args.workloads)
+                                         dict(env, COMET_BENCH_ROOMS=rooms,
+                                              COMET_BENCH_STAMPS="1" if args.stamps else ""),
+                                         logdir, args.workloads)
                     except Exception as error:          # one broken cell must not end the run
                         lines = [{"workload": kind, "failed": repr(error)}]
                     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                     for line in lines:
                         line.update(run=run_id, rep=rep, server=server, app=app, rooms=rooms,
                                     comet=args.comet or "repo", comet_md5=comet_md5(args.comet))
+                        if args.stamps:
+                            line["stamps"] = True
                         results.append(line)
                         out.write(json.dumps(line) + "\n")
                         out.flush()
