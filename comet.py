@@ -1245,11 +1245,11 @@ class _SQLStore(Store):
         showed it, a process that went past the gap would skip that package for
         good.  The tail stops before it instead, and says so, until the package
         shows or ``_GAP_WAIT`` has passed (then it is taken to be lost)."""
-        gap = next((position for position in range(after + 1, head + 1)
-                    if position not in appended), None)
-        if gap is None:
+        if len(appended) >= head - after:  # each position has its package: the usual tail
             self._gap = None
             return head
+        gap = next(position for position in range(after + 1, head + 1)
+                   if position not in appended)
         now = time.monotonic()
         if self._gap is None or self._gap[0] != gap:
             self._gap = gap, now
