@@ -418,7 +418,7 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
     clients = [f"{room}-{i}" for i in range(n)]
     publisher = target.publisher(f"{room}-pub", room)
     result = {"workload": "fanout", "n": n, "rounds": 0}
-    totals, latencies = [], []
+    totals, latencies, phases = [], [], []     # phases: (push answered, first arrival) a round
     members, cursor, dialect = None, None, "comet"
     count = "inflight" if target.app == "socketio" else "parked"
     try:
@@ -450,8 +450,9 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
                 cpu1, t1 = cpu_seconds(target.pid), time.monotonic()
                 result["idle_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
                 result["idle_seconds"] = round(t1 - t0, 1)
-            _, arrivals = await push_round(members, seq, n, round_limit,
-                                           publisher.push(package(room, seq)))
+            answered, arrivals = await push_round(members, seq, n, round_limit,
+                                                  publisher.push(package(room, seq)))
+            phases.append((answered, min(arrivals)))
             totals.append(max(arrivals))
             latencies += arrivals
             result["rounds"] += 1
@@ -465,7 +466,9 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
         await publisher.close()
     if totals:
         result.update(all_ms=ms(statistics.median(totals)), all_ms_rounds=[ms(t) for t in totals],
-                      p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)))
+                      p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)),
+                      answered_ms_rounds=[ms(answered) for answered, _ in phases],
+                      first_ms_rounds=[ms(first) for _, first in phases])
     result["errors"] = 0
     return result
 

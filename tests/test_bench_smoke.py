@@ -25,6 +25,9 @@ def test_fanout_to_20_polls_on_wsgiref_with_the_memory_store_delivers_to_all():
     assert "failed" not in result, result
     assert result["rounds"] == 1
     assert result["all_ms"] is not None and result["errors"] == 0
+    # When the push was answered and when the first poll had it, as the last one did.
+    answered, first = result["answered_ms_rounds"][0], result["first_ms_rounds"][0]
+    assert 0 < answered and 0 < first <= result["all_ms_rounds"][0]
     assert "Fan-out" in report.markdown([dict(result, rep=1, server="wsgiref", app="comet-memory")])
 
 
