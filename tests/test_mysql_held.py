@@ -218,7 +218,9 @@ def test_a_wait_holds_the_gil_while_the_server_answers_quickly_and_lets_it_go_if
             # and timed: two or more a push (about four here).
             assert polled.calls > 50 and timed.calls >= 100
         else:                               # one in 64 held, the rest let go at once
-            assert polled.calls <= timed.calls <= 5 and sum(released) >= 100
+            # Each push reads its answer once at least; in how many reads depends on how
+            # far the server got before the first (fewer on a busy machine).
+            assert polled.calls <= timed.calls <= 5 and sum(released) >= 50
     finally:
         app.close()
 
