@@ -17,6 +17,8 @@ import pytest
 import comet
 from support import Counted, Spinner, make_app, push_kept_waiting, record_queries
 
+pytestmark = pytest.mark.alone     # its tests time the GIL's hand-overs
+
 
 @pytest.fixture
 def url(mariadb):

@@ -14,6 +14,8 @@ import pytest
 import comet
 from support import Counted, Spinner, make_app, push_kept_waiting
 
+pytestmark = pytest.mark.alone     # its tests time the GIL's hand-overs
+
 
 @pytest.fixture
 def url(postgres):

@@ -14,6 +14,8 @@ import pytest
 import comet
 from support import Counted, Spinner, make_app, push_kept_waiting
 
+pytestmark = pytest.mark.alone     # its tests time the GIL's hand-overs
+
 SLOW = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000)"
         " SELECT count(*) FROM n")
 
