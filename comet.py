@@ -957,17 +957,12 @@ class _SQLStore(Store):
             self._break(batch, error)
             raise
 
-    # Whether a push's statements go through the held cursor under gevent too: where
-    # its waits for the server let the GIL go, they wait on gevent's hub.
-    _held_on_gevent = False
-
     def _cursor(self, batch):
         """The cursor ``batch``'s own statements run on: the store's held one
         (``_held_cursor``) where it has one, but not for a purge step, which lets
-        the other threads run, nor under green threads, where the hub's one thread
-        has the GIL to itself (and a held wait for the database would stop the
-        loop), unless the store's held waits wait on gevent's hub."""
-        if batch.alone or self._green and not (self._held_on_gevent and _gevent()):
+        the other threads run, nor under gevent, where the hub's one thread has the
+        GIL to itself (and a held wait for the database would stop the loop)."""
+        if batch.alone or self._green:
             return batch.conn.cursor()
         return self._held_cursor(batch) or batch.conn.cursor()
 
@@ -2567,12 +2562,6 @@ class _HeldPQ:
     only compute, in process, the same push took 25 ms instead of 3.5 ms: a
     WSGI server's threads mostly wait on their sockets).
 
-    Under gevent the same cursor sends a push's statements in fewer round trips
-    than psycopg's (a push to a channel two, not four: the BEGIN and the COMMIT go
-    with the statements beside them), and each round trip waits for every other
-    ready greenlet; its waits there are gevent's ``select.poll``, on the hub.  In
-    process a push one after another took 1.1 ms instead of 1.5 ms.
-
     psycopg still turns the parameters into PostgreSQL's (``PostgresQuery``) and
     the values read back into Python's (its loaders), so both are what its own
     cursor makes of them; where its internals or the library cannot be reached
@@ -3013,13 +3002,9 @@ class PostgreSQLStore(_SQLStore):
         # Every write transaction is opened by _begin; every read is one statement.
         # Where a push's statements are held (and prepared by _HeldPQCursor), psycopg
         # prepares none of its own, whose rollback would deallocate those.
-        held = self._library is not None and (not _green() or _gevent())
+        held = self._library is not None and not _green()
         return self._connection_class.connect(**self._params, autocommit=True,
                                               prepare_threshold=None if held else 5)
-
-    # Under gevent too: a push to a channel is then two round trips, not four (each
-    # a wait for every ready greenlet), and its waits for the server are gevent's.
-    _held_on_gevent = True
 
     def _held_cursor(self, batch):
         return _HeldPQCursor(batch.conn, self._library) if self._library else None

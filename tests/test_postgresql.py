@@ -247,7 +247,7 @@ def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkey
     goes with the first statement after it and the COMMIT with the last (a listener
     and an on_emit are handed the connection, and make no statement on it)."""
     app = make_app(store=url)
-    if path == "psycopg":                   # as where the library cannot be loaded
+    if path == "psycopg":                   # as under gevent
         monkeypatch.setattr(app.store, "_library", None)
     sent = record_round_trips(monkeypatch)
     try:
@@ -530,57 +530,6 @@ def test_under_gevent_a_query_and_the_listener_leave_the_hub_running(url):
     ticks, heard = out.stdout.split()
     assert int(ticks) >= 20, out.stdout     # 10 ms ticks went on while the query waited 0.5 s
     assert heard == "True", out.stdout
-
-
-GEVENT_PUSH = """
-from gevent import monkey
-monkey.patch_all()
-import json, sys
-import gevent
-sys.path.insert(0, sys.argv[2])
-import comet
-
-app = comet.Comet(None, store=sys.argv[1])
-held = []                                           # the held cursor's statements
-execute = comet._HeldPQCursor.execute
-comet._HeldPQCursor.execute = lambda cur, sql, *args, **kwargs: (
-    held.append(sql.split()[0]), execute(cur, sql, *args, **kwargs))[1]
-app.push({"type": "note", "listeners": "bob"})
-first = list(held)
-other = app.store._connect()                        # psycopg's own, green
-other.execute("BEGIN")
-other.execute("UPDATE comet_meta SET changes = changes")    # its row lock, held
-ticks = []
-ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
-pusher = gevent.spawn(app.push, {"type": "note", "listeners": "bob"})
-gevent.sleep(0.5)                                   # the push waits for the lock
-during, waiting = len(ticks), not pusher.ready()
-other.execute("COMMIT")
-stamp = pusher.get(timeout=10)
-ticker.kill()
-_, bob, _ = app.store.read("bob", 0, 10)
-print(json.dumps({"first": first, "during": during, "waiting": waiting,
-                  "delivered": [json.loads(body)["_stamp"] for _, _, body in bob][-1:] == [stamp]}))
-app.close()
-"""
-
-
-def test_under_gevent_a_push_goes_in_the_held_cursors_round_trips_and_its_waits_leave_the_hub(
-        url):
-    """Under gevent a push's statements go through the held cursor, whose round
-    trips carry the BEGIN and the COMMIT with the statements beside them (psycopg's
-    cursor sends each alone, and each round trip waits for every ready greenlet),
-    and a push kept waiting by another transaction's lock lets the hub run."""
-    need_gevent()
-
-    out = subprocess.run([sys.executable, "-c", GEVENT_PUSH, url, ROOT], capture_output=True,
-                         text=True, timeout=60)
-
-    assert out.returncode == 0, out.stderr
-    seen = json.loads(out.stdout)
-    assert seen["first"] == ["WITH"], seen  # BEGIN and COMMIT went with it (later, commit=True)
-    assert seen["waiting"] and seen["during"] >= 20, seen  # 10 ms ticks for the 0.5 s it waited
-    assert seen["delivered"], seen
 
 
 # --------------------------------------------------------------------------

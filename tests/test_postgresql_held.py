@@ -288,11 +288,8 @@ def test_a_push_batch_holds_the_gil_and_a_purge_step_does_not(store, conn):
     assert not isinstance(store._cursor(batch), comet._HeldPQCursor)
 
 
-def test_under_green_threads_not_gevents_a_push_batch_runs_through_psycopg(
-        store, conn, monkeypatch):
-    # One thread: no GIL to hand over, and the held waits wait on gevent's hub alone
-    # (test_postgresql.py runs a push under gevent).
-    monkeypatch.setattr(store, "_green", True)
+def test_under_green_threads_a_push_batch_runs_through_psycopg(store, conn, monkeypatch):
+    monkeypatch.setattr(store, "_green", True)      # one thread: no GIL to hand over
     batch = comet._Batch()
     batch.conn = conn
     assert not isinstance(store._cursor(batch), comet._HeldPQCursor)
