@@ -4171,9 +4171,12 @@ class Comet:
                              name="comet-housekeeping", daemon=True).start()
 
     def _tailing(self, stop, notified):
-        tailed = time.monotonic()
+        # The first tail at once: it starts the window, and until it has, every poll is
+        # a query (a burst of them at start-up kept the tail waiting for a connection).
+        tailed, wait = time.monotonic() - _GATHER, 0
         while True:
-            notified.wait(self.tail_interval)   # or less: another process's commit was notified
+            notified.wait(wait)             # or less: another process's commit was notified
+            wait = self.tail_interval
             # Commits notified right after a tail gather for the rest of _GATHER: under a
             # stream of commits a process tails a few hundred times a second, not once a commit.
             stop.wait(max(0.0, tailed + _GATHER - time.monotonic()))
