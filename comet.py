@@ -4164,19 +4164,29 @@ class Comet:
             self._notified = threading.Event()
             # The tail has a thread of its own: a purge or a sweep never delays it.
             if self.store.shared:
+                self._start_window()
                 threading.Thread(target=self._tailing, args=(self._stop, self._notified),
                                  name="comet-tail", daemon=True).start()
                 self.store.listen(self._committed_elsewhere)
             threading.Thread(target=self._housekeeping, args=(self._stop,),
                              name="comet-housekeeping", daemon=True).start()
 
+    def _start_window(self):
+        """The window starts before the process serves its first request (the other
+        first requests wait for ``_start``): until it has, every poll is a query, and
+        a burst of them at start-up (2,000 polls under one gevent worker) kept the
+        first tail waiting for a connection behind them while some polls waited past
+        the pool's 5 s.  A store that does not answer leaves it to the tail."""
+        if self._window.horizon is None:    # (a process forked from one serving has it)
+            try:
+                self._window.start(self.store.head())
+            except CometError:
+                pass
+
     def _tailing(self, stop, notified):
-        # The first tail at once: it starts the window, and until it has, every poll is
-        # a query (a burst of them at start-up kept the tail waiting for a connection).
-        tailed, wait = time.monotonic() - _GATHER, 0
+        tailed = time.monotonic()
         while True:
-            notified.wait(wait)             # or less: another process's commit was notified
-            wait = self.tail_interval
+            notified.wait(self.tail_interval)   # or less: another process's commit was notified
             # Commits notified right after a tail gather for the rest of _GATHER: under a
             # stream of commits a process tails a few hundred times a second, not once a commit.
             stop.wait(max(0.0, tailed + _GATHER - time.monotonic()))

@@ -195,13 +195,15 @@ def test_a_channel_name_or_a_client_id_holding_nul_is_refused_where_it_cannot_be
         app.close()
 
 
-def record_round_trips(monkeypatch):
-    """What this thread sends to PostgreSQL, a list of round trips: the first word of
-    each statement, or "COMMIT", through psycopg or held (``_HeldPQCursor``, whose
-    round trip carries what waits to go with its statement, and may carry a COMMIT
-    after it: "BEGIN+WITH+COMMIT").  The app's tail and housekeeping send on threads
-    of their own."""
+def record_round_trips(monkeypatch, app):
+    """What this thread sends to ``app``'s PostgreSQL from now on (``app`` started
+    first: its first request reads the head once, to start its window), a list of
+    round trips: the first word of each statement, or "COMMIT", through psycopg or
+    held (``_HeldPQCursor``, whose round trip carries what waits to go with its
+    statement, and may carry a COMMIT after it: "BEGIN+WITH+COMMIT").  The app's
+    tail and housekeeping send on threads of their own."""
     import psycopg
+    app._start()
     sent, waiting = [], {}                  # held cursor -> first words to go with the next
     commit = psycopg.Connection.commit
 
@@ -249,7 +251,7 @@ def test_a_commit_sends_its_packages_and_deliveries_in_one_statement(url, monkey
     app = make_app(store=url)
     if path == "psycopg":                   # as under gevent
         monkeypatch.setattr(app.store, "_library", None)
-    sent = record_round_trips(monkeypatch)
+    sent = record_round_trips(monkeypatch, app)
     try:
         app.action("note").on_emit(
             lambda package, recipient, private, db: dict(package, to=recipient)
@@ -290,7 +292,7 @@ def test_a_join_or_leave_sends_its_spans_with_the_commit(url, monkeypatch, path)
     if path == "psycopg":
         monkeypatch.setattr(app.store, "_library", None)
     web = webtest.TestApp(app)
-    sent = record_round_trips(monkeypatch)
+    sent = record_round_trips(monkeypatch, app)
     web.post_json("/comet/push", {"type": "join", "listeners": ["room"]},
                   headers={"X-Client": "a"})
     joined = sent[:]
@@ -338,7 +340,7 @@ def test_a_hook_that_writes_finds_the_push_begun_and_commits_or_rolls_back_with_
                 raise comet.Reject("written, then refused")
             return package
         app.action("note").on_emit(on_emit)
-        sent = record_round_trips(monkeypatch)
+        sent = record_round_trips(monkeypatch, app)
         app.push({"type": "note", "listeners": "bob", "n": 1})
         assert sent[:1] == ["BEGIN"] and sent[-1] == "WITH+COMMIT"
         with pytest.raises(comet.CometError):
