@@ -28,7 +28,8 @@
  *   and never less than the server's Retry-After.
  * - An answer under 500 to either loop shows the server is there: it ends the other loop's
  *   wait, which tries at once (a Retry-After still holds). The browser's "online" event and
- *   the page becoming visible again do the same. A 5xx does not: a proxy answers 502 for a
+ *   the page becoming visible again do the same, and a request still out then that fails is
+ *   retried at once. A 5xx does not: a proxy answers 502 for a
  *   server that is down, and two failing loops would otherwise wake each other without end.
  * - "$status" belongs to the poll loop: "online" when a poll is answered, "offline" when one
  *   fails. An answered push does not make the page online (its polls may still be failing,
@@ -61,9 +62,12 @@
   // The two loops. `step` sends the loop's next request, `request` is the
   // AbortController of the one in flight, `timer` the pending retry,
   // `failures` the consecutive failures so far, `notBefore` the end of the
-  // server's last Retry-After (ms since the epoch).
-  var poller = {step: poll, on: false, request: null, timer: null, failures: 0, notBefore: 0};
-  var pusher = {step: work, on: false, request: null, timer: null, failures: 0, notBefore: 0};
+  // server's last Retry-After (ms since the epoch), `resumed` whether the page
+  // came back (visible, online) while the request in flight was out.
+  var poller = {step: poll, on: false, request: null, timer: null, failures: 0, notBefore: 0,
+                resumed: false};
+  var pusher = {step: work, on: false, request: null, timer: null, failures: 0, notBefore: 0,
+                resumed: false};
 
   // ---- timers and retries: the only place either loop waits -------------
 
@@ -72,12 +76,15 @@
     loop.timer = setTimeout(function () { loop.timer = null; loop.step(); }, ms);
   }
 
-  // Exponential backoff with full jitter, never sooner than Retry-After.
+  // Exponential backoff with full jitter, never sooner than Retry-After; at once
+  // (Retry-After still holds) when the page came back while the request was out.
   function retry(loop, retryAfter) {
     loop.failures += 1;
     var ceiling = Math.min(BACKOFF_MAX, BACKOFF_MIN * Math.pow(2, loop.failures - 1));
+    var wait = loop.resumed ? 0 : Math.random() * ceiling;
+    loop.resumed = false;
     loop.notBefore = Date.now() + retryAfter * 1000;
-    schedule(loop, Math.max(Math.random() * ceiling, retryAfter * 1000));
+    schedule(loop, Math.max(wait, retryAfter * 1000));
   }
 
   // The server or the network is back: a loop waiting out its backoff tries now.
@@ -85,8 +92,16 @@
     if (loop.timer) schedule(loop, Math.max(0, loop.notBefore - Date.now()));
   }
 
+  // The page came back (visible, online): a loop waiting tries now, and one whose
+  // request is out tries again at once should that request fail.
+  function resume(loop) {
+    if (loop.request) loop.resumed = true;
+    hurry(loop);
+  }
+
   function halt(loop) {
     loop.on = false;
+    loop.resumed = false;
     clearTimeout(loop.timer);
     loop.timer = null;
     if (loop.request) loop.request.abort();
@@ -95,9 +110,9 @@
     loop.notBefore = 0;
   }
 
-  global.addEventListener("online", function () { hurry(poller); hurry(pusher); });
+  global.addEventListener("online", function () { resume(poller); resume(pusher); });
   global.document.addEventListener("visibilitychange", function () {
-    if (global.document.visibilityState === "visible") { hurry(poller); hurry(pusher); }
+    if (global.document.visibilityState === "visible") { resume(poller); resume(pusher); }
   });
 
   // ---- HTTP ---------------------------------------------------------------
@@ -165,6 +180,7 @@
     poller.timer = null;
     if (!poller.on || poller.request) return;
     var ctl = poller.request = new AbortController();
+    poller.resumed = false;
     var query = cursor === null ? "" : "?cursor=" + encodeURIComponent(cursor);
     exchange("/poll" + query, {signal: ctl.signal}).then(function (res) {
       if (ctl.signal.aborted) return;
@@ -199,6 +215,7 @@
     if (!pusher.on || pusher.request || !queue.length) return;
     var batch = queue.slice(0, batchLimit);
     var ctl = pusher.request = new AbortController();
+    pusher.resumed = false;
     exchange("/push", pushInit(batch, {signal: ctl.signal})).then(function (res) {
       if (ctl.signal.aborted) return;
       pusher.request = null;

@@ -10,6 +10,7 @@ likely, to show.
 import collections
 import json
 import re
+import threading
 import time
 from urllib.parse import parse_qs, urlencode
 
@@ -66,6 +67,7 @@ class Harness:
         self.requests = collections.defaultdict(list)   # (client id, path) -> [[arrival, status]]
         self.canned = {}           # (client id, path) -> [status, Retry-After or None, times left or None]
         self.hook_raised = collections.Counter()         # text -> times the chat hook raised for it
+        self.held = {}             # (client id, path) -> Event a canned answer waits for
 
     def fail(self, page, path, status, times=None, retry_after=None):
         """Answer ``status`` to the page's next ``times`` requests to ``path`` (all, when None)."""
@@ -73,6 +75,12 @@ class Harness:
 
     def heal(self, page, path):
         self.canned.pop((sid_of(page), path), None)
+
+    def hold(self, page, path):
+        """Canned answers to the page's requests to ``path`` wait until the returned
+        event is set (a request out while the test acts)."""
+        held = self.held[sid_of(page), path] = threading.Event()
+        return held
 
     def wait_for_answers(self, page, path, status, count, timeout=10):
         """When the page's first ``count`` requests to ``path`` answered ``status`` arrived."""
@@ -104,6 +112,9 @@ class Harness:
             if times is not None:
                 canned[2] -= 1
             environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            held = self.held.get((sid, path))
+            if held is not None:
+                held.wait(30)
             return self._answer(recording_start_response, status, retry_after)
         if path != "/comet/poll" or sid is None:
             return self.app(environ, recording_start_response)
@@ -460,6 +471,37 @@ def test_a_page_becoming_visible_polls_at_once(open_client, server):
     }"""))
 
     assert seconds <= 2.0, f"received {seconds:.2f} s after the page became visible"
+
+
+def test_a_page_becoming_visible_while_a_failing_poll_is_out_polls_at_once_after_it(
+        open_client, server):
+    alice = open_client()
+    alice.evaluate("""() => {
+        window.visibility = "hidden";
+        Object.defineProperty(document, "visibilityState", {configurable: true, get: () => visibility});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    pin_jitter(alice, WORST_JITTER)
+    server.fail(alice, "/comet/poll", 502)
+    server.wait_for_answers(alice, "/comet/poll", 502, 3)
+    sent = len(server.answers(alice, "/comet/poll"))
+    released = server.hold(alice, "/comet/poll")
+    try:
+        # The fourth failing poll is out (held) as the page becomes visible.
+        wait_until(lambda: len(server.answers(alice, "/comet/poll")) > sent)
+        alice.evaluate("""() => {
+            visibility = "visible";
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        push_to(server, alice, "while the poll was out")
+        server.heal(alice, "/comet/poll")
+    finally:
+        released.set()
+
+    # After four failures its backoff is 4 s: it is not waited out.
+    seconds = seconds_until_received(alice, lambda: None)
+
+    assert seconds <= 2.0, f"received {seconds:.2f} s after the failing poll came back"
 
 
 def test_a_page_coming_back_online_receives_a_waiting_package_at_once(open_client, server):
