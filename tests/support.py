@@ -930,12 +930,15 @@ def purge_all(store, before):
     return steps
 
 
-def record_queries(monkeypatch):
-    """What this thread sends to MySQL, a list of round trips: the first word of each
-    statement of a query, joined by "+", or "COMMIT" for the connection's commit;
-    not a new connection's settings (SET).  The app's tail and housekeeping send on
-    threads of their own."""
+def record_queries(monkeypatch, app=None):
+    """What this thread sends to MySQL from now on (``app``, when given, started
+    first: its first request reads the head once, to start its window), a list of
+    round trips: the first word of each statement of a query, joined by "+", or
+    "COMMIT" for the connection's commit; not a new connection's settings (SET).
+    The app's tail and housekeeping send on threads of their own."""
     import pymysql
+    if app is not None:
+        app._start()
     sent = []
     query, commit = pymysql.connections.Connection.query, pymysql.connections.Connection.commit
 

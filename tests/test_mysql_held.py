@@ -277,7 +277,7 @@ def test_a_push_sends_its_start_with_its_first_statement_and_its_inserts_with_it
         app.store._checkin(conn)
     join(app, "room", "a")
     cursor = app.store.head()
-    sent = record_queries(monkeypatch)
+    sent = record_queries(monkeypatch, app)
     app.push({"type": "note", "listeners": ["room"], "n": 1})
     # The UPDATE fails (an overflow) only if the members changed since read.
     assert sent == ["START+SELECT", "UPDATE+INSERT+COMMIT"]
@@ -329,7 +329,7 @@ def test_a_hooks_statements_go_one_a_query_and_a_hook_making_none_costs_no_round
     monkeypatch.setattr(connection, "allow_several",
                         lambda conn, several: told.append(several) or allow(conn, several))
     head = app.store.head()
-    sent = record_queries(monkeypatch)
+    sent = record_queries(monkeypatch, app)
     app.push({"type": "note", "listeners": ["stacked"]})
     assert stacked == ["one", 1] and told == [False, True]
     assert sent == ["START+DO", "SELECT+SELECT", "SELECT", "UPDATE+INSERT+INSERT+COMMIT"]
@@ -356,7 +356,7 @@ def test_a_statement_sent_with_the_commit_that_fails_leaves_nothing_committed(
         cur.later("INSERT INTO comet_nosuch VALUES (1)")
         return commit_now(cur)
     monkeypatch.setattr(cursor, "commit_now", after_a_failing_one)
-    sent = record_queries(monkeypatch)
+    sent = record_queries(monkeypatch, app)
     with pytest.raises(comet.CometError) as error:
         app.push({"type": "note", "listeners": "bob"})
     assert error.value.status == 503
@@ -439,7 +439,7 @@ def test_a_server_taking_one_statement_a_query_stores_and_hands_on_the_same_posi
     app.store.on_commit = lambda appended: handed.extend(appended) or commit(appended)
     join(app, "room", "a")
     head = app.store.head()
-    sent = record_queries(monkeypatch)
+    sent = record_queries(monkeypatch, app)
     stamps = [app.push({"type": "note", "listeners": ["room"], "n": 1}),
               app.push({"type": "note", "listeners": "bob", "n": 2}),
               app.push({"type": "note", "listeners": "bob", "n": 3, "_stamp": "t" * 16}),
