@@ -4159,12 +4159,13 @@ class Comet:
         with self._lock:
             if self._pid == os.getpid():
                 return
+            if self.store.shared:           # the first requests wait here until it has
+                self._start_window()
             self._pid = os.getpid()
             self._stop = threading.Event()
             self._notified = threading.Event()
             # The tail has a thread of its own: a purge or a sweep never delays it.
             if self.store.shared:
-                self._start_window()
                 threading.Thread(target=self._tailing, args=(self._stop, self._notified),
                                  name="comet-tail", daemon=True).start()
                 self.store.listen(self._committed_elsewhere)
@@ -4173,10 +4174,11 @@ class Comet:
 
     def _start_window(self):
         """The window starts before the process serves its first request (the other
-        first requests wait for ``_start``): until it has, every poll is a query, and
-        a burst of them at start-up (2,000 polls under one gevent worker) kept the
-        first tail waiting for a connection behind them while some polls waited past
-        the pool's 5 s.  A store that does not answer leaves it to the tail."""
+        first requests wait for it on ``_start``'s lock): until it has, every poll is a
+        query, and a burst of them at start-up (2,000 polls under one gevent worker)
+        kept the first tail waiting for a connection behind them while some polls
+        waited past the pool's 5 s.  A store that does not answer leaves it to the
+        tail."""
         if self._window.horizon is None:    # (a process forked from one serving has it)
             try:
                 self._window.start(self.store.head())
