@@ -238,6 +238,16 @@ def seconds_until_received(page, act, count=1):
     return time.monotonic() - started
 
 
+def set_visibility(page, state):
+    """Make the page ``hidden`` or ``visible``, as the browser would tell it (headless
+    pages are always visible: the test plays the browser)."""
+    page.evaluate("""state => {
+        window.visibility = state;
+        Object.defineProperty(document, "visibilityState", {configurable: true, get: () => visibility});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""", state)
+
+
 def backed_off_after_failed_polls(server, page, status=502):
     """Make the page's polls fail (no Retry-After, as from a proxy) until its
     poll loop has failed four times: with the worst jitter it now waits 4 s."""
@@ -457,18 +467,11 @@ def test_a_push_answer_leaves_the_polls_retry_after_alone(open_client, server):
 
 def test_a_page_becoming_visible_polls_at_once(open_client, server):
     alice = open_client()
-    alice.evaluate("""() => {   // headless pages are always visible: the test plays the browser
-        window.visibility = "hidden";
-        Object.defineProperty(document, "visibilityState", {configurable: true, get: () => visibility});
-        document.dispatchEvent(new Event("visibilitychange"));
-    }""")
+    set_visibility(alice, "hidden")
     backed_off_after_failed_polls(server, alice)
     push_to(server, alice, "while hidden")
 
-    seconds = seconds_until_received(alice, lambda: alice.evaluate("""() => {
-        visibility = "visible";
-        document.dispatchEvent(new Event("visibilitychange"));
-    }"""))
+    seconds = seconds_until_received(alice, lambda: set_visibility(alice, "visible"))
 
     assert seconds <= 2.0, f"received {seconds:.2f} s after the page became visible"
 
@@ -476,11 +479,7 @@ def test_a_page_becoming_visible_polls_at_once(open_client, server):
 def test_a_page_becoming_visible_while_a_failing_poll_is_out_polls_at_once_after_it(
         open_client, server):
     alice = open_client()
-    alice.evaluate("""() => {
-        window.visibility = "hidden";
-        Object.defineProperty(document, "visibilityState", {configurable: true, get: () => visibility});
-        document.dispatchEvent(new Event("visibilitychange"));
-    }""")
+    set_visibility(alice, "hidden")
     pin_jitter(alice, WORST_JITTER)
     server.fail(alice, "/comet/poll", 502)
     server.wait_for_answers(alice, "/comet/poll", 502, 3)
@@ -489,10 +488,7 @@ def test_a_page_becoming_visible_while_a_failing_poll_is_out_polls_at_once_after
     try:
         # The fourth failing poll is out (held) as the page becomes visible.
         wait_until(lambda: len(server.answers(alice, "/comet/poll")) > sent)
-        alice.evaluate("""() => {
-            visibility = "visible";
-            document.dispatchEvent(new Event("visibilitychange"));
-        }""")
+        set_visibility(alice, "visible")
         push_to(server, alice, "while the poll was out")
         server.heal(alice, "/comet/poll")
     finally:
