@@ -81,12 +81,14 @@ def tables(results):
     out = []
 
     rows = [[s, a] + [_cell(results, "fanout", s, a, "all_ms", n=n) for n in sizes]
-            + [_cell(results, "fanout", s, a, k, n=sizes[-1]) for k in ("p50_ms", "p99_ms")]
+            + [_cell(results, "fanout", s, a, k, n=sizes[-1]) for k in ("best_ms", "p50_ms", "p99_ms")]
             for s in servers for a in apps if _select(results, "fanout", s, a)]
     if rows:
-        out.append("### Fan-out: one push to N parked polls, ms until all received\n\n"
+        out.append("### Fan-out: one push to N parked polls, ms until all received (median of the"
+                   " rounds; best round: the quickest)\n\n"
                    + _table(["server", "app"] + [f"N={n}" for n in sizes]
-                            + [f"p50 N={sizes[-1]}", f"p99 N={sizes[-1]}"], rows))
+                            + [f"best round N={sizes[-1]}", f"p50 N={sizes[-1]}",
+                               f"p99 N={sizes[-1]}"], rows))
 
     rows = []
     for s in servers:
@@ -178,6 +180,12 @@ def targets(results):
                 vals = ratios(results, "fanout", s, a, "floor", "all_ms", n=n)
                 rows.append((f"fan-out to {n}: ≤ 1.15× floor", s, a,
                              *_verdict(vals, lambda m: m <= 1.15, failed)))
+                # The machine's other work only ever adds time to a round: the best
+                # round of each app, same repetition, is the fan-out without it.
+                vals = ratios(results, "fanout", s, a, "floor", "best_ms", n=n)
+                if vals:
+                    rows.append((f"fan-out to {n}, best round: ≤ 1.15× floor's", s, a,
+                                 *_verdict(vals, lambda m: m <= 1.15, failed)))
                 vals = ratios(results, "fanout", s, a, "socketio", "all_ms", n=n)
                 rows.append((f"fan-out to {n}: ≤ socketio", s, a,
                              *_verdict(vals, lambda m: m <= 1.0, failed)))

@@ -194,11 +194,11 @@ def comet_md5(directory=None):
 def settings(args):
     """The sizes of every workload, full or quick."""
     if args.quick:
-        return dict(fanout=[20, 100], rounds=2, idle=2.0, subscribers=20, publishers=[1, 4],
+        return dict(fanout=[20, 100], rounds=2, channel_rounds=1, idle=2.0, subscribers=20, publishers=[1, 4],
                     duration=1.0, warmup=0.3, pushes=50, hold=1000, hold_step=500, cross=10,
                     channel=500)
     return dict(fanout=[int(n) for n in args.fanout.split(",")], rounds=args.rounds,
-                idle=args.idle, subscribers=100,
+                channel_rounds=args.channel_rounds, idle=args.idle, subscribers=100,
                 publishers=[int(n) for n in args.publishers.split(",")], duration=args.duration,
                 warmup=0.5, pushes=args.pushes, hold=args.hold, hold_step=1000, cross=args.cross,
                 channel=args.channel)
@@ -261,7 +261,7 @@ def run_cell(kind, server, app, s, stores, env, logdir, workloads):
         if kind == "hold":
             return [asyncio.run(timed(load.hold(srv.target(), peak=s["hold"], step=s["hold_step"])))]
         if kind == "channel":
-            return [asyncio.run(timed(load.channel(srv.target(), s["channel"], rounds=s["rounds"])))]
+            return [asyncio.run(timed(load.channel(srv.target(), s["channel"], rounds=s["channel_rounds"])))]
         return asyncio.run(main_cell(srv.target(), s, workloads))
 
 
@@ -311,7 +311,10 @@ def parse_args(argv=None):
     parser.add_argument("--apps", default=",".join(APPS))
     parser.add_argument("--workloads", default="push_latency,fanout,idle,throughput,hold,channel,cross")
     parser.add_argument("--fanout", default="100,500,1000")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="rounds of each fan-out cell (its median and its best are kept)")
+    parser.add_argument("--channel-rounds", type=int, default=3,
+                        help="rounds of the channel cell")
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=3.0, help="throughput window, seconds")
     parser.add_argument("--publishers", default="1,4",

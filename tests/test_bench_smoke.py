@@ -21,9 +21,10 @@ import stamp_cost  # noqa: E402
 
 def test_fanout_to_20_polls_on_wsgiref_with_the_memory_store_delivers_to_all():
     with run.Server("wsgiref", "comet", "memory:", env=run.served_env()) as server:   # this comet.py
-        result = asyncio.run(load.fanout(server.target(), 20, rounds=1, time_limit=30))
+        result = asyncio.run(load.fanout(server.target(), 20, rounds=2, time_limit=30))
     assert "failed" not in result, result
-    assert result["rounds"] == 1
+    assert result["rounds"] == 2
+    assert result["best_ms"] == min(result["all_ms_rounds"])
     assert result["all_ms"] is not None and result["errors"] == 0
     # When the push was answered and when the first poll had it, as the last one did.
     answered, first = result["answered_ms_rounds"][0], result["first_ms_rounds"][0]
