@@ -466,7 +466,8 @@ async def fanout(target, n, rounds=3, idle=0.0, round_limit=10.0, time_limit=120
         await publisher.close()
     if totals:
         result.update(all_ms=ms(statistics.median(totals)), all_ms_rounds=[ms(t) for t in totals],
-                      best_ms=ms(min(totals)), p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)),
+                      best_ms=ms(min(totals)), p50_ms=ms(percentile(latencies, 50)),
+                      p99_ms=ms(percentile(latencies, 99)),
                       answered_ms_rounds=[ms(answered) for answered, _ in phases],
                       first_ms_rounds=[ms(first) for _, first in phases])
     result["errors"] = 0

@@ -81,7 +81,8 @@ def tables(results):
     out = []
 
     rows = [[s, a] + [_cell(results, "fanout", s, a, "all_ms", n=n) for n in sizes]
-            + [_cell(results, "fanout", s, a, k, n=sizes[-1]) for k in ("best_ms", "p50_ms", "p99_ms")]
+            + [_cell(results, "fanout", s, a, k, n=sizes[-1])
+               for k in ("best_ms", "p50_ms", "p99_ms")]
             for s in servers for a in apps if _select(results, "fanout", s, a)]
     if rows:
         out.append("### Fan-out: one push to N parked polls, ms until all received (median of the"

@@ -194,7 +194,8 @@ def comet_md5(directory=None):
 def settings(args):
     """The sizes of every workload, full or quick."""
     if args.quick:
-        return dict(fanout=[20, 100], rounds=2, channel_rounds=1, idle=2.0, subscribers=20, publishers=[1, 4],
+        return dict(fanout=[20, 100], rounds=2, channel_rounds=1, idle=2.0, subscribers=20,
+                    publishers=[1, 4],
                     duration=1.0, warmup=0.3, pushes=50, hold=1000, hold_step=500, cross=10,
                     channel=500)
     return dict(fanout=[int(n) for n in args.fanout.split(",")], rounds=args.rounds,
@@ -261,7 +262,8 @@ def run_cell(kind, server, app, s, stores, env, logdir, workloads):
         if kind == "hold":
             return [asyncio.run(timed(load.hold(srv.target(), peak=s["hold"], step=s["hold_step"])))]
         if kind == "channel":
-            return [asyncio.run(timed(load.channel(srv.target(), s["channel"], rounds=s["channel_rounds"])))]
+            return [asyncio.run(timed(load.channel(srv.target(), s["channel"],
+                                                   rounds=s["channel_rounds"])))]
         return asyncio.run(main_cell(srv.target(), s, workloads))
 
 
