@@ -3411,6 +3411,7 @@ class _Window:
         self._inbox = collections.defaultdict(list)     # recipient -> [(position, ts, body)]
         self._log = collections.deque()     # (position, ts, delivered, bytes), oldest first
         self._ahead = {}                    # position -> (ts, delivered): ours, past a gap
+        self._ahead_to = frozenset()        # the recipients of what is ahead
         self._lock = _section_lock()
 
     def start(self, head):
@@ -3422,7 +3423,7 @@ class _Window:
         with self._lock:
             self.base = self.horizon = None
             self._inbox, self._log = collections.defaultdict(list), collections.deque()
-            self._ahead, self.bytes = {}, 0
+            self._ahead, self._ahead_to, self.bytes = {}, frozenset(), 0
 
     def add(self, appended):
         """This process's commits: ``[(position, ts, [(recipient, body)])]``."""
@@ -3434,6 +3435,7 @@ class _Window:
                     self._ahead[position] = ts, delivered
             while self.horizon + 1 in self._ahead:
                 self._keep(self.horizon + 1, *self._ahead.pop(self.horizon + 1))
+            self._index_ahead()
 
     def fill(self, head, appended):
         """What the tail read: every package after the horizon up to ``head``,
@@ -3446,6 +3448,16 @@ class _Window:
                     self._keep(position, ts, delivered)
             self.horizon = max(self.horizon, head)
             self._ahead = {p: entry for p, entry in self._ahead.items() if p > self.horizon}
+            self._index_ahead()
+
+    def _index_ahead(self):
+        # Who has a delivery past a gap, whose reads the window cannot answer: a set,
+        # so that a read does not look through what is ahead (while a push to a
+        # channel of 10,000 waited past a gap, its 10,000 woken polls took 3 s of CPU
+        # looking through it).  Nothing is ahead but while another process's commit
+        # is not tailed yet.
+        self._ahead_to = frozenset(recipient for _, delivered in self._ahead.values()
+                                   for recipient, _ in delivered) if self._ahead else frozenset()
 
     def _keep(self, position, ts, delivered):
         # A row for each distinct body (by identity, as stores share them), shared by
@@ -3488,8 +3500,8 @@ class _Window:
         """``(horizon, rows)`` like ``Store.read``, or None when the window cannot
         answer for sure: ``after`` outside it, or a delivery past a gap."""
         with self._lock:
-            if self.horizon is None or not self.base <= after <= self.horizon or any(
-                    recipient == r for _, delivered in self._ahead.values() for r, _ in delivered):
+            if (self.horizon is None or not self.base <= after <= self.horizon
+                    or recipient in self._ahead_to):
                 return None
             inbox = self._inbox.get(recipient, [])
             start = bisect.bisect_right(inbox, (after, math.inf))    # past every row at after

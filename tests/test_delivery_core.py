@@ -155,6 +155,29 @@ def test_the_window_keeps_a_later_commit_ahead_of_what_the_tail_read():
     assert window.read("bob", 1, 500) is None
 
 
+def test_the_window_refuses_a_clients_reads_only_while_a_delivery_of_its_is_past_a_gap():
+    window = window_of((1, ["bob"]))
+    window.add([(3, 1003, [("bob", "3"), ("dave", "3")])])     # 2 not tailed yet
+    window.add([(5, 1005, [("carol", "5"), ("dave", "5")])])   # nor 4
+
+    assert [window.read(c, 1, 500) for c in ("bob", "carol", "dave")] == [None] * 3
+    assert window.read("erin", 1, 500) == (1, [])
+
+    window.fill(3, [(2, 1002, [("erin", "2")]),     # the tail read up to 3, this process's
+                    (3, 1003, [("bob", "3"), ("dave", "3")])])
+    assert window.read("bob", 1, 500) == (3, [(3, 1003, "3")])
+    assert window.read("carol", 1, 500) is None and window.read("dave", 1, 500) is None
+
+    window.add([(4, 1004, [("erin", "4")])])        # this process's own 4 fills the last gap
+    assert window.read("carol", 3, 500) == (5, [(5, 1005, "5")])
+    assert window.read("dave", 1, 500) == (5, [(3, 1003, "3"), (5, 1005, "5")])
+
+    window.add([(7, 1007, [("bob", "7")])])
+    window.stop()
+    window.start(7)                                 # what was ahead is forgotten with the rest
+    assert window.read("bob", 7, 500) == (7, [])
+
+
 def test_a_commit_added_while_the_tail_read_is_kept_once():
     window = window_of((1, ["bob"]))
     window.add([(2, 1002, [("bob", "2")])])         # this process's, after the tail read from 1
