@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import webtest
@@ -278,6 +279,45 @@ def test_a_push_wakes_the_recipients_parked_poll_long_before_its_timeout(store_u
         assert status == 200
         assert answered.wait(20), "the parked poll was not woken by the push to it"
         assert [p["_stamp"] for p in result["answer"]["packages"]] == body["accepted"]
+
+
+def test_a_push_past_another_processs_commit_not_tailed_yet_is_delivered_by_one_tail(
+        tmp_path):
+    """Woken at once, each recipient's poll read the store: a query each, 10,000 for
+    a push to a channel of 10,000.  Now the push makes the tail run at once (its
+    interval here is 30 s), and the tail's one read wakes them."""
+    url = f"sqlite:///{tmp_path}/comet.db"
+    here, there = make_app(store=url, tail_interval=30), make_app(store=url, tail_interval=30)
+    try:
+        with ThreadedServer(here) as server:
+            bob, alice = Client(server.url, "bob"), Client(server.url, "alice")
+            cursor = bob.poll()["cursor"]
+            reads = here.store.read = Counted(here.store.read)
+            tail = here.store.tail
+
+            def tail_after_any_read(after):   # a poll woken before the tail reads first
+                deadline = time.monotonic() + 0.5
+                while not reads.calls and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return tail(after)
+            tails = here.store.tail = Counted(tail_after_any_read)
+            answered, result = threading.Event(), {}
+
+            def park():
+                result["answer"] = bob.poll(cursor, timeout=60)
+                answered.set()
+            threading.Thread(target=park, daemon=True).start()
+            wait_until(lambda: here.stats()["parked"] == 1)
+            there.push({"type": "first", "listeners": "bob"})      # not tailed here yet
+            status, _, _ = alice.push({"type": "second", "listeners": "bob"})
+
+            assert status == 200
+            assert answered.wait(20), "the poll was not answered before the tail's interval"
+            assert [p["type"] for p in result["answer"]["packages"]] == ["first", "second"]
+            assert reads.calls == 0 and tails.calls >= 1       # from the window, one tail
+    finally:
+        here.close()
+        there.close()
 
 
 def test_a_poll_with_a_timeout_of_0_answers_at_once_with_what_there_is(store_url):
