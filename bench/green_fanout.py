@@ -88,12 +88,16 @@ def main():
     cursors = {client: cursor(respond("GET", client)) for client in clients + ["pub"]}
     body = json.dumps({"type": "msg", "listeners": ["channel:r"], "room": "r",
                        "text": "hello"}).encode()
-    times, pushes, round_reads = [], [], []
+    times, pushes, round_reads, errors = [], [], [], []
     for _ in range(args.rounds + 2):
         answered, everyone = [0], gevent.event.Event()
 
         def poll(client):
-            cursors[client] = cursor(respond("GET", client, "cursor=" + cursors[client]))
+            answer = respond("GET", client, "cursor=" + cursors[client])
+            if b'"cursor":"' in answer:
+                cursors[client] = cursor(answer)
+            else:                           # an error (a 503, say): counted, its text kept
+                errors.append(answer[:200].decode(errors="replace"))
             answered[0] += 1
             if answered[0] == args.n:
                 everyone.set()
@@ -119,6 +123,7 @@ def main():
                       "median_ms": round(statistics.median(times), 2),
                       "best_ms": round(min(times), 2),
                       "push_answered_ms": round(statistics.median(pushes), 2),
+                      "errors": len(errors), **({"first_error": errors[0]} if errors else {}),
                       **({"store_reads_a_round": statistics.median(round_reads[2:])}
                          if args.gap else {})}))
     os._exit(0)                             # no teardown: the store's threads are daemons
