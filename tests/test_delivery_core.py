@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import webtest
@@ -292,13 +291,15 @@ def test_a_push_past_another_processs_commit_not_tailed_yet_is_delivered_by_one_
         with ThreadedServer(here) as server:
             bob, alice = Client(server.url, "bob"), Client(server.url, "alice")
             cursor = bob.poll()["cursor"]
-            reads = here.store.read = Counted(here.store.read)
-            tail = here.store.tail
+            read, tail, a_read = here.store.read, here.store.tail, threading.Event()
+
+            def read_and_tell(*args):
+                a_read.set()
+                return read(*args)
+            reads = here.store.read = Counted(read_and_tell)
 
             def tail_after_any_read(after):   # a poll woken before the tail reads first
-                deadline = time.monotonic() + 0.5
-                while not reads.calls and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                a_read.wait(0.5)
                 return tail(after)
             tails = here.store.tail = Counted(tail_after_any_read)
             answered, result = threading.Event(), {}
