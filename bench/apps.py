@@ -26,6 +26,7 @@ parked polls) and, for comet, ``POST /_bench/enrol``.
 """
 
 import hashlib
+import io
 import json
 import os
 import threading
@@ -40,6 +41,27 @@ def _answer(start_response, body, content_type="application/json"):
     start_response("200 OK", [("Content-Type", content_type),
                               ("Content-Length", str(len(body)))])
     return [body]
+
+
+def direct(app):
+    """``respond(method, client, query="", body=b"")``: a poll (GET) or a push (POST)
+    of ``client`` in room ``r``, answered by calling ``app`` as a WSGI server would,
+    with no socket; returns the answer's body."""
+
+    def respond(method, client, query="", body=b""):
+        environ = {"REQUEST_METHOD": method,
+                   "PATH_INFO": {"GET": "/comet/poll", "POST": "/comet/push"}[method],
+                   "QUERY_STRING": query, "CONTENT_TYPE": "application/json",
+                   "CONTENT_LENGTH": str(len(body)), "HTTP_X_CLIENT": client, "HTTP_X_ROOM": "r",
+                   "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "bench:1", "wsgi.url_scheme": "http",
+                   "wsgi.input": io.BytesIO(body)}
+        return b"".join(app(environ, lambda status, headers: None))
+    return respond
+
+
+def cursor_of(answer):
+    """A poll answer's cursor, cut out of its body rather than parsed."""
+    return answer.split(b'"cursor":"', 1)[1].split(b'"', 1)[0].decode()
 
 
 def _read_body(environ):

@@ -18,7 +18,6 @@ window.  Prints the store reads a round made as well.
 """
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -69,17 +68,7 @@ def main():
                 return read(*a)
             app.store.read = counted
 
-    def respond(method, client, query="", body=b""):
-        environ = {"REQUEST_METHOD": method,
-                   "PATH_INFO": {"GET": "/comet/poll", "POST": "/comet/push"}[method],
-                   "QUERY_STRING": query, "CONTENT_TYPE": "application/json",
-                   "CONTENT_LENGTH": str(len(body)), "HTTP_X_CLIENT": client, "HTTP_X_ROOM": "r",
-                   "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "bench:1", "wsgi.url_scheme": "http",
-                   "wsgi.input": io.BytesIO(body)}
-        return b"".join(app(environ, lambda status, headers: None))
-
-    def cursor(answer):
-        return answer.split(b'"cursor":"', 1)[1].split(b'"', 1)[0].decode()
+    respond, cursor = apps.direct(app), apps.cursor_of
 
     def parked():
         return app.parked if args.store == "floor" else app._parking.count

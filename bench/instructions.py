@@ -31,7 +31,6 @@ Needs valgrind (Debian's package).
 """
 
 import argparse
-import io
 import json
 import os
 import re
@@ -62,13 +61,7 @@ def work(comet_dir, store, rounds, subscribers, polls, green=False, publishers=4
         if green:
             app._housekeeping = lambda stop: None   # nor a purge
 
-    def respond(method, client, query="", body=b""):
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": {"GET": "/comet/poll", "POST": "/comet/push"}[method],
-                   "QUERY_STRING": query, "CONTENT_TYPE": "application/json",
-                   "CONTENT_LENGTH": str(len(body)), "HTTP_X_CLIENT": client, "HTTP_X_ROOM": "r",
-                   "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "bench:1", "wsgi.url_scheme": "http",
-                   "wsgi.input": io.BytesIO(body)}
-        return b"".join(app(environ, lambda status, headers: None))
+    respond = apps.direct(app)
 
     def call(method, client, query="", body=b""):
         return json.loads(respond(method, client, query, body))
@@ -97,15 +90,14 @@ def work(comet_dir, store, rounds, subscribers, polls, green=False, publishers=4
 def green_rounds(app, respond, rounds, subscribers, publishers):
     """``--green``: the rounds of parked polls and pushes sent together.  An answer's
     cursor is cut out of it, not parsed: what is counted is the app's work."""
+    import apps
     import gevent
     import gevent.event
     floor = not hasattr(app, "_parking")
     subs = [f"sub-{i}" for i in range(subscribers)]
     pubs = [f"pub-{i}" for i in range(publishers)]
 
-    def cursor(answer):
-        return answer.split(b'"cursor":"', 1)[1].split(b'"', 1)[0].decode()
-
+    cursor = apps.cursor_of
     cursors = {client: cursor(respond("GET", client)) for client in subs + pubs}
     if not floor and app._window is not None:
         app._tail()                         # the window starts now; no tail runs later
