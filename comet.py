@@ -3192,9 +3192,11 @@ def open_store(url):
 # --------------------------------------------------------------------------
 
 class _Waiter:
-    """One parked poll: ``wait`` blocks on a held lock until ``wake`` releases it."""
+    """One parked poll: ``wait`` blocks on a held lock until ``wake`` releases it.
+    ``relayed`` is true while the poll holds the relay of its threads' wake-up
+    (``_Parking``), ``gone`` once it has left the parking."""
 
-    __slots__ = ("client", "address", "after", "_signal")
+    __slots__ = ("client", "address", "after", "_signal", "relayed", "gone")
 
     def __init__(self, client, address, after):
         self.client = client
@@ -3202,17 +3204,20 @@ class _Waiter:
         self.after = after
         self._signal = threading.Lock()     # cheaper than an Event: one lock, no Condition
         self._signal.acquire()
+        self.relayed = self.gone = False
 
     def wait(self, timeout):
         return self._signal.acquire(timeout=timeout)
 
     def wake(self):
-        if not self._signal.locked():       # woken already, and not waiting again yet
-            return
+        """Release the poll; false if it was released already, and not waiting again yet."""
+        if not self._signal.locked():
+            return False
         try:
             self._signal.release()
         except RuntimeError:                # woken meanwhile by another waker
-            pass
+            return False
+        return True
 
 
 class _GreenWaiter(_Waiter):
@@ -3227,6 +3232,7 @@ class _GreenWaiter(_Waiter):
         self.address = address
         self.after = after
         self._signal = threading.Event()
+        self.relayed = self.gone = False
 
     def wait(self, timeout):
         woken = self._signal.wait(timeout)
@@ -3258,35 +3264,38 @@ class _GeventWaiter(_GreenWaiter):
 
 
 class _Turn:
-    """A woken poll's turn to answer (``_Parking.turn``); ``end`` lets the next one
-    go, once however often it is called.  ``_Turn(None)`` is no turn at all."""
+    """A woken poll's turn to answer (``_Parking.turn``); ``end`` hands the relay on
+    to the next poll woken, once however often it is called.  ``_NO_TURN`` is no
+    turn at all."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_parking", "_waiter")
 
-    def __init__(self, lock):
-        self._lock = lock
-        if lock is not None:
-            lock.acquire()
+    def __init__(self, parking, waiter):
+        self._parking = parking
+        self._waiter = waiter
 
     def end(self):
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.release()
+        if self._parking is not None:
+            self._parking.hand_on(self._waiter)
 
 
-_NO_TURN = _Turn(None)
+_NO_TURN = _Turn(None, None)
 
 
 class _Parking:
     """The polls held now, by client, and the limits on how many: per client,
     per remote address (a client can shed its cookie, not its address) and in all.
 
-    Polls woken together answer one at a time (``turn``), the waker first: a
-    thousand threads let go at once contend for the GIL with each other and with
-    the thread still waking them, and all of them end up later (fan-out to 1,000
-    on wsgiref and cheroot took twice the time of an ideal long poll, whose woken
-    threads queue on its condition's lock).  Green threads (gevent) do not
-    contend, and take no turns.
+    On a threaded server the polls one wake-up is for are woken one after
+    another, a relay: the waker wakes the first and goes on with its own work,
+    and each woken poll wakes the next once it has made its answer (``turn``),
+    or before it queries the store.  A thousand threads let go at once contend
+    for the GIL with each other and with the thread still waking them, and all
+    of them end up later (fan-out to 1,000 on wsgiref and cheroot took twice the
+    time of an ideal long poll, whose woken threads queue on its condition's
+    lock); in a relay a woken thread sleeps once, on its own lock, and never
+    waits for another's.  Green threads (gevent) do not contend, and are woken
+    all at once.
     """
 
     def __init__(self, per_client, per_address, total):
@@ -3299,8 +3308,8 @@ class _Parking:
         self._addresses = {}                # address -> polls parked
         self._lock = _section_lock()
         threads = not _green()
-        self._turns = threading.Lock() if threads else None
-        self._waking = threading.Lock() if threads else None
+        self._relay = collections.deque() if threads else None  # polls still to wake
+        self._relaying = False              # a woken poll holds the relay
         self._waiter = _Waiter if threads else _GeventWaiter if _gevent() else _GreenWaiter
         self._hub = None                    # under gevent: the hub the polls park on
         if self._waiter is _GeventWaiter:   # and the thread it runs in
@@ -3341,6 +3350,10 @@ class _Parking:
 
     def unpark(self, waiter):
         with self._lock:
+            waiter.gone = True
+            if waiter.relayed:              # woken as it timed out, or it failed: hand on
+                waiter.relayed = False
+                self._wake_next()
             waiters = [w for w in self._waiters[waiter.client] if w is not waiter]
             if waiters:
                 self._waiters[waiter.client] = waiters
@@ -3368,22 +3381,37 @@ class _Parking:
                 clients = [client for client in positions if client in waiters]
             else:
                 clients = [client for client in waiters if client in positions]
-        waking = _Turn(self._waking)        # the polls woken here wait until all are
-        try:
-            for client in clients:
-                for waiter in waiters.get(client, ()):
-                    if positions[client] > waiter.after:
-                        waiter.wake()
-        finally:
-            waking.end()
+        due = [waiter for client in clients for waiter in waiters.get(client, ())
+               if positions[client] > waiter.after]
+        if self._relay is None:
+            for waiter in due:
+                waiter.wake()
+            return
+        with self._lock:
+            self._relay.extend(due)
+            if not self._relaying:
+                self._wake_next()
 
-    def turn(self):
-        """Wait until no wake-up is under way, then for the turn to answer; the
-        caller ends it.  (A waker never waits for the polls' turns.)"""
-        if self._turns is None:
-            return _NO_TURN
-        _Turn(self._waking).end()
-        return _Turn(self._turns)
+    def _wake_next(self):
+        """Hand the relay to the next poll in it still parked (under the lock)."""
+        relay = self._relay
+        while relay:
+            waiter = relay.popleft()
+            if not waiter.gone and waiter.wake():
+                waiter.relayed = self._relaying = True
+                return
+        self._relaying = False
+
+    def hand_on(self, waiter):
+        """``waiter``'s turn is over: the next poll in the relay is woken (once)."""
+        with self._lock:
+            if waiter.relayed:
+                waiter.relayed = False
+                self._wake_next()
+
+    def turn(self, waiter):
+        """The turn of a poll woken by a relay, which the caller ends."""
+        return _NO_TURN if self._relay is None else _Turn(self, waiter)
 
     def clients(self):
         return list(self._waiters)
@@ -4152,7 +4180,7 @@ class Comet:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not waiter.wait(remaining):
                     return self._answer(head)
-                turn = self._parking.turn()
+                turn = self._parking.turn(waiter)
         finally:
             turn.end()
             if waiter is not None:

@@ -419,35 +419,58 @@ def test_polls_woken_together_in_threads_answer_one_at_a_time(kind, request, tmp
     assert met == []
 
 
-def test_polls_woken_in_threads_answer_once_the_waker_has_woken_them_all(monkeypatch):
+def test_polls_woken_in_threads_are_woken_one_by_one_each_once_the_one_before_answered(
+        monkeypatch):
+    """A relay: the waker wakes the first poll, each woken poll the next once its
+    answer is made."""
     app = make_app(poll_timeout=30)
     clients = [f"c{n}" for n in range(6)]
     threads, answers = park_each(app, clients, cursor_of(as_client(app, "c0")))
-    events, wake, answer, answered = [], comet._Waiter.wake, app._answer, threading.Event()
+    events, wake, answer = [], comet._Waiter.wake, app._answer
 
-    def wake_and_wait(waiter):              # the woken poll's answer, if it can come, comes now
-        wake(waiter)
+    def note_and_wake(waiter):
         events.append("woke")
-        answered.wait(0.05)
-    monkeypatch.setattr(comet._Waiter, "wake", wake_and_wait)
+        return wake(waiter)
+    monkeypatch.setattr(comet._Waiter, "wake", note_and_wake)
 
-    def answer_and_tell(*args, **kwargs):
+    def note_and_answer(*args, **kwargs):
         events.append("answered")
-        answered.set()
         return answer(*args, **kwargs)
-    app._answer = answer_and_tell
+    app._answer = note_and_answer
 
     app.push({"type": "all", "listeners": ["to"], "to": clients})
     for thread in threads:
         thread.join(20)
 
-    assert events == ["woke"] * 6 + ["answered"] * 6
+    assert events == ["woke", "answered"] * 6
+    assert {c: [p["type"] for p in a["packages"]] for c, a in answers.items()} == \
+        {c: ["all"] for c in clients}
+
+
+def test_a_relay_passes_over_polls_gone_and_goes_on_from_a_poll_leaving_without_its_turn():
+    parking = comet._Parking(per_client=5, per_address=100, total=100)
+    a, b, c, d = (parking.park(client, None, 0) for client in "abcd")
+
+    parking.wake(dict.fromkeys("abcd", 1))
+    assert [w.wait(0) for w in (a, b, c, d)] == [True, False, False, False]
+
+    parking.unpark(b)                   # b left (its poll timed out) before its turn
+    turn = parking.turn(a)
+    turn.end()
+    turn.end()                          # once however often it is called
+    assert [w.wait(0) for w in (b, c, d)] == [False, True, False]
+
+    parking.unpark(c)                   # c's answer failed: it leaves holding the relay
+    assert d.wait(0)
+    parking.turn(d).end()
+    parking.wake({"a": 2})              # the relay was let go: a new wake-up starts one
+    assert a.wait(0)
 
 
 def test_a_woken_poll_that_must_query_the_store_holds_up_no_other(tmp_path):
-    # No tail turn in the test's time: the window never starts and every read queries.
     app = make_app(store=f"sqlite:///{tmp_path}/c.db", poll_timeout=30, tail_interval=3600)
     cursor = cursor_of(as_client(app, "bob"))
+    app._window = None                  # every read queries the store
     threads, answers = park_each(app, ["bob", "carol"], cursor)
     both_inside, read = threading.Barrier(2, timeout=10), app.store.read
 
@@ -480,9 +503,9 @@ def test_a_poll_woken_for_nothing_of_its_own_parks_again_and_lets_the_next_wake_
     assert [p["type"] for p in answers["bob"]["packages"]] == ["x"]
 
 
-def test_green_threads_take_no_turns_and_real_threads_do():
+def test_green_threads_are_woken_all_at_once_and_real_threads_by_a_relay():
     script = ("import sys; sys.path.insert(0, {root!r}); {patch}import comet;"
-              " print(comet._Parking(1, 1, 1)._turns is None)")
+              " print(comet._Parking(1, 1, 1)._relay is None)")
     found = [subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), patch=patch)],
                             capture_output=True, text=True, timeout=60).stdout.strip()
              for patch in ("from gevent import monkey; monkey.patch_all(); ", "")]
@@ -742,8 +765,9 @@ def recording_parking(woken):
     class Waiter(comet._Waiter):
         __slots__ = ()
 
-        def wake(self):
+        def wake(self):                 # not a thread that waits: a relay goes straight on
             woken.append(self.client)
+            return False
 
     parking = comet._Parking(per_client=5, per_address=100, total=100)
     parking._waiter = Waiter
