@@ -243,6 +243,20 @@ def test_the_window_counts_a_shared_body_once_and_lets_the_oldest_go_past_its_by
     assert [row[0] for row in window.read("bob", 1, 500)[1]] == [2, 3]
 
 
+def test_rows_the_window_let_go_leave_the_inboxes_an_eighth_of_its_bytes_later_at_most():
+    one = comet._Window._DELIVERY + sys.getsizeof("1")      # one delivery of a one-byte body
+    window = comet._Window(max_bytes=64 * one)
+    window.start(0)
+    rows = []
+    for n in range(1, 1001):
+        window.add([(n, n, [("bob" if n % 2 else "carol", "1")])])
+        rows.append(sum(map(len, window._inbox.values())))
+
+    assert window.base == 936 and max(rows) == 64 + 8       # the ninth let go cuts all nine
+    assert max(rows[500:]) == 64 + 8                        # and again: not one cut a package
+    assert [row[0] for row in window.read("carol", 936, 500)[1]] == list(range(938, 1001, 2))
+
+
 def test_the_window_lets_go_of_what_retention_expired():
     window = comet._Window(max_bytes=1 << 20)
     window.start(0)
