@@ -40,6 +40,33 @@ def test_a_push_to_a_channel_of_20_members_reaches_every_member():
     assert "Channel" in report.markdown([dict(result, rep=1, server="wsgiref", app="comet-memory")])
 
 
+def test_the_report_judges_every_app_and_server_after_one_with_a_channel_cell():
+    """The channel cell's sizes once took the place of the fan-out's: every app after
+    the first with a channel cell lost its fan-out verdicts."""
+    results = []
+    for server in ("gevent", "gthread"):
+        for app, ms, delivered in (("floor", 100, 1000), ("socketio", 120, 900),
+                                   ("comet-sqlite", 110, 950), ("comet-mysql", 130, 1100)):
+            results += [dict(workload="fanout", n=1000, all_ms=ms, best_ms=ms, rep=1,
+                             server=server, app=app),
+                        dict(workload="throughput", n=100, publishers=4, rep=1, server=server,
+                             app=app, deliveries_per_s=delivered)]
+            if server == "gevent" and app != "socketio":
+                results.append(dict(workload="channel", n=10000, all_ms=ms, push_ms=9, rep=1,
+                                    server=server, app=app))
+
+    judged = {(target, server, app): verdict
+              for target, server, app, _, verdict in report.targets(results)}
+
+    for server in ("gevent", "gthread"):
+        assert judged["fan-out to 1000: ≤ 1.15× floor", server, "comet-mysql"] == "**missed**"
+        assert judged["fan-out to 1000: ≤ 1.15× floor", server, "comet-sqlite"] == "**met**"
+        assert judged["throughput 100 subs / 4 pubs: ≥ 1.0× socketio", server,
+                      "comet-mysql"] == "**met**"
+        assert judged["throughput 100 subs / 4 pubs: ≥ 1.0× socketio", server,
+                      "comet-sqlite"] == "**met**"
+
+
 def test_a_room_that_is_a_channel_reaches_its_subscribers_from_one_channel_row(tmp_path, monkeypatch):
     """``--rooms channel``: subscribers and publishers join the room's channel, and each
     push is one row of the SQLite store, read by all 10 subscribers."""
