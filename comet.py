@@ -3264,33 +3264,14 @@ class _GeventWaiter(_GreenWaiter):
         return woken
 
 
-class _Turn:
-    """A woken poll's turn to answer (``_Parking.turn``); ``end`` hands the relay on
-    to the next poll woken, once however often it is called.  ``_NO_TURN`` is no
-    turn at all."""
-
-    __slots__ = ("_parking", "_waiter")
-
-    def __init__(self, parking, waiter):
-        self._parking = parking
-        self._waiter = waiter
-
-    def end(self):
-        if self._parking is not None:
-            self._parking.hand_on(self._waiter)
-
-
-_NO_TURN = _Turn(None, None)
-
-
 class _Parking:
     """The polls held now, by client, and the limits on how many: per client,
     per remote address (a client can shed its cookie, not its address) and in all.
 
     On a threaded server the polls one wake-up is for are woken one after
     another, a relay: the waker wakes the first and goes on with its own work,
-    and each woken poll wakes the next once it has made its answer (``turn``),
-    or before it queries the store.  A thousand threads let go at once contend
+    and each woken poll wakes the next once it has made its answer, or before
+    it queries the store (``hand_on``; ``unpark`` too, for one that leaves).  A thousand threads let go at once contend
     for the GIL with each other and with the thread still waking them, and all
     of them end up later (fan-out to 1,000 on wsgiref and cheroot took twice the
     time of an ideal long poll, whose woken threads queue on its condition's
@@ -3404,15 +3385,12 @@ class _Parking:
         self._relaying = False
 
     def hand_on(self, waiter):
-        """``waiter``'s turn is over: the next poll in the relay is woken (once)."""
+        """If ``waiter`` holds the relay, the next poll in it is woken (once, however
+        often this is called)."""
         with self._lock:
             if waiter.relayed:
                 waiter.relayed = False
                 self._wake_next()
-
-    def turn(self, waiter):
-        """The turn of a poll woken by a relay, which the caller ends."""
-        return _NO_TURN if self._relay is None else _Turn(self, waiter)
 
     def clients(self):
         return list(self._waiters)
@@ -4177,11 +4155,10 @@ class Comet:
         after = int(match[2])
         deadline = time.monotonic() + self.poll_timeout
         waiter = None                       # parked only when there is nothing to answer yet
-        turn = _NO_TURN                     # woken: held until the answer is made
         try:
             while True:
                 wakes = self._parking.wakes
-                head, rows, lost = self._read(client, after, turn)
+                head, rows, lost = self._read(client, after, waiter)
                 if after > head or lost or (
                         rows and rows[0][1] < self.store.now() - self.retention * 1000):
                     return self._answer(head, reset=True)
@@ -4189,28 +4166,28 @@ class Comet:
                     self._count("delivered", len(rows))
                     return self._answer(head if len(rows) < _PAGE else rows[-1][0],
                                         [row[2] for row in rows])
-                turn.end()                  # woken for nothing of ours: the others go on
                 if waiter is None:
                     waiter = self._parking.park(client, address, after)
                     if self._parking.wakes != wakes:
                         continue            # a wake-up began since the read, maybe before parking
+                else:
+                    self._parking.hand_on(waiter)   # woken for nothing of ours: the others go on
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not waiter.wait(remaining):
                     return self._answer(head)
-                turn = self._parking.turn(waiter)
         finally:
-            turn.end()
-            if waiter is not None:
+            if waiter is not None:          # woken in a relay: the next poll goes now
                 self._parking.unpark(waiter)
 
-    def _read(self, client, after, turn=_NO_TURN):
-        """``Store.read``, from the window when it can answer (no query).  A woken
-        poll's ``turn`` ends before a query: the others wait on memory, never on I/O."""
+    def _read(self, client, after, waiter=None):
+        """``Store.read``, from the window when it can answer (no query).  A poll
+        ``waiter`` woken in a relay hands it on before a query: the others wait on
+        memory, never on I/O."""
         window = self._window and self._window.read(client, after, _PAGE)
         if window:
             return window[0], window[1], False
-        if not isinstance(self.store, MemoryStore):
-            turn.end()
+        if waiter is not None and not isinstance(self.store, MemoryStore):
+            self._parking.hand_on(waiter)
         return self.store.read(client, after, _PAGE)
 
     def _answer(self, position, bodies=(), reset=False):

@@ -455,14 +455,13 @@ def test_a_relay_passes_over_polls_gone_and_goes_on_from_a_poll_leaving_without_
     assert [w.wait(0) for w in (a, b, c, d)] == [True, False, False, False]
 
     parking.unpark(b)                   # b left (its poll timed out) before its turn
-    turn = parking.turn(a)
-    turn.end()
-    turn.end()                          # once however often it is called
+    parking.hand_on(a)
+    parking.hand_on(a)                  # once however often it is called
     assert [w.wait(0) for w in (b, c, d)] == [False, True, False]
 
     parking.unpark(c)                   # c's answer failed: it leaves holding the relay
     assert d.wait(0)
-    parking.turn(d).end()
+    parking.hand_on(d)
     parking.wake({"a": 2})              # the relay was let go: a new wake-up starts one
     assert a.wait(0)
 
