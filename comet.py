@@ -3271,13 +3271,13 @@ class _Parking:
     On a threaded server the polls one wake-up is for are woken one after
     another, a relay: the waker wakes the first and goes on with its own work,
     and each woken poll wakes the next once it has made its answer, or before
-    it queries the store (``hand_on``; ``unpark`` too, for one that leaves).  A thousand threads let go at once contend
-    for the GIL with each other and with the thread still waking them, and all
-    of them end up later (fan-out to 1,000 on wsgiref and cheroot took twice the
-    time of an ideal long poll, whose woken threads queue on its condition's
-    lock); in a relay a woken thread sleeps once, on its own lock, and never
-    waits for another's.  Green threads (gevent) do not contend, and are woken
-    all at once.
+    it queries the store (``hand_on``; ``unpark`` too, for one that leaves).  A
+    thousand threads let go at once contend for the GIL with each other and with
+    the thread still waking them, and all of them end up later (fan-out to 1,000
+    on wsgiref and cheroot took twice the time of an ideal long poll, whose woken
+    threads queue on its condition's lock); in a relay a woken thread sleeps
+    once, on its own lock, and never waits for another's.  Green threads
+    (gevent) do not contend, and are woken all at once.
     """
 
     def __init__(self, per_client, per_address, total):
@@ -3289,7 +3289,7 @@ class _Parking:
         self._waiters = {}                  # client -> [_Waiter]
         self._addresses = {}                # address -> polls parked
         self._lock = _section_lock()
-        threads = not _green()
+        self.threads = threads = not _green()
         self._relay = collections.deque() if threads else None  # polls still to wake
         self._relaying = False              # a woken poll holds the relay
         self._waiter = _Waiter if threads else _GeventWaiter if _gevent() else _GreenWaiter
@@ -3787,6 +3787,10 @@ class Comet:
       header it sets, e.g. the last ``X-Forwarded-For`` entry.
     """
 
+    # Seconds at most a poll with packages to answer waits, while a push is being
+    # accepted in this process, for that push (``_linger``); 0: it never waits.
+    linger = 0.01
+
     def __init__(self, app=None, store="memory:", id=None, sender=None, emit_filter=None,
                  prefix="/comet", script_path="/scripts/comet.js", poll_timeout=25.0,
                  retention=3600.0, tail_interval=0.1, presence_timeout=60.0,
@@ -3828,7 +3832,9 @@ class Comet:
         self._seen = set()                  # clients that polled since the last presence touch
         self._counts = {"accepted": 0, "delivered": 0}
         self._errors = {}
-        self._counting = _section_lock()    # the two above
+        self._counting = _section_lock()    # the two above, and the two below
+        self._pushing = 0                   # pushes being accepted, their polls not woken yet
+        self._lingering = set()             # polls waiting for one of them (_linger)
         self._lock = threading.Lock()
         self._local = threading.local()     # .tx: the transaction this thread's hooks run in
         self._pid = None                    # the process whose housekeeping thread runs
@@ -4155,6 +4161,7 @@ class Comet:
         after = int(match[2])
         deadline = time.monotonic() + self.poll_timeout
         waiter = None                       # parked only when there is nothing to answer yet
+        lingered = False
         try:
             while True:
                 wakes = self._parking.wakes
@@ -4162,6 +4169,10 @@ class Comet:
                 if after > head or lost or (
                         rows and rows[0][1] < self.store.now() - self.retention * 1000):
                     return self._answer(head, reset=True)
+                if rows and waiter is None and self._pushing and self._lingers() and not lingered:
+                    lingered = True
+                    waiter = self._linger(client, address, after, deadline, wakes)
+                    continue
                 if rows:
                     self._count("delivered", len(rows))
                     return self._answer(head if len(rows) < _PAGE else rows[-1][0],
@@ -4178,6 +4189,42 @@ class Comet:
         finally:
             if waiter is not None:          # woken in a relay: the next poll goes now
                 self._parking.unpark(waiter)
+
+    def _lingers(self):
+        # Green threads do not: under gevent the polls lingering measured no more
+        # deliveries a second (memory) or fewer (PostgreSQL), their one thread
+        # answering them one after another gathers packages enough.
+        return self.linger > 0 and self._parking.threads
+
+    def _linger(self, client, address, after, deadline, wakes):
+        """Park a poll that has packages to answer while pushes are being accepted in
+        this process, until the first of them has woken its polls or ``linger``
+        seconds have passed: what it pushes is often for this client too, and one
+        answer carrying both costs one request where two would cost two, which
+        under load is most of what a delivery costs.  Returns the poll's waiter
+        (None: at a limit, it answers now)."""
+        try:
+            waiter = self._parking.park(client, address, after)
+        except CometError:
+            return None
+        with self._counting:
+            lingering = self._pushing > 0
+            if lingering:
+                self._lingering.add(waiter)
+        if lingering and self._parking.wakes == wakes and \
+                not waiter.wait(min(self.linger, deadline - time.monotonic())):
+            with self._counting:
+                self._lingering.discard(waiter)
+        return waiter
+
+    def _pushed(self):
+        """A push's accepting is over (its polls woken, or it failed): the polls
+        lingering for it answer now."""
+        with self._counting:
+            self._pushing -= 1
+            lingering, self._lingering = self._lingering, set()
+        for waiter in lingering:
+            waiter.wake()
 
     def _read(self, client, after, waiter=None):
         """``Store.read``, from the window when it can answer (no query).  A poll
@@ -4352,6 +4399,13 @@ class Comet:
         else:
             self._parking.soon(self._wake, appended)
 
+    def _wake_pushed(self, appended):
+        """Wake the polls of what a push committed, once its answer is written."""
+        try:
+            self._parking.soon(self._wake, appended)
+        finally:
+            self._pushed()
+
     def _wake(self, appended):
         """Wake the polls of ``appended``'s recipients."""
         positions = {}
@@ -4403,7 +4457,7 @@ class Comet:
         later = environ.get("comet.later")
         if later:                           # this thread's commits, their polls not yet woken
             appended = [package for commit in later for package in commit]
-            response = _Then(body, functools.partial(self._parking.soon, self._wake, appended))
+            response = _Then(body, functools.partial(self._wake_pushed, appended))
         try:
             start_response(_STATUS_LINES[status], headers)
         except BaseException:
@@ -4468,10 +4522,14 @@ class Comet:
             raise _bad_package(f"a batch holds at most {self.max_batch} packages")
         # What this thread commits is woken once the answer is written (``_Then``).
         self._local.later = environ["comet.later"] = []
+        with self._counting:
+            self._pushing += 1              # until its polls are woken (_wake_pushed)
         try:
             stamps = self._accept(packages, client, environ)
         finally:
             self._local.later = None
+            if not environ["comet.later"]:  # nothing committed: no polls to wake
+                self._pushed()
         return 200, [_JSON, _NO_STORE], _dumps({"accepted": stamps}).encode()
 
     def _serve_script(self, environ):

@@ -502,14 +502,103 @@ def test_a_poll_woken_for_nothing_of_its_own_parks_again_and_lets_the_next_wake_
     assert [p["type"] for p in answers["bob"]["packages"]] == ["x"]
 
 
-def test_green_threads_are_woken_all_at_once_and_real_threads_by_a_relay():
+def test_green_threads_are_woken_all_at_once_and_real_threads_by_a_relay_and_linger():
     script = ("import sys; sys.path.insert(0, {root!r}); {patch}import comet;"
-              " print(comet._Parking(1, 1, 1)._relay is None)")
+              " print(comet._Parking(1, 1, 1)._relay is None, comet.Comet()._lingers())")
     found = [subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), patch=patch)],
                             capture_output=True, text=True, timeout=60).stdout.strip()
              for patch in ("from gevent import monkey; monkey.patch_all(); ", "")]
 
-    assert found == ["True", "False"]
+    assert found == ["True False", "False True"]
+
+
+# --------------------------------------------------------------------------
+# Lingering: a poll with packages waits for a push being accepted
+# --------------------------------------------------------------------------
+
+def held_push(app, package, pusher="alice"):
+    """``package`` pushed over HTTP in a thread, held in its ``on_submit`` until
+    released; returns the release Event and the thread, once the push is inside."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(package, private, db, environ):
+        inside.set()
+        release.wait(20)
+    app.action(package["type"]).on_submit(hold)
+    thread = threading.Thread(target=as_client(app, pusher).post_json,
+                              args=("/comet/push", package), daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    return release, thread
+
+
+def poll_in_thread(web, cursor):
+    answer = {}
+    thread = threading.Thread(
+        target=lambda: answer.update(web.get("/comet/poll", {"cursor": cursor}).json),
+        daemon=True)
+    thread.start()
+    return thread, answer
+
+
+def test_a_poll_with_a_package_to_answer_waits_for_the_push_being_accepted_and_answers_both():
+    app = make_app(poll_timeout=30)
+    app.linger = 30                     # here only the push ends the wait
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    app.push({"type": "first", "listeners": "bob"})
+    release, pusher = held_push(app, {"type": "second", "listeners": "bob"})
+
+    poller, answer = poll_in_thread(bob, cursor)
+    wait_until(lambda: app.stats()["parked"] == 1)  # "first" to answer, and it waits
+    release.set()
+    pusher.join(10)
+    poller.join(10)
+
+    assert [p["type"] for p in answer["packages"]] == ["first", "second"]
+    assert app._pushing == 0 and not app._lingering
+
+
+def test_a_poll_lingering_for_a_push_not_for_it_answers_once_that_push_is_over():
+    app = make_app(poll_timeout=30)
+    app.linger = 30
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    app.push({"type": "first", "listeners": "bob"})
+    release, pusher = held_push(app, {"type": "other", "listeners": "carol"})
+
+    poller, answer = poll_in_thread(bob, cursor)
+    wait_until(lambda: app.stats()["parked"] == 1)
+    release.set()
+    poller.join(10)
+
+    assert not poller.is_alive(), "the poll waited on after the push it lingered for"
+    assert [p["type"] for p in answer["packages"]] == ["first"]
+
+
+def test_a_poll_waits_for_no_push_once_every_push_is_over_however_it_ended():
+    app = make_app(poll_timeout=30)
+    app.linger = 30
+    alice, bob = as_client(app, "alice"), as_client(app, "bob")
+    cursor = cursor_of(bob)
+
+    @app.action("broken").on_submit
+    def broken(package, private, db, environ):
+        raise ValueError("a hook that fails")
+
+    alice.post_json("/comet/push", {"type": "first", "listeners": "bob"})
+    for package, status in [({"type": "x", "listeners": ["nobody"]}, 400),    # unknown
+                            ({"type": "broken", "listeners": "bob"}, 500),    # a hook raised
+                            ([{"type": "ok", "listeners": "bob"}, {}], 400)]:   # half accepted
+        alice.post_json("/comet/push", package, status=status)
+    assert app._pushing == 0
+
+    poller, answer = poll_in_thread(bob, cursor)
+    poller.join(10)
+
+    assert not poller.is_alive(), "a poll with packages waited for a push long over"
+    assert [p["type"] for p in answer["packages"]] == ["first", "ok"]
+    assert app.stats()["parked"] == 0
 
 
 GREEN_POLLS = """
