@@ -44,6 +44,7 @@ ROOT = os.path.dirname(HERE)
 # The delivery core: qualified names, every method of a class when the name is a class.
 TARGETS = (
     "Comet._poll", "Comet._read", "Comet._accept", "Comet._accept_one", "Comet._delivered",
+    "Comet._lingers", "Comet._linger", "Comet._pushed", "Comet._wake_pushed",
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
     "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",
@@ -66,6 +67,10 @@ STAGES = (
 # Mutants that change nothing the suite could see, keyed as the run prints them
 # ("function | source line | change"), each with the reason.
 EQUIVALENT = {
+    "Comet._lingers | return self.linger > 0 and self._parking.threads | > -> >=":
+        "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
+    "Comet._lingers | return self.linger > 0 and self._parking.threads | 0 -> -1":
+        "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
     "MemoryStore.read | start = bisect.bisect_right(inbox, (after, math.inf))    # past every row at after"
     " | bisect_right -> bisect_left":
         "no row equals (after, inf): a row's second item is its time, a finite number, so"

@@ -516,17 +516,21 @@ def test_green_threads_are_woken_all_at_once_and_real_threads_by_a_relay_and_lin
 # Lingering: a poll with packages waits for a push being accepted
 # --------------------------------------------------------------------------
 
-def held_push(app, package, pusher="alice"):
+def held_push(app, package, pusher="alice", refused=False):
     """``package`` pushed over HTTP in a thread, held in its ``on_submit`` until
-    released; returns the release Event and the thread, once the push is inside."""
+    released (then ``refused``: rejected, no commit and no wake-up); returns the
+    release Event and the thread, once the push is inside."""
     inside, release = threading.Event(), threading.Event()
 
     def hold(package, private, db, environ):
         inside.set()
         release.wait(20)
+        if refused:
+            raise comet.Reject("not this one")
     app.action(package["type"]).on_submit(hold)
     thread = threading.Thread(target=as_client(app, pusher).post_json,
-                              args=("/comet/push", package), daemon=True)
+                              args=("/comet/push", package),
+                              kwargs={"status": 403 if refused else 200}, daemon=True)
     thread.start()
     assert inside.wait(10)
     return release, thread
@@ -574,6 +578,46 @@ def test_a_poll_lingering_for_a_push_not_for_it_answers_once_that_push_is_over()
 
     assert not poller.is_alive(), "the poll waited on after the push it lingered for"
     assert [p["type"] for p in answer["packages"]] == ["first"]
+
+
+def test_a_poll_does_not_linger_for_a_push_over_before_it_parked():
+    app = make_app(poll_timeout=30)
+    app.linger = 30
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    app.push({"type": "first", "listeners": "bob"})
+    release, pusher = held_push(app, {"type": "other", "listeners": "carol"}, refused=True)
+    park = app._parking.park
+
+    def park_once_the_push_is_over(*args):
+        release.set()
+        pusher.join(10)
+        return park(*args)
+    app._parking.park = park_once_the_push_is_over
+
+    poller, answer = poll_in_thread(bob, cursor)
+    poller.join(10)
+
+    assert not poller.is_alive(), "the poll waited for a push that was over"
+    assert [p["type"] for p in answer["packages"]] == ["first"]
+
+
+def test_a_poll_whose_linger_ran_out_answers_and_is_not_kept_for_the_push():
+    app = make_app(poll_timeout=30)
+    app.linger = 0.05
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    app.push({"type": "first", "listeners": "bob"})
+    release, pusher = held_push(app, {"type": "other", "listeners": "carol"})
+
+    poller, answer = poll_in_thread(bob, cursor)
+    poller.join(10)
+    lingering = set(app._lingering)
+    release.set()
+    pusher.join(10)
+
+    assert [p["type"] for p in answer["packages"]] == ["first"]
+    assert lingering == set()
 
 
 def test_a_poll_waits_for_no_push_once_every_push_is_over_however_it_ended():
