@@ -3785,6 +3785,10 @@ class Comet:
       limits are kept by (None: no address limit for the request).  By default
       ``REMOTE_ADDR``, an IPv6 one by its /64.  Behind a proxy, read the
       header it sets, e.g. the last ``X-Forwarded-For`` entry.
+
+    ``comet.linger`` (seconds, 0.01; an attribute, not an argument): on a threaded
+    server, how long at most a poll that has packages to answer waits for a push
+    being accepted in this process, so that one answer carries both; 0: never.
     """
 
     # Seconds at most a poll with packages to answer waits, while a push is being
@@ -4160,7 +4164,7 @@ class Comet:
             return self._answer(self.store.head(), reset=True)     # not one we issued
         after = int(match[2])
         deadline = time.monotonic() + self.poll_timeout
-        waiter = None                       # parked only when there is nothing to answer yet
+        waiter = None                       # parked with nothing to answer yet, or to linger
         lingered = False
         try:
             while True:
@@ -4200,7 +4204,7 @@ class Comet:
         """Park a poll that has packages to answer while pushes are being accepted in
         this process, until the first of them has woken its polls or ``linger``
         seconds have passed: what it pushes is often for this client too, and one
-        answer carrying both costs one request where two would cost two, which
+        answer carrying both costs the server one request instead of two, which
         under load is most of what a delivery costs.  Returns the poll's waiter
         (None: at a limit, it answers now)."""
         try:
