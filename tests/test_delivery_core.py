@@ -516,6 +516,17 @@ def test_green_threads_are_woken_all_at_once_and_real_threads_by_a_relay_and_lin
 # Lingering: a poll with packages waits for a push being accepted
 # --------------------------------------------------------------------------
 
+def bob_with_a_package(linger):
+    """An app whose polls linger up to ``linger`` s, and bob with the package
+    "first" to answer after ``cursor``."""
+    app = make_app(poll_timeout=30)
+    app.linger = linger
+    bob = as_client(app, "bob")
+    cursor = cursor_of(bob)
+    app.push({"type": "first", "listeners": "bob"})
+    return app, bob, cursor
+
+
 def held_push(app, package, pusher="alice", refused=False):
     """``package`` pushed over HTTP in a thread, held in its ``on_submit`` until
     released (then ``refused``: rejected, no commit and no wake-up); returns the
@@ -546,11 +557,7 @@ def poll_in_thread(web, cursor):
 
 
 def test_a_poll_with_a_package_to_answer_waits_for_the_push_being_accepted_and_answers_both():
-    app = make_app(poll_timeout=30)
-    app.linger = 30                     # here only the push ends the wait
-    bob = as_client(app, "bob")
-    cursor = cursor_of(bob)
-    app.push({"type": "first", "listeners": "bob"})
+    app, bob, cursor = bob_with_a_package(linger=30)
     release, pusher = held_push(app, {"type": "second", "listeners": "bob"})
 
     poller, answer = poll_in_thread(bob, cursor)
@@ -564,11 +571,7 @@ def test_a_poll_with_a_package_to_answer_waits_for_the_push_being_accepted_and_a
 
 
 def test_a_poll_lingering_for_a_push_not_for_it_answers_once_that_push_is_over():
-    app = make_app(poll_timeout=30)
-    app.linger = 30
-    bob = as_client(app, "bob")
-    cursor = cursor_of(bob)
-    app.push({"type": "first", "listeners": "bob"})
+    app, bob, cursor = bob_with_a_package(linger=30)
     release, pusher = held_push(app, {"type": "other", "listeners": "carol"})
 
     poller, answer = poll_in_thread(bob, cursor)
@@ -581,11 +584,7 @@ def test_a_poll_lingering_for_a_push_not_for_it_answers_once_that_push_is_over()
 
 
 def test_a_poll_does_not_linger_for_a_push_over_before_it_parked():
-    app = make_app(poll_timeout=30)
-    app.linger = 30
-    bob = as_client(app, "bob")
-    cursor = cursor_of(bob)
-    app.push({"type": "first", "listeners": "bob"})
+    app, bob, cursor = bob_with_a_package(linger=30)
     release, pusher = held_push(app, {"type": "other", "listeners": "carol"}, refused=True)
     park = app._parking.park
 
@@ -603,11 +602,7 @@ def test_a_poll_does_not_linger_for_a_push_over_before_it_parked():
 
 
 def test_a_poll_whose_linger_ran_out_answers_and_is_not_kept_for_the_push():
-    app = make_app(poll_timeout=30)
-    app.linger = 0.05
-    bob = as_client(app, "bob")
-    cursor = cursor_of(bob)
-    app.push({"type": "first", "listeners": "bob"})
+    app, bob, cursor = bob_with_a_package(linger=0.05)
     release, pusher = held_push(app, {"type": "other", "listeners": "carol"})
 
     poller, answer = poll_in_thread(bob, cursor)
