@@ -3298,17 +3298,31 @@ class _Parking:
             import gevent.monkey
             self._thread_id = gevent.monkey.get_original("_thread", "get_ident")
 
+    def in_hub(self):
+        """True under gevent in the thread of the hub the polls park on."""
+        return self._hub is not None and self._hub.thread_ident == self._thread_id()
+
     def soon(self, function, *args):
         """Call ``function(*args)`` now or, under gevent in the thread of the hub the
         polls park on, from its loop once this green thread next waits: a push is
         answered before it wakes its recipients, and a full garbage collection met
         while waking thousands of polls (~250 ms with 10,000 parked) no longer
         delays that answer."""
-        hub = self._hub
-        if hub is not None and hub.thread_ident == self._thread_id():
-            hub.loop.run_callback(function, *args)
+        if self.in_hub():
+            self._hub.loop.run_callback(function, *args)
         else:
             function(*args)
+
+    def later(self, seconds, function):
+        """Under gevent in the hub's thread (``in_hub``): call ``function()`` from its
+        loop in ``seconds``."""
+        timer = self._hub.loop.timer(seconds)
+        timer.start(self._ring, timer, function)
+
+    @staticmethod
+    def _ring(timer, function):
+        timer.close()
+        function()
 
     def park(self, client, address, after):
         with self._lock:
@@ -3744,6 +3758,8 @@ def _same_origin(origin, environ):
 
 _HOOK = object()                            # sender: ask the sender hook
 _GATHER = 0.005                             # seconds between tails woken by notifications
+_GATHER_POLLS = 16                          # recipients of a wake-up that gathers, at least
+_GATHER_SPAN = 0.1                          # seconds from the last such: it gathers
 
 
 class Comet:
@@ -3789,11 +3805,17 @@ class Comet:
     ``comet.linger`` (seconds, 0.01; an attribute, not an argument): on a threaded
     server, how long at most a poll that has packages to answer waits for a push
     being accepted in this process, so that one answer carries both; 0: never.
+    ``comet.gather`` (seconds, 0.002; an attribute too): under gevent, how long a
+    wake-up of many polls that comes soon after another waits for more pushes to
+    join it; 0: never.
     """
 
     # Seconds at most a poll with packages to answer waits, while a push is being
     # accepted in this process, for that push (``_linger``); 0: it never waits.
     linger = 0.01
+    # Seconds a wake-up under gevent waits for more pushes when it is for many polls
+    # and comes soon after another such (``_wake_soon``); 0: it never waits.
+    gather = 0.002
 
     def __init__(self, app=None, store="memory:", id=None, sender=None, emit_filter=None,
                  prefix="/comet", script_path="/scripts/comet.js", poll_timeout=25.0,
@@ -3839,6 +3861,8 @@ class Comet:
         self._counting = _section_lock()    # the two above, and the two below
         self._pushing = 0                   # pushes being accepted, their polls not woken yet
         self._lingering = set()             # polls waiting for one of them (_linger)
+        self._gathering = None              # under gevent: (appended, polls) of a wake-up
+        self._gathered_at = -math.inf       # waiting for more pushes, and when the last
         self._lock = threading.Lock()
         self._local = threading.local()     # .tx: the transaction this thread's hooks run in
         self._pid = None                    # the process whose housekeeping thread runs
@@ -4173,7 +4197,7 @@ class Comet:
                 if after > head or lost or (
                         rows and rows[0][1] < self.store.now() - self.retention * 1000):
                     return self._answer(head, reset=True)
-                if rows and waiter is None and self._pushing and self._lingers() and not lingered:
+                if rows and waiter is None and not lingered and self._lingers():
                     lingered = True
                     waiter = self._linger(client, address, after, deadline, wakes)
                     continue
@@ -4195,10 +4219,13 @@ class Comet:
                 self._parking.unpark(waiter)
 
     def _lingers(self):
-        # Green threads do not: under gevent the polls lingering measured no more
-        # deliveries a second (memory) or fewer (PostgreSQL), their one thread
-        # answering them one after another gathers packages enough.
-        return self.linger > 0 and self._parking.threads
+        """Whether a poll that has packages to answer waits to answer more with them:
+        on threads while a push is being accepted in this process (under gevent
+        polls lingering for those measured no more deliveries a second on memory,
+        and fewer on PostgreSQL), under gevent while a wake-up gathers pushes."""
+        if self._parking.threads:
+            return bool(self._pushing) and self.linger > 0
+        return self._gathering is not None
 
     def _linger(self, client, address, after, deadline, wakes):
         """Park a poll that has packages to answer while pushes are being accepted in
@@ -4211,6 +4238,11 @@ class Comet:
             waiter = self._parking.park(client, address, after)
         except CometError:
             return None
+        if not self._parking.threads:       # gathering still: nothing waited since
+            self._gathering[1].append(waiter)
+            if self._parking.wakes == wakes:
+                waiter.wait(min(_GATHER_SPAN, deadline - time.monotonic()))
+            return waiter
         with self._counting:
             lingering = self._pushing > 0
             if lingering:
@@ -4401,14 +4433,53 @@ class Comet:
         if later is not None:               # a push is being answered in this thread
             later.append(appended)
         else:
-            self._parking.soon(self._wake, appended)
+            self._wake_soon(appended)
 
     def _wake_pushed(self, appended):
         """Wake the polls of what a push committed, once its answer is written."""
         try:
-            self._parking.soon(self._wake, appended)
+            self._wake_soon(appended)
         finally:
             self._pushed()
+
+    def _wake_soon(self, appended):
+        """Wake ``appended``'s polls soon (``_Parking.soon``).  Under gevent a wake-up
+        for at least ``_GATHER_POLLS`` recipients that comes within ``_GATHER_SPAN``
+        seconds of the last such waits ``gather`` seconds, and what is committed
+        meanwhile joins it, while the polls that find packages wait for it too
+        (``_linger``).  Under load one wake-up then follows another as soon as the
+        polls it woke have been answered and have polled again, with one package
+        from each publisher: waiting, each answer carries more, and fewer requests
+        carry them all, which is most of what a delivery costs the server."""
+        parking = self._parking
+        if parking.in_hub():
+            if self._gathering is not None:
+                self._gathering[0].extend(appended)
+                return
+            if self.gather > 0 and \
+                    sum(len(delivered) for _, _, delivered in appended) >= _GATHER_POLLS:
+                now = time.monotonic()
+                recent, self._gathered_at = now - self._gathered_at < _GATHER_SPAN, now
+                if recent:
+                    self._gathering = list(appended), []
+                    parking.later(self.gather, functools.partial(self._gathered, now))
+                    return
+        parking.soon(self._wake, appended)
+
+    def _gathered(self, began):
+        """The gathered wake-up: its polls, and those that waited for it, now; or,
+        while pushes are being accepted (waiting for their database) and ``linger``
+        seconds have not passed since it began, ``gather`` seconds later."""
+        if self._pushing and time.monotonic() - began < self.linger:
+            self._parking.later(self.gather, functools.partial(self._gathered, began))
+            return
+        (appended, polls), self._gathering = self._gathering, None
+        try:
+            self._wake(appended)
+        except Exception:                   # the polls find their packages as they time out
+            log.exception("comet: waking polls failed")
+        for waiter in polls:
+            waiter.wake()
 
     def _wake(self, appended):
         """Wake the polls of ``appended``'s recipients."""

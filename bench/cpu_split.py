@@ -15,7 +15,10 @@ a poll's and a push's own call of the app cost on average.  The app's calls
 are a fraction of what the process spends: the rest is the WSGI server's own
 work for each request and the kernel's, which every app pays per request, so
 the packages each answer carries (fewer polls a push) count as much as the
-app's own CPU.  Apps alternate within a run, as in bench/run.py.
+app's own CPU.  Apps alternate within a run, as in bench/run.py.  Under gevent
+(``--server gevent``) a call's thread CPU takes in what other green threads ran
+while it waited: there only the figures per push and the packages an answer
+hold.
 """
 
 import argparse
@@ -107,7 +110,8 @@ def measure(server, app, stores, env, logdir, duration=5.0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default="cheroot", choices=["wsgiref", "cheroot", "gthread"])
+    parser.add_argument("--server", default="cheroot",
+                        choices=["wsgiref", "cheroot", "gthread", "gevent"])
     parser.add_argument("--apps", default="socketio,comet-memory,comet-sqlite,comet-mysql,"
                                           "comet-postgresql")
     parser.add_argument("--runs", type=int, default=2)

@@ -45,6 +45,7 @@ ROOT = os.path.dirname(HERE)
 TARGETS = (
     "Comet._poll", "Comet._read", "Comet._accept", "Comet._accept_one", "Comet._delivered",
     "Comet._lingers", "Comet._linger", "Comet._pushed", "Comet._wake_pushed",
+    "Comet._wake_soon", "Comet._gathered",
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
     "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",
@@ -67,10 +68,17 @@ STAGES = (
 # Mutants that change nothing the suite could see, keyed as the run prints them
 # ("function | source line | change"), each with the reason.
 EQUIVALENT = {
-    "Comet._lingers | return self.linger > 0 and self._parking.threads | > -> >=":
+    "Comet._lingers | return bool(self._pushing) and self.linger > 0 | > -> >=":
         "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
-    "Comet._lingers | return self.linger > 0 and self._parking.threads | 0 -> -1":
+    "Comet._lingers | return bool(self._pushing) and self.linger > 0 | 0 -> -1":
         "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
+    "Comet._wake_soon | recent, self._gathered_at = now - self._gathered_at < _GATHER_SPAN, now"
+    " | < -> <=":
+        "the time since the last wake-up of many polls equals _GATHER_SPAN exactly only by a"
+        " coincidence of the monotonic clock's floats; either way it gathers or not by then",
+    "Comet._gathered | if self._pushing and time.monotonic() - began < self.linger: | < -> <=":
+        "the time since the gathering began equals linger exactly only by a coincidence of the"
+        " monotonic clock's floats",
     "MemoryStore.read | start = bisect.bisect_right(inbox, (after, math.inf))    # past every row at after"
     " | bisect_right -> bisect_left":
         "no row equals (after, inf): a row's second item is its time, a finite number, so"

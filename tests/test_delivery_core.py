@@ -504,7 +504,8 @@ def test_a_poll_woken_for_nothing_of_its_own_parks_again_and_lets_the_next_wake_
 
 def test_green_threads_are_woken_all_at_once_and_real_threads_by_a_relay_and_linger():
     script = ("import sys; sys.path.insert(0, {root!r}); {patch}import comet;"
-              " print(comet._Parking(1, 1, 1)._relay is None, comet.Comet()._lingers())")
+              " app = comet.Comet(); app._pushing = 1;"       # a push being accepted
+              " print(comet._Parking(1, 1, 1)._relay is None, app._lingers())")
     found = [subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), patch=patch)],
                             capture_output=True, text=True, timeout=60).stdout.strip()
              for patch in ("from gevent import monkey; monkey.patch_all(); ", "")]
@@ -801,6 +802,159 @@ def test_under_gevent_a_push_is_answered_before_it_wakes_the_polls():
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert found == {"answered_first": True, "woken": ["m"], "from_thread": ["n"]}
+
+
+GEVENT_GATHER = """
+from gevent import monkey; monkey.patch_all()
+import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import json, logging, gevent, webtest, comet
+from support import make_app
+comet._GATHER_SPAN = 10.0                           # "soon after": whatever this machine's pace
+app = make_app(store="memory:", poll_timeout=30)
+app.gather = float(sys.argv[3])
+others = ["c%02d" % i for i in range(comet._GATHER_POLLS)]
+web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c})
+       for c in others + ["extra", "late", "pub"]}
+cursors = {c: web[c].get("/comet/poll").json["cursor"] for c in others + ["extra", "late"]}
+logged = []
+handler = logging.Handler()
+handler.emit = lambda record: logged.append(record.getMessage())
+logging.getLogger("comet").addHandler(handler)
+
+def poll(client):
+    return gevent.spawn(lambda: web[client].get("/comet/poll", {"cursor": cursors[client]}).json)
+
+def park(clients):
+    polls = {c: poll(c) for c in clients}
+    while app.stats()["parked"] < len(polls):
+        gevent.sleep(0)
+    return polls
+
+def push(kind, to=others):
+    web["pub"].post_json("/comet/push", {"type": kind, "listeners": ["to"], "to": to})
+    gathering.append(app._gathering is not None)
+    gevent.sleep(0.01)                              # the loop runs: a wake-up not gathered is done
+
+def answered(polls):
+    answers = {c: p.get(timeout=10) for c, p in polls.items()}
+    cursors.update({c: a["cursor"] for c, a in answers.items()})
+    return {c: " ".join(p["type"] for p in a["packages"]) for c, a in answers.items()}
+
+found, gathering = {}, []
+polls = park(others)
+push("first")                                       # the first wake-up of many: at once
+found["first"] = sorted(set(answered(polls).values()))
+push("own", ["late"])                               # for late alone: a few, at once
+polls = park(others + ["extra"])
+push("second-a")
+push("second-b", others + ["extra"])                # extra: woken by what joined only
+late = poll("late")                                 # has "own" while pushes are gathered
+gevent.sleep(0.01)
+found["late_waited"] = not late.ready()
+polls["late"] = late
+second = answered(polls)
+found["second"] = sorted(set(second[c] for c in others))
+found["extra"], found["late"] = second["extra"], second["late"]
+push("few", others[:3])                             # a wake-up of a few polls: never gathered
+found.update(gathering=list(gathering), parked=app.stats()["parked"])
+cursors.update({c: web[c].get("/comet/poll").json["cursor"] for c in others})   # the head
+polls = park(others)                                # a wake-up that fails: logged, and over
+app._wake = lambda appended: 1 / 0
+push("broken")
+gevent.sleep(float(sys.argv[3]) + 0.05)
+found.update(logged=logged, over=app._gathering is None)
+print(json.dumps(found))                            # (polls parked still: the process ends)
+"""
+
+
+@pytest.mark.parametrize("gather", [0.3, 0])
+def test_under_gevent_a_wake_up_of_many_polls_soon_after_another_gathers_the_pushes_after_it(
+        gather):
+    """Under gevent a wake-up of many polls that comes soon after another waits
+    ``comet.gather`` seconds, the pushes meanwhile join it (their recipients are
+    woken with its own), and a poll that finds packages meanwhile waits for it
+    too: each answer carries them all.  The first wake-up, one of a few polls,
+    and any with ``gather`` 0 wake at once."""
+    need_gevent()
+    out = subprocess.run([sys.executable, "-c", GEVENT_GATHER, str(ROOT), str(HERE),
+                          str(gather)], capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["first"] == ["first"] and found["parked"] == 0
+    assert found["extra"] == "second-b" and found["late"] == "own"
+    if gather:
+        assert found["gathering"] == [False, False, True, True, False]
+        assert found["second"] == ["second-a second-b"]
+        assert found["late_waited"]
+        assert found["logged"] == ["comet: waking polls failed"] and found["over"]
+    else:
+        assert found["gathering"] == [False] * 5
+        assert found["second"] == ["second-a"]
+        assert not found["late_waited"]
+
+
+GEVENT_GATHER_HELD = """
+from gevent import monkey; monkey.patch_all()
+import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import json, threading, gevent, webtest, comet
+from support import make_app
+comet._GATHER_SPAN = 10.0
+app = make_app(store="memory:", poll_timeout=30)
+app.gather, app.linger = 0.02, float(sys.argv[3])
+clients = ["c%02d" % i for i in range(comet._GATHER_POLLS)]
+web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c}) for c in clients + ["pub"]}
+cursors = {c: web[c].get("/comet/poll").json["cursor"] for c in clients}
+release = threading.Event()                         # gevent's, as everything here
+app.action("held").on_submit(lambda package, private, db, environ: release.wait(10))
+
+def park():
+    polls = {c: gevent.spawn(lambda c=c: web[c].get("/comet/poll",
+                                                   {"cursor": cursors[c]}).json)
+             for c in clients}
+    while app.stats()["parked"] < len(clients):
+        gevent.sleep(0)
+    return polls
+
+def push(kind):
+    return web["pub"].post_json("/comet/push", {"type": kind, "listeners": ["to"], "to": clients})
+
+def answered(polls):
+    answers = {c: p.get(timeout=10) for c, p in polls.items()}
+    cursors.update({c: a["cursor"] for c, a in answers.items()})
+    return sorted({" ".join(p["type"] for p in a["packages"]) for a in answers.values()})
+
+polls = park()
+push("first")                                       # the first wake-up: at once
+answered(polls)
+polls = park()
+push("gathered")
+held = gevent.spawn(push, "held")                   # being accepted: waits in on_submit
+gevent.sleep(0.3)                                   # the gathering's 0.02 s, many times over
+parked = app.stats()["parked"]
+release.set()
+held.get(timeout=10)
+print(json.dumps({"parked_while_held": parked, "answers": answered(polls),
+                  "gathering": app._gathering is not None}))
+"""
+
+
+@pytest.mark.parametrize("linger", [5.0, 0.1])
+def test_under_gevent_a_gathering_wake_up_waits_for_pushes_being_accepted_up_to_linger(linger):
+    """While a push is being accepted (a database round trip, a hook), a gathering
+    wake-up waits ``gather`` seconds more, again and again, so that it joins, until
+    ``linger`` seconds have passed since the gathering began."""
+    need_gevent()
+    out = subprocess.run([sys.executable, "-c", GEVENT_GATHER_HELD, str(ROOT), str(HERE),
+                          str(linger)], capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    if linger > 1:
+        assert found == {"parked_while_held": comet._GATHER_POLLS,
+                         "answers": ["gathered held"], "gathering": False}
+    else:                                           # 0.1 s passed: woken without it
+        assert found["parked_while_held"] == 0 and found["answers"] == ["gathered"]
 
 
 def test_a_short_section_keeps_out_a_real_thread_under_gevent():
