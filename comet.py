@@ -3863,6 +3863,7 @@ class Comet:
         self._lingering = set()             # polls waiting for one of them (_linger)
         self._gathering = None              # under gevent: (appended, polls) of a wake-up
         self._gathered_at = -math.inf       # waiting for more pushes, and when the last
+                                            # wake-up of many polls came (_wake_soon)
         self._lock = threading.Lock()
         self._local = threading.local()     # .tx: the transaction this thread's hooks run in
         self._pid = None                    # the process whose housekeeping thread runs
