@@ -4231,10 +4231,11 @@ class Comet:
     def _linger(self, client, address, after, deadline, wakes):
         """Park a poll that has packages to answer while pushes are being accepted in
         this process, until the first of them has woken its polls or ``linger``
-        seconds have passed: what it pushes is often for this client too, and one
-        answer carrying both costs the server one request instead of two, which
-        under load is most of what a delivery costs.  Returns the poll's waiter
-        (None: at a limit, it answers now)."""
+        seconds have passed; under gevent, while a wake-up gathers pushes, until
+        it fires (``_wake_soon``).  What comes then is often for this client too,
+        and one answer carrying both costs the server one request instead of two,
+        which under load is most of what a delivery costs.  Returns the poll's
+        waiter (None: at a limit, it answers now)."""
         try:
             waiter = self._parking.park(client, address, after)
         except CometError:

@@ -72,6 +72,9 @@ EQUIVALENT = {
         "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
     "Comet._lingers | return bool(self._pushing) and self.linger > 0 | 0 -> -1":
         "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
+    "Comet._lingers | return bool(self._pushing) and self.linger > 0 | and -> or":
+        "_linger reads _pushing again under the lock and, with no push in flight, returns"
+        " the poll's waiter without waiting: the poll answers at once all the same",
     "Comet._wake_soon | recent, self._gathered_at = now - self._gathered_at < _GATHER_SPAN, now"
     " | < -> <=":
         "the time since the last wake-up of many polls equals _GATHER_SPAN exactly only by a"

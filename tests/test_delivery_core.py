@@ -804,22 +804,17 @@ def test_under_gevent_a_push_is_answered_before_it_wakes_the_polls():
     assert found == {"answered_first": True, "woken": ["m"], "from_thread": ["n"]}
 
 
-GEVENT_GATHER = """
+GATHER_PRELUDE = """
 from gevent import monkey; monkey.patch_all()
 import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
-import json, logging, gevent, webtest, comet
+import json, logging, threading, gevent, webtest, comet
 from support import make_app
 comet._GATHER_SPAN = 10.0                           # "soon after": whatever this machine's pace
 app = make_app(store="memory:", poll_timeout=30)
-app.gather = float(sys.argv[3])
 others = ["c%02d" % i for i in range(comet._GATHER_POLLS)]
 web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c})
        for c in others + ["extra", "late", "pub"]}
 cursors = {c: web[c].get("/comet/poll").json["cursor"] for c in others + ["extra", "late"]}
-logged = []
-handler = logging.Handler()
-handler.emit = lambda record: logged.append(record.getMessage())
-logging.getLogger("comet").addHandler(handler)
 
 def poll(client):
     return gevent.spawn(lambda: web[client].get("/comet/poll", {"cursor": cursors[client]}).json)
@@ -830,15 +825,23 @@ def park(clients):
         gevent.sleep(0)
     return polls
 
-def push(kind, to=others):
-    web["pub"].post_json("/comet/push", {"type": kind, "listeners": ["to"], "to": to})
-    gathering.append(app._gathering is not None)
-    gevent.sleep(0.01)                              # the loop runs: a wake-up not gathered is done
-
 def answered(polls):
     answers = {c: p.get(timeout=10) for c, p in polls.items()}
     cursors.update({c: a["cursor"] for c, a in answers.items()})
     return {c: " ".join(p["type"] for p in a["packages"]) for c, a in answers.items()}
+"""
+
+GEVENT_GATHER = GATHER_PRELUDE + """
+app.gather = float(sys.argv[3])
+logged = []
+handler = logging.Handler()
+handler.emit = lambda record: logged.append(record.getMessage())
+logging.getLogger("comet").addHandler(handler)
+
+def push(kind, to=others):
+    web["pub"].post_json("/comet/push", {"type": kind, "listeners": ["to"], "to": to})
+    gathering.append(app._gathering is not None)
+    gevent.sleep(0.01)                              # the loop runs: a wake-up not gathered is done
 
 found, gathering = {}, []
 polls = park(others)
@@ -894,47 +897,26 @@ def test_under_gevent_a_wake_up_of_many_polls_soon_after_another_gathers_the_pus
         assert not found["late_waited"]
 
 
-GEVENT_GATHER_HELD = """
-from gevent import monkey; monkey.patch_all()
-import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
-import json, threading, gevent, webtest, comet
-from support import make_app
-comet._GATHER_SPAN = 10.0
-app = make_app(store="memory:", poll_timeout=30)
+GEVENT_GATHER_HELD = GATHER_PRELUDE + """
 app.gather, app.linger = 0.02, float(sys.argv[3])
-clients = ["c%02d" % i for i in range(comet._GATHER_POLLS)]
-web = {c: webtest.TestApp(app, extra_environ={"HTTP_X_CLIENT": c}) for c in clients + ["pub"]}
-cursors = {c: web[c].get("/comet/poll").json["cursor"] for c in clients}
 release = threading.Event()                         # gevent's, as everything here
 app.action("held").on_submit(lambda package, private, db, environ: release.wait(10))
 
-def park():
-    polls = {c: gevent.spawn(lambda c=c: web[c].get("/comet/poll",
-                                                   {"cursor": cursors[c]}).json)
-             for c in clients}
-    while app.stats()["parked"] < len(clients):
-        gevent.sleep(0)
-    return polls
-
 def push(kind):
-    return web["pub"].post_json("/comet/push", {"type": kind, "listeners": ["to"], "to": clients})
+    return web["pub"].post_json("/comet/push", {"type": kind, "listeners": ["to"], "to": others})
 
-def answered(polls):
-    answers = {c: p.get(timeout=10) for c, p in polls.items()}
-    cursors.update({c: a["cursor"] for c, a in answers.items()})
-    return sorted({" ".join(p["type"] for p in a["packages"]) for a in answers.values()})
-
-polls = park()
+polls = park(others)
 push("first")                                       # the first wake-up: at once
 answered(polls)
-polls = park()
+polls = park(others)
 push("gathered")
 held = gevent.spawn(push, "held")                   # being accepted: waits in on_submit
 gevent.sleep(0.3)                                   # the gathering's 0.02 s, many times over
 parked = app.stats()["parked"]
 release.set()
 held.get(timeout=10)
-print(json.dumps({"parked_while_held": parked, "answers": answered(polls),
+print(json.dumps({"parked_while_held": parked,
+                  "answers": sorted(set(answered(polls).values())),
                   "gathering": app._gathering is not None}))
 """
 
