@@ -4598,15 +4598,24 @@ class Comet:
         elif len(packages) > self.max_batch:
             raise _bad_package(f"a batch holds at most {self.max_batch} packages")
         # What this thread commits is woken once the answer is written (``_Then``).
-        self._local.later = environ["comet.later"] = []
+        self._local.later = later = environ["comet.later"] = []
         with self._counting:
             self._pushing += 1              # until its polls are woken (_wake_pushed)
         try:
             stamps = self._accept(packages, client, environ)
+        except Exception:
+            if not later:                   # else woken once the error's answer is written
+                self._pushed()
+            raise
+        except BaseException:
+            # No answer will be written (gevent.Timeout, GreenletExit): what committed
+            # before the interruption is woken now, and the push no longer counts.
+            self._wake_pushed([package for commit in later for package in commit])
+            raise
         finally:
             self._local.later = None
-            if not environ["comet.later"]:  # nothing committed: no polls to wake
-                self._pushed()
+        if not later:                       # nothing committed: no polls to wake
+            self._pushed()
         return 200, [_JSON, _NO_STORE], _dumps({"accepted": stamps}).encode()
 
     def _serve_script(self, environ):

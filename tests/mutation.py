@@ -45,7 +45,7 @@ ROOT = os.path.dirname(HERE)
 TARGETS = (
     "Comet._poll", "Comet._read", "Comet._accept", "Comet._accept_one", "Comet._delivered",
     "Comet._lingers", "Comet._linger", "Comet._pushed", "Comet._wake_pushed",
-    "Comet._wake_soon", "Comet._gathered",
+    "Comet._wake_soon", "Comet._gathered", "Comet._serve_push",
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
     "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",

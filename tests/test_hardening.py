@@ -453,6 +453,59 @@ def test_a_base_exception_in_the_flush_or_commit_fails_every_part_and_keeps_noth
     assert group.log() == ["after"]
 
 
+def test_a_push_interrupted_after_its_commit_wakes_its_polls_and_ends(store_url, monkeypatch):
+    """Interrupted once its packages are committed, a push writes no answer, so none
+    wakes its recipients' polls when it is written: they are woken as the
+    interruption goes up, and the push no longer counts as being accepted (polls
+    that find packages would otherwise wait ``linger`` each, for a push that ended)."""
+    app = make_app(store=store_url, poll_timeout=5)
+    app.linger = 5.0
+
+    def poll(cursor=None):
+        query = "" if cursor is None else "cursor=" + cursor
+        return wsgi(app, method="GET", path="/comet/poll", QUERY_STRING=query,
+                    HTTP_X_CLIENT="bob")[2]
+    cursor = poll()["cursor"]
+    parked = {}
+    thread = threading.Thread(target=lambda: parked.update(poll(cursor)), daemon=True)
+    thread.start()
+    wait_until(lambda: app.stats()["parked"] == 1)
+    count = app._count
+
+    def interrupted(name, n=1):             # what follows the commit in accepting a push
+        count(name, n)
+        if name == "accepted":
+            raise Interrupt()
+    monkeypatch.setattr(app, "_count", interrupted)
+    with pytest.raises(Interrupt):
+        wsgi(app, b'{"type": "m", "listeners": "bob"}')
+    monkeypatch.undo()
+    thread.join(2)
+    assert not thread.is_alive() and [p["type"] for p in parked["packages"]] == ["m"]
+    started = time.monotonic()
+    assert [p["type"] for p in poll(cursor)["packages"]] == ["m"]
+    assert time.monotonic() - started < 2 and app._pushing == 0
+    app.close()
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"type": "m", "listeners": "bob", "_stamp": "stamp-0001"}'])
+def test_a_push_that_commits_nothing_ends_at_once(store_url, body):
+    """An empty batch, or a package already accepted under its stamp (answered with
+    that stamp, nothing stored again): nothing to wake, and no poll waits for it."""
+    app = make_app(store=store_url, poll_timeout=5)
+    app.linger = 5.0
+    cursor = wsgi(app, method="GET", path="/comet/poll", HTTP_X_CLIENT="bob")[2]["cursor"]
+    assert wsgi(app, b'{"type": "m", "listeners": "bob", "_stamp": "stamp-0001"}')[0] == 200
+    status, _, answer = wsgi(app, body, CONTENT_TYPE="application/json; charset=utf-8")
+    assert status == 200 and answer["accepted"] == ([] if body == b"[]" else ["stamp-0001"])
+    started = time.monotonic()
+    polled = wsgi(app, method="GET", path="/comet/poll", QUERY_STRING="cursor=" + cursor,
+                  HTTP_X_CLIENT="bob")[2]
+    assert [p["type"] for p in polled["packages"]] == ["m"]
+    assert time.monotonic() - started < 2 and app._pushing == 0
+    app.close()
+
+
 class Turn:
     """A batch's turn (the group's ``CountedTurn``) whose waiter in the thread named
     ``victim`` is interrupted: at once, or (``handed``) just as the turn is handed to it."""
