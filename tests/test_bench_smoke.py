@@ -3,6 +3,7 @@
 import asyncio
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from support import fresh_store
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import cpu_split  # noqa: E402
+import fanout_cpu  # noqa: E402
 import load  # noqa: E402
 import push_under_load  # noqa: E402
 import report  # noqa: E402
@@ -109,6 +111,27 @@ def test_cpu_split_reads_the_process_and_each_requests_call_of_the_app(tmp_path)
     # Every push answered wakes polls: each method's calls were timed, by the server.
     assert split["polls_per_push"] >= 1 and split["app_us_per_poll"] > 0
     assert split["app_us_per_push"] > split["app_us_per_poll"] > 0
+
+
+def test_fanout_cpu_reads_each_rounds_cpu_and_the_full_collections_in_it(tmp_path):
+    stores = run.Stores()
+    gc_log = str(tmp_path / "gc")
+    try:
+        result, timed, pid = fanout_cpu.measure(
+            "wsgiref", "comet-memory", stores, fanout_cpu.served_env(None, gc_log), n=20, rounds=2)
+    finally:
+        stores.close()
+    assert "failed" not in result, result
+    assert len(timed) == 2 and all(start < end and own >= 0 for start, end, own, _ in timed)
+    spans = [(0.0, 1.0), (2.0, 3.0)]
+    assert fanout_cpu.overlap(spans, 0.5, 2.5) == 1.0
+    line = fanout_cpu.summary("comet-memory", result, timed, spans)
+    assert line["rounds"] == 1 and line["cpu_ms_a_round"] >= 0 and line["full_collections"] == 2
+    # A process started with the served environment times its full collections.
+    subprocess.run([sys.executable, "-c", "import gc; gc.collect()"], check=True,
+                   env=fanout_cpu.served_env(None, gc_log))
+    logged = [path for path in os.listdir(tmp_path) if path.startswith("gc.")]
+    assert logged and len(open(tmp_path / logged[0]).read().split()) >= 2
 
 
 def test_mysql_claims_counts_the_deadlocks_of_a_run(mariadb):
