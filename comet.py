@@ -4437,10 +4437,11 @@ class Comet:
         else:
             self._wake_soon(appended)
 
-    def _wake_pushed(self, appended):
-        """Wake the polls of what a push committed, once its answer is written."""
+    def _wake_pushed(self, commits):
+        """Wake the polls of what a push committed (``commits``: each commit's
+        packages), once its answer is written, and end the push."""
         try:
-            self._wake_soon(appended)
+            self._wake_soon([package for commit in commits for package in commit])
         finally:
             self._pushed()
 
@@ -4533,8 +4534,7 @@ class Comet:
         response = [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
         later = environ.get("comet.later")
         if later:                           # this thread's commits, their polls not yet woken
-            appended = [package for commit in later for package in commit]
-            response = _Then(body, functools.partial(self._wake_pushed, appended))
+            response = _Then(body, functools.partial(self._wake_pushed, later))
         try:
             start_response(_STATUS_LINES[status], headers)
         except BaseException:
@@ -4610,7 +4610,7 @@ class Comet:
         except BaseException:
             # No answer will be written (gevent.Timeout, GreenletExit): what committed
             # before the interruption is woken now, and the push no longer counts.
-            self._wake_pushed([package for commit in later for package in commit])
+            self._wake_pushed(later)
             raise
         finally:
             self._local.later = None
