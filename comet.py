@@ -3805,6 +3805,9 @@ class Comet:
     ``comet.linger`` (seconds, 0.01; an attribute, not an argument): on a threaded
     server, how long at most a poll that has packages to answer waits for a push
     being accepted in this process, so that one answer carries both; 0: never.
+    ``comet.linger_busy`` (seconds, 0.02; an attribute too): on a threaded server
+    that woke many polls at once lately, how long at most such a poll, with no
+    push in flight, waits for the next wake-up of it; 0: never.
     ``comet.gather`` (seconds, 0.002; an attribute too): under gevent, how long a
     wake-up of many polls that comes soon after another waits for more pushes to
     join it; 0: never.
@@ -3813,6 +3816,10 @@ class Comet:
     # Seconds at most a poll with packages to answer waits, while a push is being
     # accepted in this process, for that push (``_linger``); 0: it never waits.
     linger = 0.01
+    # Seconds at most a poll with packages to answer waits on a threaded server,
+    # with no push being accepted, for its next wake-up while the server is busy
+    # (``_busy``); 0: it never waits.
+    linger_busy = 0.02
     # Seconds a wake-up under gevent waits for more pushes when it is for many polls
     # and comes soon after another such (``_wake_soon``); 0: it never waits.
     gather = 0.002
@@ -4223,19 +4230,31 @@ class Comet:
         """Whether a poll that has packages to answer waits to answer more with them:
         on threads while a push is being accepted in this process (under gevent
         polls lingering for those measured no more deliveries a second on memory,
-        and fewer on PostgreSQL), under gevent while a wake-up gathers pushes."""
+        and fewer on PostgreSQL) or while it is busy, under gevent while a wake-up
+        gathers pushes."""
         if self._parking.threads:
-            return bool(self._pushing) and self.linger > 0
+            return bool(self._pushing) and self.linger > 0 or self._busy()
         return self._gathering is not None
+
+    def _busy(self):
+        """On threads: whether a wake-up of at least ``_GATHER_POLLS`` polls came in
+        the last ``_GATHER_SPAN`` seconds (and polls may linger for the next).  Under
+        load many polls come back only once the publishers' next pushes are all
+        committed, one package a publisher, and find no push in flight to wait for
+        (gunicorn's gthread workers: 4.0 packages an answer with 4 publishers);
+        waiting for its next wake-up, an answer carries more, and the server
+        answers fewer requests for the same packages."""
+        return self.linger_busy > 0 and time.monotonic() - self._gathered_at < _GATHER_SPAN
 
     def _linger(self, client, address, after, deadline, wakes):
         """Park a poll that has packages to answer while pushes are being accepted in
         this process, until the first of them has woken its polls or ``linger``
-        seconds have passed; under gevent, while a wake-up gathers pushes, until
-        it fires (``_wake_soon``).  What comes then is often for this client too,
-        and one answer carrying both costs the server one request instead of two,
-        which under load is most of what a delivery costs.  Returns the poll's
-        waiter (None: at a limit, it answers now)."""
+        seconds have passed; with none in flight while the process is busy, until
+        its next wake-up or ``linger_busy`` seconds; under gevent, while a wake-up
+        gathers pushes, until it fires (``_wake_soon``).  What comes then is often
+        for this client too, and one answer carrying both costs the server one
+        request instead of two, which under load is most of what a delivery costs.
+        Returns the poll's waiter (None: at a limit, it answers now)."""
         try:
             waiter = self._parking.park(client, address, after)
         except CometError:
@@ -4246,11 +4265,12 @@ class Comet:
                 waiter.wait(min(_GATHER_SPAN, deadline - time.monotonic()))
             return waiter
         with self._counting:
-            lingering = self._pushing > 0
+            lingering = self._pushing > 0 and self.linger > 0
             if lingering:
                 self._lingering.add(waiter)
-        if lingering and self._parking.wakes == wakes and \
-                not waiter.wait(min(self.linger, deadline - time.monotonic())):
+        wait = self.linger if lingering else self.linger_busy if self._busy() else 0
+        if wait and self._parking.wakes == wakes and \
+                not waiter.wait(min(wait, deadline - time.monotonic())) and lingering:
             with self._counting:
                 self._lingering.discard(waiter)
         return waiter
@@ -4467,6 +4487,9 @@ class Comet:
                     self._gathering = list(appended), []
                     parking.later(self.gather, functools.partial(self._gathered, now))
                     return
+        elif parking.threads and self.linger_busy > 0 and \
+                sum(len(delivered) for _, _, delivered in appended) >= _GATHER_POLLS:
+            self._gathered_at = time.monotonic()    # busy (_busy)
         parking.soon(self._wake, appended)
 
     def _gathered(self, began):

@@ -641,6 +641,74 @@ def test_a_poll_waits_for_no_push_once_every_push_is_over_however_it_ended():
     assert app.stats()["parked"] == 0
 
 
+# A busy threaded server: a poll with packages and no push in flight waits for its
+# next wake-up (``linger_busy``) once a wake-up of many polls came lately.
+
+CROWD = [f"c{i}" for i in range(comet._GATHER_POLLS)]     # a wake-up of this many: busy
+
+
+def busy_bob(monkeypatch, linger_busy):
+    """``bob_with_a_package`` on a server made busy by a push to ``CROWD``, busy
+    for 30 s (not 0.1 s: a slow test machine keeps it so)."""
+    monkeypatch.setattr(comet, "_GATHER_SPAN", 30)
+    app, bob, cursor = bob_with_a_package(linger=30)
+    app.linger_busy = linger_busy
+    app.push({"type": "crowd", "listeners": ["to"], "to": CROWD})
+    return app, bob, cursor
+
+
+def test_a_wake_up_of_many_polls_makes_a_threaded_server_busy_and_one_of_fewer_does_not(
+        monkeypatch):
+    monkeypatch.setattr(comet, "_GATHER_SPAN", 30)
+    app = make_app()
+    app.push({"type": "few", "listeners": ["to"], "to": CROWD[1:]})
+    assert not app._busy()
+    app.push({"type": "crowd", "listeners": ["to"], "to": CROWD})
+    assert app._busy() and app._lingers()
+    app.linger_busy = 0
+    assert not app._busy()
+
+
+def test_on_a_busy_server_a_poll_with_a_package_waits_for_its_next_wake_up_and_answers_both(
+        monkeypatch):
+    app, bob, cursor = busy_bob(monkeypatch, linger_busy=30)
+
+    poller, answer = poll_in_thread(bob, cursor)
+    wait_until(lambda: app.stats()["parked"] == 1)  # "first" to answer, and it waits
+    app.push({"type": "other", "listeners": "carol"})   # a wake-up not of bob's
+    assert poller.is_alive()
+    app.push({"type": "second", "listeners": "bob"})
+    poller.join(10)
+
+    assert [p["type"] for p in answer["packages"]] == ["first", "second"]
+    assert app.stats()["parked"] == 0 and not app._lingering
+
+
+def test_on_a_busy_server_a_poll_whose_wait_ran_out_answers_what_it_has(monkeypatch):
+    app, bob, cursor = busy_bob(monkeypatch, linger_busy=0.05)
+
+    poller, answer = poll_in_thread(bob, cursor)
+    poller.join(10)
+
+    assert [p["type"] for p in answer["packages"]] == ["first"]
+    assert app.stats()["parked"] == 0
+
+
+@pytest.mark.parametrize("quiet", ["linger_busy 0", "busy long ago"])
+def test_a_poll_with_a_package_answers_at_once_unless_the_server_is_busy(monkeypatch, quiet):
+    app, bob, cursor = busy_bob(monkeypatch, linger_busy=30)
+    if quiet == "linger_busy 0":
+        app.linger_busy = 0
+    else:
+        app._gathered_at -= 31
+
+    poller, answer = poll_in_thread(bob, cursor)
+    poller.join(10)
+
+    assert not poller.is_alive(), "a poll with packages waited on a server not busy"
+    assert [p["type"] for p in answer["packages"]] == ["first"]
+
+
 GREEN_POLLS = """
 from gevent import monkey; monkey.patch_all()
 import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]
