@@ -44,7 +44,7 @@ ROOT = os.path.dirname(HERE)
 # The delivery core: qualified names, every method of a class when the name is a class.
 TARGETS = (
     "Comet._poll", "Comet._read", "Comet._accept", "Comet._accept_one", "Comet._delivered",
-    "Comet._lingers", "Comet._linger", "Comet._pushed", "Comet._wake_pushed",
+    "Comet._lingers", "Comet._busy", "Comet._linger", "Comet._pushed", "Comet._wake_pushed",
     "Comet._wake_soon", "Comet._gathered", "Comet._serve_push",
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
@@ -68,13 +68,23 @@ STAGES = (
 # Mutants that change nothing the suite could see, keyed as the run prints them
 # ("function | source line | change"), each with the reason.
 EQUIVALENT = {
-    "Comet._lingers | return bool(self._pushing) and self.linger > 0 | > -> >=":
+    "Comet._lingers | return bool(self._pushing) and self.linger > 0 or self._busy() | > -> >=":
         "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
-    "Comet._lingers | return bool(self._pushing) and self.linger > 0 | 0 -> -1":
+    "Comet._lingers | return bool(self._pushing) and self.linger > 0 or self._busy() | 0 -> -1":
         "with linger 0 a poll that parks to linger waits 0 s and answers at once all the same",
-    "Comet._lingers | return bool(self._pushing) and self.linger > 0 | and -> or":
+    "Comet._lingers | return bool(self._pushing) and self.linger > 0 or self._busy() | and -> or":
         "_linger reads _pushing again under the lock and, with no push in flight, returns"
         " the poll's waiter without waiting: the poll answers at once all the same",
+    "Comet._busy | return self.linger_busy > 0 and time.monotonic() - self._gathered_at"
+    " < _GATHER_SPAN | < -> <=":
+        "the time since the last wake-up of many polls equals _GATHER_SPAN exactly only by a"
+        " coincidence of the monotonic clock's floats",
+    "Comet._wake_soon | elif parking.threads and self.linger_busy > 0 and \\ | > -> >=":
+        "with linger_busy 0 _busy is false whatever _gathered_at says: the check only spares"
+        " the sum of the recipients",
+    "Comet._wake_soon | elif parking.threads and self.linger_busy > 0 and \\ | 0 -> -1":
+        "with linger_busy 0 _busy is false whatever _gathered_at says: the check only spares"
+        " the sum of the recipients",
     "Comet._wake_soon | recent, self._gathered_at = now - self._gathered_at < _GATHER_SPAN, now"
     " | < -> <=":
         "the time since the last wake-up of many polls equals _GATHER_SPAN exactly only by a"

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import webtest
@@ -584,8 +585,12 @@ def test_a_poll_lingering_for_a_push_not_for_it_answers_once_that_push_is_over()
     assert [p["type"] for p in answer["packages"]] == ["first"]
 
 
-def test_a_poll_does_not_linger_for_a_push_over_before_it_parked():
+def test_a_poll_does_not_linger_for_a_push_over_before_it_parked(monkeypatch):
     app, bob, cursor = bob_with_a_package(linger=30)
+    waits = []
+    wait = comet._Waiter.wait
+    monkeypatch.setattr(comet._Waiter, "wait",
+                        lambda waiter, timeout: waits.append(timeout) or wait(waiter, timeout))
     release, pusher = held_push(app, {"type": "other", "listeners": "carol"}, refused=True)
     park = app._parking.park
 
@@ -600,14 +605,17 @@ def test_a_poll_does_not_linger_for_a_push_over_before_it_parked():
 
     assert not poller.is_alive(), "the poll waited for a push that was over"
     assert [p["type"] for p in answer["packages"]] == ["first"]
+    assert waits == [], "a poll with a package waited, for nothing in flight"
 
 
 def test_a_poll_whose_linger_ran_out_answers_and_is_not_kept_for_the_push():
     app, bob, cursor = bob_with_a_package(linger=0.05)
     release, pusher = held_push(app, {"type": "other", "listeners": "carol"})
 
+    began = time.monotonic()
     poller, answer = poll_in_thread(bob, cursor)
     poller.join(10)
+    assert time.monotonic() - began >= 0.04, "the poll did not wait for the push"
     lingering = set(app._lingering)
     release.set()
     pusher.join(10)
@@ -692,6 +700,24 @@ def test_on_a_busy_server_a_poll_whose_wait_ran_out_answers_what_it_has(monkeypa
 
     assert [p["type"] for p in answer["packages"]] == ["first"]
     assert app.stats()["parked"] == 0
+
+
+def test_on_a_busy_server_with_linger_0_a_poll_waits_for_its_next_wake_up_not_for_the_push(
+        monkeypatch):
+    app, bob, cursor = busy_bob(monkeypatch, linger_busy=30)
+    app.linger = 0
+    release, pusher = held_push(app, {"type": "other", "listeners": "carol"})
+
+    poller, answer = poll_in_thread(bob, cursor)
+    wait_until(lambda: app.stats()["parked"] == 1)
+    release.set()
+    pusher.join(10)
+    assert poller.is_alive(), "the poll answered once the push it did not wait for was over"
+    app.push({"type": "second", "listeners": "bob"})
+    poller.join(10)
+
+    assert [p["type"] for p in answer["packages"]] == ["first", "second"]
+    assert not app._lingering
 
 
 @pytest.mark.parametrize("quiet", ["linger_busy 0", "busy long ago"])
