@@ -3762,6 +3762,12 @@ _GATHER_POLLS = 16                          # recipients of a wake-up that gathe
 _GATHER_SPAN = 0.1                          # seconds from the last such: it gathers
 
 
+def _for_many(appended):
+    """Whether a wake-up of ``appended`` is for at least ``_GATHER_POLLS`` recipients:
+    one that gathers under gevent, or makes a threaded server busy (``Comet._busy``)."""
+    return sum(len(delivered) for _, _, delivered in appended) >= _GATHER_POLLS
+
+
 class Comet:
     """WSGI middleware that adds long-polling real-time messaging to ``app``.
 
@@ -4473,22 +4479,21 @@ class Comet:
         (``_linger``).  Under load one wake-up then follows another as soon as the
         polls it woke have been answered and have polled again, with one package
         from each publisher: waiting, each answer carries more, and fewer requests
-        carry them all, which is most of what a delivery costs the server."""
+        carry them all, which is most of what a delivery costs the server.  On threads
+        such a wake-up makes the server busy (``_busy``)."""
         parking = self._parking
         if parking.in_hub():
             if self._gathering is not None:
                 self._gathering[0].extend(appended)
                 return
-            if self.gather > 0 and \
-                    sum(len(delivered) for _, _, delivered in appended) >= _GATHER_POLLS:
+            if self.gather > 0 and _for_many(appended):
                 now = time.monotonic()
                 recent, self._gathered_at = now - self._gathered_at < _GATHER_SPAN, now
                 if recent:
                     self._gathering = list(appended), []
                     parking.later(self.gather, functools.partial(self._gathered, now))
                     return
-        elif parking.threads and self.linger_busy > 0 and \
-                sum(len(delivered) for _, _, delivered in appended) >= _GATHER_POLLS:
+        elif parking.threads and self.linger_busy > 0 and _for_many(appended):
             self._gathered_at = time.monotonic()    # busy (_busy)
         parking.soon(self._wake, appended)
 

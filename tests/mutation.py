@@ -45,7 +45,7 @@ ROOT = os.path.dirname(HERE)
 TARGETS = (
     "Comet._poll", "Comet._read", "Comet._accept", "Comet._accept_one", "Comet._delivered",
     "Comet._lingers", "Comet._busy", "Comet._linger", "Comet._pushed", "Comet._wake_pushed",
-    "Comet._wake_soon", "Comet._gathered", "Comet._serve_push",
+    "Comet._wake_soon", "Comet._gathered", "Comet._serve_push", "_for_many",
     "_Window", "_Parking", "_Waiter",
     "MemoryStore.transaction", "MemoryStore.read", "MemoryStore.head", "_MemoryTransaction",
     "_SQLStore.transaction", "_SQLStore._join", "_SQLStore._pass", "_SQLStore._commit",
@@ -79,12 +79,12 @@ EQUIVALENT = {
     " < _GATHER_SPAN | < -> <=":
         "the time since the last wake-up of many polls equals _GATHER_SPAN exactly only by a"
         " coincidence of the monotonic clock's floats",
-    "Comet._wake_soon | elif parking.threads and self.linger_busy > 0 and \\ | > -> >=":
+    "Comet._wake_soon | elif parking.threads and self.linger_busy > 0 and _for_many(appended): | > -> >=":
         "with linger_busy 0 _busy is false whatever _gathered_at says: the check only spares"
-        " the sum of the recipients",
-    "Comet._wake_soon | elif parking.threads and self.linger_busy > 0 and \\ | 0 -> -1":
+        " counting the recipients",
+    "Comet._wake_soon | elif parking.threads and self.linger_busy > 0 and _for_many(appended): | 0 -> -1":
         "with linger_busy 0 _busy is false whatever _gathered_at says: the check only spares"
-        " the sum of the recipients",
+        " counting the recipients",
     "Comet._wake_soon | recent, self._gathered_at = now - self._gathered_at < _GATHER_SPAN, now"
     " | < -> <=":
         "the time since the last wake-up of many polls equals _GATHER_SPAN exactly only by a"
