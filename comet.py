@@ -3107,8 +3107,12 @@ class PostgreSQLStore(_SQLStore):
                            (n,)).fetchone()[0]
 
     def _origin(self):
-        """The token of this process's NOTIFYs, by which its listener knows its own."""
-        return self._origins.setdefault(os.getpid(), secrets.token_hex(4))
+        """The token of this process's NOTIFYs, by which its listener knows its own
+        (made once a process: each token costs a system call, which lets the GIL go)."""
+        origin = self._origins.get(os.getpid())
+        if origin is None:
+            origin = self._origins.setdefault(os.getpid(), secrets.token_hex(4))
+        return origin
 
     # Each column's type, for _insert's arrays.
     _column_types = {"pos": "bigint", "ts": "bigint", "seen": "bigint", "stamp": "text",
