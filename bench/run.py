@@ -303,9 +303,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny run of every workload")
     parser.add_argument("--report", action="store_true", help="only rewrite RESULTS.md from the JSON lines")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--servers", default="wsgiref,cheroot,gevent",
+    parser.add_argument("--servers", default="wsgiref,cheroot,gevent,gthread",
                         help="servers of every repetition")
-    parser.add_argument("--once-servers", default="gthread",
+    parser.add_argument("--once-servers", default="",
                         help="servers of the first repetition only")
     parser.add_argument("--extra-servers", default="wsgiref,gevent",
                         help="where the first repetition also runs the other sizes and idle CPU of every app")
