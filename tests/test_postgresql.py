@@ -397,6 +397,30 @@ def test_the_listener_calls_back_for_the_other_processes_commits_only(url, postg
     assert heard == [3]
 
 
+def test_a_process_makes_its_notify_token_once(url, postgres, monkeypatch):
+    # Each token is a system call that lets the GIL go: none at a push, nor at each
+    # notification the listening thread reads, once the first is made.
+    mine, other = comet.PostgreSQLStore(url), comet.PostgreSQLStore(url)
+    heard = []
+    mine.listen(heard.append)
+    wait_until(lambda: listening_sessions(postgres, url) == 1)
+    for store in (mine, other):
+        with store.transaction() as tx:
+            tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+    wait_until(lambda: heard == [2])
+    token = mine._origin()
+    made = []
+    monkeypatch.setattr(comet.secrets, "token_hex", lambda n: made.append(n) or "00000000")
+
+    for store in (mine,) * 5 + (other,):    # other's NOTIFY comes after mine's
+        with store.transaction() as tx:
+            tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+    wait_until(lambda: heard == [2, 8])
+    mine.close(), other.close()
+
+    assert made == [] and mine._origin() == token
+
+
 def test_notify_false_neither_notifies_nor_listens(url, listen, postgres):
     listener = listen(url)
     app = make_app(store=comet.PostgreSQLStore(url, notify=False))
