@@ -3109,9 +3109,10 @@ class PostgreSQLStore(_SQLStore):
     def _origin(self):
         """The token of this process's NOTIFYs, by which its listener knows its own
         (made once a process: each token costs a system call, which lets the GIL go)."""
-        origin = self._origins.get(os.getpid())
+        pid = os.getpid()
+        origin = self._origins.get(pid)
         if origin is None:
-            origin = self._origins.setdefault(os.getpid(), secrets.token_hex(4))
+            origin = self._origins.setdefault(pid, secrets.token_hex(4))
         return origin
 
     # Each column's type, for _insert's arrays.

@@ -382,6 +382,12 @@ def test_a_rolled_back_push_notifies_nothing(group, listen):
     assert listener.heard() == [] and group.app.store.head() == 0
 
 
+def commit_one(store):
+    """A package to bob committed through ``store`` alone, as another process would."""
+    with store.transaction() as tx:
+        tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+
+
 def test_the_listener_calls_back_for_the_other_processes_commits_only(url, postgres):
     mine, other = comet.PostgreSQLStore(url), comet.PostgreSQLStore(url)
     heard = []
@@ -389,8 +395,7 @@ def test_the_listener_calls_back_for_the_other_processes_commits_only(url, postg
     wait_until(lambda: listening_sessions(postgres, url) == 1)
 
     for store in (mine, mine, other):       # other's NOTIFY comes after mine's
-        with store.transaction() as tx:
-            tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+        commit_one(store)
     wait_until(lambda: heard)
     mine.close(), other.close()
 
@@ -405,16 +410,14 @@ def test_a_process_makes_its_notify_token_once(url, postgres, monkeypatch):
     mine.listen(heard.append)
     wait_until(lambda: listening_sessions(postgres, url) == 1)
     for store in (mine, other):
-        with store.transaction() as tx:
-            tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+        commit_one(store)
     wait_until(lambda: heard == [2])
     token = mine._origin()
     made = []
     monkeypatch.setattr(comet.secrets, "token_hex", lambda n: made.append(n) or "00000000")
 
     for store in (mine,) * 5 + (other,):    # other's NOTIFY comes after mine's
-        with store.transaction() as tx:
-            tx.append(comet._new_stamp(), 0, "{}", [("bob", None)])
+        commit_one(store)
     wait_until(lambda: heard == [2, 8])
     mine.close(), other.close()
 
