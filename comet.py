@@ -293,7 +293,12 @@ class Store:
       later).  ``channel`` (given only to a store whose ``channel_rows`` is
       true): the recipients are exactly that channel's members as
       ``tx.member_ids`` read them, each getting ``body``;
-    - ``tx.is_member(channel, client)``, ``tx.member_ids(channel)``,
+    - ``tx.is_member(channel, client)``, ``tx.member_ids(channel, sender=None)``
+      (``sender``: the members are for a broadcast of ``sender``'s own, sent as
+      a channel row with nothing tailored; a store may take them as it last
+      read them if ``sender`` was among them, and must then check at the
+      commit that none changed since, and if one did, read them again and
+      refuse that push with ``CometError`` 403 if ``sender`` left),
       ``tx.add_member(channel, client, sender_json, ts)``,
       ``tx.remove_member(channel, client) -> bool`` (True for the one
       transaction that removed it);
@@ -500,7 +505,7 @@ class _MemoryTransaction:
         self._packages.append((stamp, ts, body, deliveries))
         self._stamps.append(stamp)          # a stamp the server made was never claimed
 
-    def member_ids(self, channel):
+    def member_ids(self, channel, sender=None):
         members = set(self._store._members.get(channel, ()))
         for changed, client, sender, _ in self._changes:
             if changed == channel:
@@ -890,6 +895,8 @@ class _SQLStore(Store):
         batch.done.wait()
         if batch.error is not None:
             raise _unavailable(batch.error.message)
+        if tx in batch.refused:
+            raise batch.refused[tx]
 
     def _join(self, alone=False):
         """The batch this transaction is a part of, once it is this part's turn."""
@@ -994,6 +1001,7 @@ class _SQLStore(Store):
             raise
         batch.begun = False
         batch.pending.clear()
+        batch.assumed.clear()
         batch.stamps.clear()
         batch.claims.clear()
         batch.changes.clear()
@@ -1104,6 +1112,37 @@ class _SQLStore(Store):
         changed their members since it read them (not on SQLite: one writer)."""
         return not self._one_writer and batch.read_changes != math.inf and any(
             channel for *_, channel in batch.pending)
+
+    def _assumes(self, batch):
+        """Whether ``batch``'s broadcasts may take their channel's members as last read
+        (``_SQLTransaction.member_ids``): only where the commit checks them, so not
+        in this store, which reads them each time."""
+        return False
+
+    def _recheck(self, batch):
+        """Members changed since the batch's broadcasts took them as last read: each
+        channel's are read again, as committed now, and are the recipients of its
+        broadcasts; a part whose sender has left since is refused (403, as it would
+        have been had it read them) and its package dropped, the others go on."""
+        fresh, refused = {}, set()
+        for part, index in batch.assumed:
+            stamp, ts, body, _, channel = batch.pending[index]
+            if channel not in fresh:
+                fresh[channel] = part._members_now(channel)[0]
+            ids = fresh[channel]
+            if part._assumed[channel] in ids:
+                batch.pending[index] = stamp, ts, body, [(member, None) for member in ids], channel
+            else:
+                refused.add(index)
+                batch.stamps.discard(stamp)
+                batch.refused[part] = CometError(403, "not_member",
+                                                 f"not a member of channel {channel!r}")
+        batch.assumed.clear()
+        if refused:
+            batch.pending[:] = [package for index, package in enumerate(batch.pending)
+                                if index not in refused]
+            batch.changes[:] = [(*change[:3], change[3] - sum(i < change[3] for i in refused))
+                                for change in batch.changes]
 
     @staticmethod
     def _unchannel(batch):
@@ -1410,6 +1449,8 @@ class _Batch:
         self.due = []                       # savepoints not opened yet in the database
         self.stamps = set()                 # their stamps
         self.claims = []                    # what holds client stamps (the store's _claims)
+        self.assumed = []                   # (part, index in pending): members as last read
+        self.refused = {}                   # part -> the CometError it fails with at the commit
         self.savepoints = itertools.count()
         self.error = None                   # why every part fails
         self.done = threading.Event()       # committed, or failed
@@ -1423,6 +1464,7 @@ class _SQLTransaction:
         self._batch = batch
         self.cur = batch.cur
         self._read = set()                  # channels whose members this part read
+        self._assumed = {}                  # channel -> sender: its members as last read
 
     @property
     def db(self):
@@ -1484,6 +1526,8 @@ class _SQLTransaction:
             if claims:                      # made outside the savepoint maybe: undone here
                 self._store._forget_claims(self.cur, claims)
             batch.stamps.difference_update(pending[0] for pending in batch.pending[marks[0]:])
+            batch.assumed[:] = [(part, index) for part, index in batch.assumed
+                                if index < marks[0]]
             del batch.pending[marks[0]:]
             del batch.claims[marks[1]:]
             del batch.changes[marks[2]:]
@@ -1515,13 +1559,24 @@ class _SQLTransaction:
             raise CometError(413, "too_large", "the package is too large for the store")
         if channel is not None and channel not in self._read:
             channel = None                  # its members were not read here: rows it is
+        if channel in self._assumed:        # checked at the commit (_SQLStore._recheck)
+            batch.assumed.append((self, len(batch.pending)))
         batch.pending.append((stamp, ts, body, deliveries, channel))
         batch.stamps.add(stamp)
 
-    def member_ids(self, channel):
+    def member_ids(self, channel, sender=None):
         # Read by each part, never taken from an earlier part's read: a join that
         # committed (and was answered) before this part's push arrived is a member.
-        ids, changes = self._members_now(channel)
+        # A broadcast's (``sender``) may take them as last read, with no round trip,
+        # where the store's commit checks that none changed since (``_assumes``).
+        batch = self._batch
+        known = self._store._member_cache.get(channel) if sender is not None else None
+        if known is not None and sender in known[1] and not batch.changes \
+                and self._store._assumes(batch):
+            changes, ids = known
+            self._assumed[channel] = sender
+        else:
+            ids, changes = self._members_now(channel)
         if ids:                             # with no members, a push to it has no row
             self._read.add(channel)
             self._batch.read_changes = min(self._batch.read_changes, changes)
@@ -3010,6 +3065,11 @@ class PostgreSQLStore(_SQLStore):
     def _held_cursor(self, batch):
         return _HeldPQCursor(batch.conn, self._library) if self._library else None
 
+    def _assumes(self, batch):
+        # Where the flush's statement and COMMIT go in one round trip: the members'
+        # read saved is one of two.  (psycopg's cursor would send the savepoint alone.)
+        return isinstance(batch.cur, _HeldPQCursor)
+
     def _begin(self, cur):
         # Each statement sees what is committed now, whatever the database's default.
         # A held cursor sends it with the transaction's first statement.
@@ -3062,10 +3122,17 @@ class PostgreSQLStore(_SQLStore):
         if self.notify:
             notify = ", pg_notify('comet', head || ' ' || %(origin)s)"
             args["origin"] = self._origin()
+        overflow = ""
+        if batch.assumed:
+            # Members taken as last read (_SQLTransaction.member_ids) are checked by
+            # the UPDATE: it overflows the head if any changed since, so that nothing
+            # of the statement runs, and the flush reads them again (_recheck).
+            overflow = " + CASE WHEN changes > %(read)s THEN 9223372036854775807 ELSE 0 END"
+            args["read"] = batch.read_changes
         # The meta row is returned as the UPDATE left it, after waiting for its lock:
         # ``changes`` then counts every membership change committed before, and
         # ``moved`` is whether one committed since the channel rows' members were read.
-        sql = (f"WITH meta AS (UPDATE comet_meta SET head = head + %(n)s"
+        sql = (f"WITH meta AS (UPDATE comet_meta SET head = head + %(n)s{overflow}"
                f"  RETURNING head, changes, coalesce(changes > %(read)s, false) AS moved{notify}),"
                " packages AS (INSERT INTO comet_packages (pos, stamp, ts, body, channel)"
                "  SELECT head - %(n)s + i, stamp, ts::bigint, body,"
@@ -3085,10 +3152,19 @@ class PostgreSQLStore(_SQLStore):
                "   json_array_elements_text(%(at)s::text::json)) AS m (recipient, pos)"
                "  WHERE moved)"
                " SELECT head FROM meta")
-        if held and fold and not batch.changes:
-            head, = batch.cur.execute(sql, args, commit=True).fetchone()
-        else:
-            head, = batch.cur.execute(sql, args).fetchone()
+        if batch.assumed:                   # what a failing statement undoes
+            batch.cur.later("SAVEPOINT comet_assumed")
+        try:
+            if held and fold and not batch.changes:
+                head, = batch.cur.execute(sql, args, commit=True).fetchone()
+            else:
+                head, = batch.cur.execute(sql, args).fetchone()
+        except self._psycopg.errors.NumericValueOutOfRange:
+            if not batch.assumed:
+                raise
+            batch.cur.execute("ROLLBACK TO SAVEPOINT comet_assumed")
+            self._recheck(batch)
+            return self._flush(batch)
         first = head - n + 1
         if check and not fold:
             # Too many members to send them each time: written after, if they changed.
@@ -3997,8 +4073,8 @@ class Comet:
                 for index, package in enumerate(packages):
                     try:
                         with contextlib.nullcontext() if single else tx.savepoint():
-                            accepted.append(
-                                self._accept_one(tx, package, client, environ, sender, private))
+                            accepted.append(self._accept_one(tx, package, client, environ,
+                                                             sender, private, alone=single))
                     except CometError as error:
                         if single:
                             raise
@@ -4036,8 +4112,9 @@ class Comet:
             finally:
                 self._local.tx = None
 
-    def _accept_one(self, tx, package, client, environ, sender, private):
-        """Validate, stamp, run the hooks and store one package, in the order docs/api.md gives."""
+    def _accept_one(self, tx, package, client, environ, sender, private, alone=False):
+        """Validate, stamp, run the hooks and store one package, in the order docs/api.md
+        gives; ``alone``: the only package of its transaction's part."""
         package, channels = self._validate(package)
         stamp = package.get("_stamp")
         if not (isinstance(stamp, str) and _STAMP.match(stamp)):
@@ -4052,11 +4129,16 @@ class Comet:
         private = dict(private or {})
         action = self._actions.get(kind)
         known = {}                          # channel -> its members, read once
+        # A broadcast to one channel, its members the recipients with no hook per
+        # recipient: the store may take them as it last read them, and checks at
+        # the commit that they are still so (refusing the push there if not).
+        broadcast = (alone and package["listeners"] == channels and kind != "leave"
+                     and not (action and action.emit) and not self.emit_filter)
         if client is not None and kind != "join":
             for channel in channels:
                 if len(channels) == 1 and not (action and action.submit):
                     # Nothing changes the members before they are the recipients: one read.
-                    known[channel] = tx.member_ids(channel)
+                    known[channel] = tx.member_ids(channel, client if broadcast else None)
                     member = client in known[channel]
                 else:
                     member = tx.is_member(channel, client)

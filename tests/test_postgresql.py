@@ -312,6 +312,146 @@ def test_a_join_or_leave_sends_its_spans_with_the_commit(url, monkeypatch, path)
     assert [(comet._text(client), end - start) for client, start, end in spans] == [("a", 2)]
 
 
+def say(web, client, kind="m", status=200, **fields):
+    """A push of ``kind`` by ``client`` to the channel ``room``; its answer's JSON."""
+    return web.post_json("/comet/push", {"type": kind, "listeners": ["room"], **fields},
+                         headers={"X-Client": client}, status=status).json
+
+
+def bodies(store, client, after):
+    """The types and senders of what ``client`` has after ``after``."""
+    return [(json.loads(body)["type"], json.loads(body)["sender"])
+            for _, _, body in store.read(client, after, 50)[1]]
+
+
+def test_a_broadcast_to_members_read_before_is_one_round_trip(url, monkeypatch):
+    """A push to a channel whose members this process read before, none changed
+    since, takes them as read: its statement (a savepoint before it, checking at
+    the commit that they are still so) is its one round trip.  A push with a hook
+    per recipient, or of several packages, reads them."""
+    app = make_app(store=url)
+    web = webtest.TestApp(app)
+    app.action("tailored").on_emit(lambda package, recipient, private, db: package)
+    try:
+        for client in ("a", "b"):
+            say(web, client, "join")
+        cursor = app.store.head()
+        sent = record_round_trips(monkeypatch, app)
+        say(web, "a")
+        say(web, "a")
+        say(web, "b")
+        assert sent == ["BEGIN+SELECT", "WITH+COMMIT"] + ["BEGIN+SAVEPOINT+WITH+COMMIT"] * 2
+        del sent[:]
+        say(web, "a", "tailored")
+        web.post_json("/comet/push", [{"type": "m", "listeners": ["room"]}] * 2,
+                      headers={"X-Client": "b"})
+        assert sent == ["BEGIN+SELECT", "WITH+COMMIT", "BEGIN+SELECT", "SELECT", "WITH+COMMIT"]
+        assert bodies(app.store, "b", cursor) == bodies(app.store, "a", cursor) == [
+            ("m", "a"), ("m", "a"), ("m", "b"), ("tailored", "a"), ("m", "b"), ("m", "b")]
+    finally:
+        app.close()
+
+
+def test_a_join_committed_by_another_process_makes_the_next_broadcast_read_again(
+        url, monkeypatch):
+    """The members taken as read are checked at the commit: a join another process
+    committed since fails the statement (nothing of it ran), and the push reads
+    the members again and goes to them all, the joiner included."""
+    one, other = make_app(store=url), make_app(store=url)
+    web, elsewhere = webtest.TestApp(one), webtest.TestApp(other)
+    try:
+        for client in ("a", "b"):
+            say(web, client, "join")
+        say(web, "a")                       # read: taken as read from now on
+        cursor = one.store.head()
+        say(elsewhere, "c", "join")
+        sent = record_round_trips(monkeypatch, one)
+        say(web, "a")
+        assert sent == ["BEGIN+SAVEPOINT+WITH+COMMIT", "ROLLBACK", "SELECT", "WITH+COMMIT"]
+        for client in ("a", "b", "c"):
+            assert bodies(one.store, client, cursor)[-1] == ("m", "a")
+        assert bodies(one.store, "c", cursor) == [("join", "c"), ("m", "a")]
+        del sent[:]
+        say(web, "b")                       # read again: taken as read once more
+        assert sent == ["BEGIN+SAVEPOINT+WITH+COMMIT"]
+        assert bodies(other.store, "c", cursor)[-1] == ("m", "b")
+    finally:
+        one.close()
+        other.close()
+
+
+def test_a_sender_who_left_in_another_process_is_refused_at_the_commit(url):
+    """A member who left in another process, pushing to the channel through one
+    whose members were taken as read before, is refused as a non-member, and
+    nothing of the push is stored; its stamp stays free."""
+    one, other = make_app(store=url), make_app(store=url)
+    web, elsewhere = webtest.TestApp(one), webtest.TestApp(other)
+    try:
+        for client in ("a", "b"):
+            say(web, client, "join")
+        say(web, "a")
+        say(elsewhere, "a", "leave")
+        head = one.store.head()
+
+        answer = say(web, "a", status=403, _stamp="t" * 16)
+
+        assert answer["error"] == "not_member" and answer["accepted"] == []
+        assert one.store.head() == head and bodies(one.store, "b", head) == []
+        say(web, "a", "join")
+        assert say(web, "a", _stamp="t" * 16)["accepted"] == ["t" * 16]
+        assert bodies(one.store, "b", head) == [("join", "a"), ("m", "a")]
+    finally:
+        one.close()
+        other.close()
+
+
+def test_in_a_batch_only_the_part_whose_sender_left_is_refused(url):
+    """Two pushes committed together (group commit), both taking the members as
+    read: one sender left in another process since.  Its push is refused, the
+    other's is committed and delivered, to the members as they are now."""
+    entered, release = threading.Event(), threading.Event()
+
+    def sender(environ, db):                # b's push holds its batch open for a
+        if environ["HTTP_X_CLIENT"] == "b":
+            entered.set()
+            release.wait(10)
+        return environ["HTTP_X_CLIENT"]
+    one, other = make_app(store=url, sender=sender), make_app(store=url)
+    web, elsewhere = webtest.TestApp(one), webtest.TestApp(other)
+    answers = {}
+
+    def push(client):
+        answers[client] = web.post_json("/comet/push", {"type": "m", "listeners": ["room"]},
+                                        headers={"X-Client": client}, expect_errors=True)
+    try:
+        for client in ("a", "b", "c"):
+            say(web, client, "join")
+        say(web, "c")
+        say(elsewhere, "a", "leave")
+        say(elsewhere, "d", "join")
+        head = one.store.head()
+        first = threading.Thread(target=push, args=("b",))
+        first.start()
+        assert entered.wait(10)
+        second = threading.Thread(target=push, args=("a",))
+        second.start()
+        wait_until(lambda: one.store._open and one.store._open[0].queued == 1)
+        release.set()
+        first.join(10)
+        second.join(10)
+
+        assert answers["b"].status_int == 200, answers["b"].text
+        assert answers["a"].status_int == 403 and answers["a"].json["error"] == "not_member"
+        assert one.store.head() == head + 1
+        for client in ("b", "c", "d"):
+            assert bodies(one.store, client, head) == [("m", "b")]
+        assert bodies(one.store, "a", head) == []
+    finally:
+        release.set()
+        one.close()
+        other.close()
+
+
 @pytest.mark.parametrize("way", ["execute", "cursor", "transaction"])
 def test_a_hook_that_writes_finds_the_push_begun_and_commits_or_rolls_back_with_it(
         url, monkeypatch, way):
