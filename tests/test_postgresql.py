@@ -327,8 +327,9 @@ def bodies(store, client, after):
 def test_a_broadcast_to_members_read_before_is_one_round_trip(url, monkeypatch):
     """A push to a channel whose members this process read before, none changed
     since, takes them as read: its statement (a savepoint before it, checking at
-    the commit that they are still so) is its one round trip.  A push with a hook
-    per recipient, or of several packages, reads them."""
+    the commit that they are still so) is its one round trip, or two with a
+    stamp's claim.  A push with a hook per recipient, or of several packages,
+    reads them."""
     app = make_app(store=url)
     web = webtest.TestApp(app)
     app.action("tailored").on_emit(lambda package, recipient, private, db: package)
@@ -342,12 +343,16 @@ def test_a_broadcast_to_members_read_before_is_one_round_trip(url, monkeypatch):
         say(web, "b")
         assert sent == ["BEGIN+SELECT", "WITH+COMMIT"] + ["BEGIN+SAVEPOINT+WITH+COMMIT"] * 2
         del sent[:]
+        say(web, "a", _stamp="s" * 16)      # the stamp's claim is read: two
+        assert sent == ["BEGIN+INSERT", "DELETE+SAVEPOINT+WITH+COMMIT"]
+        del sent[:]
         say(web, "a", "tailored")
         web.post_json("/comet/push", [{"type": "m", "listeners": ["room"]}] * 2,
                       headers={"X-Client": "b"})
         assert sent == ["BEGIN+SELECT", "WITH+COMMIT", "BEGIN+SELECT", "SELECT", "WITH+COMMIT"]
         assert bodies(app.store, "b", cursor) == bodies(app.store, "a", cursor) == [
-            ("m", "a"), ("m", "a"), ("m", "b"), ("tailored", "a"), ("m", "b"), ("m", "b")]
+            ("m", "a"), ("m", "a"), ("m", "b"), ("m", "a"), ("tailored", "a"), ("m", "b"),
+            ("m", "b")]
     finally:
         app.close()
 
