@@ -293,12 +293,13 @@ class Store:
       later).  ``channel`` (given only to a store whose ``channel_rows`` is
       true): the recipients are exactly that channel's members as
       ``tx.member_ids`` read them, each getting ``body``;
-    - ``tx.is_member(channel, client)``, ``tx.member_ids(channel, sender=None)``
-      (``sender``: the members are for a broadcast of ``sender``'s own, sent as
-      a channel row with nothing tailored; a store may take them as it last
-      read them if ``sender`` was among them, and must then check at the
-      commit that none changed since, and if one did, read them again and
-      refuse that push with ``CometError`` 403 if ``sender`` left),
+    - ``tx.is_member(channel, client)``, ``tx.member_ids(channel)`` (given
+      ``sender=`` too by a store whose ``assumes_members`` is true: the members
+      are for a broadcast of ``sender``'s own, sent as a channel row with
+      nothing tailored; the store may take them as it last read them if
+      ``sender`` was among them, and must then check at the commit that none
+      changed since, and if one did, read them again and refuse that push with
+      ``CometError`` 403 if ``sender`` left),
       ``tx.add_member(channel, client, sender_json, ts)``,
       ``tx.remove_member(channel, client) -> bool`` (True for the one
       transaction that removed it);
@@ -321,6 +322,7 @@ class Store:
     id = ""
     shared = False
     channel_rows = False                    # append takes ``channel``: see above
+    assumes_members = False                 # member_ids takes ``sender``: see above
     holds_nul = True
     on_commit = None
 
@@ -505,7 +507,7 @@ class _MemoryTransaction:
         self._packages.append((stamp, ts, body, deliveries))
         self._stamps.append(stamp)          # a stamp the server made was never claimed
 
-    def member_ids(self, channel, sender=None):
+    def member_ids(self, channel):
         members = set(self._store._members.get(channel, ()))
         for changed, client, sender, _ in self._changes:
             if changed == channel:
@@ -2977,6 +2979,7 @@ class PostgreSQLStore(_SQLStore):
     """
 
     _placeholder = "%s"
+    assumes_members = True                  # a broadcast's members as last read (_assumes)
     holds_nul = False                       # text cannot hold U+0000
     _max_variables = 65535                  # parameters of one statement in PostgreSQL's protocol
     # UTC by definition: no time zone of the session applies.
@@ -4132,13 +4135,15 @@ class Comet:
         # A broadcast to one channel, its members the recipients with no hook per
         # recipient: the store may take them as it last read them, and checks at
         # the commit that they are still so (refusing the push there if not).
-        broadcast = (alone and package["listeners"] == channels and kind != "leave"
-                     and not (action and action.emit) and not self.emit_filter)
+        broadcast = (self.store.assumes_members and alone and package["listeners"] == channels
+                     and kind != "leave" and not (action and action.emit)
+                     and not self.emit_filter)
         if client is not None and kind != "join":
             for channel in channels:
                 if len(channels) == 1 and not (action and action.submit):
                     # Nothing changes the members before they are the recipients: one read.
-                    known[channel] = tx.member_ids(channel, client if broadcast else None)
+                    known[channel] = (tx.member_ids(channel, sender=client) if broadcast
+                                      else tx.member_ids(channel))
                     member = client in known[channel]
                 else:
                     member = tx.is_member(channel, client)
