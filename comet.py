@@ -1581,7 +1581,7 @@ class _SQLTransaction:
             ids, changes = self._members_now(channel)
         if ids:                             # with no members, a push to it has no row
             self._read.add(channel)
-            self._batch.read_changes = min(self._batch.read_changes, changes)
+            batch.read_changes = min(batch.read_changes, changes)
         return ids
 
     def _members_now(self, channel):

@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,8 +50,7 @@ def main():
     if args.store == "floor":
         app = apps.Floor(poll_timeout=600)
     else:
-        url = {"memory": "memory:", "sqlite": f"sqlite:///{tempfile.mkdtemp()}/comet.db",
-               "mysql": run.MYSQL, "postgresql": run.POSTGRESQL}[args.store]
+        url = run.store_url(args.store)
         if args.store in ("mysql", "postgresql"):
             getattr(run, f"reset_{args.store}")()
         app = apps.comet_app(url, tail_interval=args.tail_interval, poll_timeout=600,

@@ -53,8 +53,7 @@ def work(comet_dir, store, rounds, subscribers, polls, green=False, publishers=4
     if store == "floor":
         app = apps.Floor(poll_timeout=600)
     else:
-        url = {"memory": "memory:", "sqlite": f"sqlite:///{tempfile.mkdtemp()}/comet.db",
-               "mysql": run.MYSQL, "postgresql": run.POSTGRESQL}[store]
+        url = run.store_url(store)
         app = apps.comet_app(url, tail_interval=3000.0 if green else 3.0,
                              poll_timeout=600 if green else 5)[0]
         app.presence_timeout = 1e6          # no presence sweep during the count

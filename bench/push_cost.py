@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,8 +36,7 @@ def measure(comet_dir, store, pushes):
     sys.path[:0] = [comet_dir, HERE]
     import apps
     import run
-    url = {"memory": "memory:", "sqlite": f"sqlite:///{tempfile.mkdtemp()}/comet.db",
-           "mysql": run.MYSQL, "postgresql": run.POSTGRESQL}[store]
+    url = run.store_url(store)
     reset = {"mysql": run.reset_mysql, "postgresql": run.reset_postgresql}.get(store)
     if reset:
         reset()

@@ -49,6 +49,14 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def store_url(store):
+    """The URL of a comet store of kind ``store`` for an in-process measurement: a new
+    SQLite file, or the local servers' ``comet_bench`` (``reset_mysql``, ``reset_postgresql``)."""
+    if store == "sqlite":
+        return f"sqlite:///{tempfile.mkdtemp()}/comet.db"
+    return {"memory": "memory:", "mysql": MYSQL, "postgresql": POSTGRESQL}[store]
+
+
 def reset_mysql(drop_only=False):
     import pymysql
     conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="")
